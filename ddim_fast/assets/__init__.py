@@ -1,0 +1,1 @@
+"""Bundled model folders (config.json + model.safetensors), loadable by name with dd.load_model."""

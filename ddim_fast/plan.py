@@ -1,0 +1,293 @@
+"""SamplingPlan: every per-step number a sampler needs, computed once in float64.
+
+One step of every sampler here (DDIM at any eta, the paper's sigma-hat, inversion; eps, x0 or
+v predictions; with or without clipping) is the same update of the state x given the model
+output m:
+
+    x' = d0 * clip(cx * x + ce * m) + dx * x + de * m + sigma * z          (*)
+
+where `clip` is the identity, a fixed range or dynamic thresholding, and z ~ N(0, I). The plan
+stores (cx, ce, d0, dx, de, sigma) per step as one (S, 6) table, so a single fused kernel serves
+every variant and a CUDA graph can replay all steps by indexing the table with a device step
+counter.
+
+Derivation (a = alpha_bar of the state entering the step, a' = alpha_bar after it; a' = 1 after
+the last sampling step, the paper's alpha_0 = 1). The model output is first turned into the
+paper's two estimates, x0 = cx x + ce m and eps = ex x + ee m:
+    eps-prediction: x0 = (x - sqrt(1-a) m) / sqrt(a),  eps = m
+    x0-prediction:  x0 = m,                            eps = (x - sqrt(a) m) / sqrt(1-a)
+    v-prediction:   x0 = sqrt(a) x - sqrt(1-a) m,      eps = sqrt(1-a) x + sqrt(a) m
+variance="ddim" (Eq. 12): x' = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma z, with
+    sigma = eta sqrt((1-a')/(1-a)) sqrt(1 - a/a')                           (Eq. 16)
+    so d0 = sqrt(a'), dx = c ex, de = c ee with c = sqrt(1 - a' - sigma^2).
+    Clipping acts on x0 only; eps stays the model's (diffusers' default convention).
+variance="large" (the paper's sigma-hat, the official code's `ddpm_noisy`): the DDPM posterior
+    mean over the skip, with beta = 1 - a/a', written in x0 and x,
+    x' = sqrt(a') beta/(1-a) x0 + sqrt(a/a') (1-a')/(1-a) x + sqrt(beta) z,
+    and no noise on the last step. Unclipped, this mean equals the eta=1 mean exactly.
+Inversion (Section 4.3 / 5.4; eta = 0 run upward): x_next = sqrt(a_next) x0 + sqrt(1-a_next) eps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .schedule import NoiseSchedule, timesteps
+
+COEF_COLUMNS = ("cx", "ce", "d0", "dx", "de", "sigma")
+VARIANCES = ("ddim", "large")
+PREDICTIONS = ("eps", "x0", "v")
+EPS_AT = ("current", "target")
+
+
+def _estimates(a: float, prediction: str):
+    """(cx, ce, ex, ee): x0 = cx x + ce m and eps = ex x + ee m for a state with alpha_bar a."""
+    sa, s1a = math.sqrt(a), math.sqrt(1.0 - a)
+    if prediction == "eps":
+        return 1.0 / sa, -s1a / sa, 0.0, 1.0
+    if prediction == "x0":
+        return 0.0, 1.0, 1.0 / s1a, -sa / s1a
+    return sa, -s1a, s1a, sa  # v
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingPlan:
+    """Per-step coefficients of (*) for S steps, plus what produced them.
+
+    Tensors live on `coef.device`; `coef` is float64 as built and `.to(device, dtype)` moves
+    and casts it (timesteps stay int64). Build with `SamplingPlan.build(...)`; get the matching
+    encoder with `plan.inverse()`.
+    """
+
+    timesteps: torch.Tensor  # (S,) int64: the t given to the model at step i
+    alpha: torch.Tensor  # (S,) alpha_bar of the state entering step i
+    alpha_next: torch.Tensor  # (S,) alpha_bar of the state leaving step i
+    coef: torch.Tensor  # (S, 6): columns COEF_COLUMNS
+    T: int
+    eta: float = 0.0
+    variance: str = "ddim"
+    prediction: str = "eps"
+    spacing: object = "uniform"
+    clip_x0: tuple | None = None  # (lo, hi) applied to the x0 estimate
+    threshold: float | None = None  # dynamic thresholding quantile p (Imagen); None = off
+    threshold_max: float = math.inf  # cap on the per-sample threshold s
+    direction: str = "sample"  # "sample" (t descending) or "invert" (t ascending)
+    eps_at: str | None = None  # inversion only: "current" or "target"
+    meta: dict = field(default_factory=dict)  # free-form; copied into exports
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        schedule: NoiseSchedule,
+        steps: int | None = None,
+        eta: float = 0.0,
+        spacing="uniform",
+        variance: str = "ddim",
+        prediction: str = "eps",
+        clip_x0=None,
+        threshold: float | None = None,
+        threshold_max: float = math.inf,
+        steps_offset: int = 0,
+    ) -> SamplingPlan:
+        """A sampler over `steps` timesteps of `schedule`.
+
+        eta:        0 = DDIM (deterministic), 1 = DDPM (the posterior's "fixed small" variance).
+        spacing:    see `ddim_fast.timesteps`; or an explicit list (then `steps` may be None).
+        variance:   "ddim" (sigma from eta) or "large" (the paper's sigma-hat column).
+        prediction: what the model outputs: "eps", "x0" or "v".
+        clip_x0:    None, a float c (clip to [-c, c]) or (lo, hi): clip the x0 estimate.
+        threshold:  dynamic thresholding quantile p in (0, 1]: per sample s = quantile(|x0|, p)
+                    clamped to [1, threshold_max], then x0 = clip(x0, -s, s) / s.
+        DDPM ancestral sampling is `build(schedule, steps=schedule.T, eta=1.0)`.
+        """
+        if not isinstance(schedule, NoiseSchedule):
+            raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        if not isinstance(spacing, str):
+            ts = timesteps(schedule.T, None, spacing)
+            if steps is not None and steps != len(ts):
+                raise ValueError(f"steps={steps} but the explicit timestep list has {len(ts)} entries")
+        else:
+            ts = timesteps(schedule.T, steps, spacing, steps_offset)
+        eta = _check_eta(eta)
+        if variance not in VARIANCES:
+            raise ValueError(f"unknown variance {variance!r}; expected one of {VARIANCES}")
+        if variance == "large":
+            if eta not in (0.0, 1.0):
+                raise ValueError(
+                    "variance='large' (sigma-hat) fixes its own noise; leave eta at 0 or 1"
+                )
+            eta = 1.0
+        _check_prediction(prediction)
+        clip_x0 = _check_clip(clip_x0)
+        threshold, threshold_max = _check_threshold(threshold, threshold_max, clip_x0)
+
+        ac = schedule.alphas_cumprod
+        a = [float(ac[t]) for t in ts]
+        a_next = a[1:] + [1.0]
+        rows = []
+        for i, (ai, an) in enumerate(zip(a, a_next)):
+            cx, ce, ex, ee = _estimates(ai, prediction)
+            if variance == "ddim":
+                sigma = eta * math.sqrt((1 - an) / (1 - ai)) * math.sqrt(1 - ai / an)
+                c = math.sqrt(max(1 - an - sigma**2, 0.0))  # max(): rounding at eta = 1
+                rows.append((cx, ce, math.sqrt(an), c * ex, c * ee, sigma))
+            else:
+                beta = 1 - ai / an
+                last = i == len(a) - 1
+                d0 = math.sqrt(an) * beta / (1 - ai)
+                dx = math.sqrt(ai / an) * (1 - an) / (1 - ai)
+                rows.append((cx, ce, d0, dx, 0.0, 0.0 if last else math.sqrt(beta)))
+        return cls(
+            timesteps=ts,
+            alpha=torch.tensor(a, dtype=torch.float64),
+            alpha_next=torch.tensor(a_next, dtype=torch.float64),
+            coef=torch.tensor(rows, dtype=torch.float64).reshape(len(a), 6),
+            T=schedule.T,
+            eta=eta,
+            variance=variance,
+            prediction=prediction,
+            spacing=spacing if isinstance(spacing, str) else "explicit",
+            clip_x0=clip_x0,
+            threshold=threshold,
+            threshold_max=threshold_max,
+        )
+
+    def inverse(self, eps_at: str = "current") -> SamplingPlan:
+        """The DDIM encoder matching this sampler: the eta=0 ODE run from x0 up to x_T.
+
+        Step k goes from alpha_bar a_k to a(tau_k) over the ascending timesteps tau_0 < ... ;
+        a_0 = 1 (the data). eps_at picks where the model is evaluated:
+          "current" (default, the ODE's Euler step): at the state's own timestep tau_{k-1};
+                    the first step has no timestep of its own and uses tau_0;
+          "target"  (diffusers' DDIMInverseScheduler, prompt-to-prompt): at tau_k.
+        The model output is read at the state's alpha_bar in both. Inversion never clips:
+        clipping x0 while encoding is the usual cause of failed reconstructions. (With an
+        x0-prediction model the first step is the identity: eps is undefined at alpha_bar = 1.)
+        """
+        if self.direction != "sample":
+            raise ValueError("this plan is already an inversion plan")
+        if eps_at not in EPS_AT:
+            raise ValueError(f"eps_at must be one of {EPS_AT}, got {eps_at!r}")
+        if self.eta != 0.0 or self.variance != "ddim":
+            raise ValueError(
+                "inversion is the inverse of the deterministic sampler: build the plan with eta=0 "
+                "and variance='ddim'"
+            )
+        up = self.timesteps.flip(0)  # ascending tau_0 < tau_1 < ...
+        a_up = self.alpha.flip(0).tolist()
+        a_cur = [1.0] + a_up[:-1]
+        if eps_at == "current":
+            t_eval = torch.cat([up[:1], up[:-1]])
+        else:
+            t_eval = up.clone()
+        rows = []
+        for ac, an in zip(a_cur, a_up):
+            # eps and v read at alpha_bar = 1 give x0 = x exactly; x0-prediction cannot.
+            a_read = a_up[0] if ac == 1.0 and self.prediction == "x0" else ac
+            cx, ce, ex, ee = _estimates(a_read, self.prediction)
+            s1n = math.sqrt(1 - an)
+            rows.append((cx, ce, math.sqrt(an), s1n * ex, s1n * ee, 0.0))
+        return replace(
+            self,
+            timesteps=t_eval,
+            alpha=torch.tensor(a_cur, dtype=torch.float64),
+            alpha_next=torch.tensor(a_up, dtype=torch.float64),
+            coef=torch.tensor(rows, dtype=torch.float64).reshape(len(rows), 6),
+            clip_x0=None,
+            threshold=None,
+            direction="invert",
+            eps_at=eps_at,
+        )
+
+    # -- access -------------------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        return self.timesteps.numel()
+
+    def __len__(self) -> int:
+        return self.steps
+
+    @property
+    def needs_noise(self) -> bool:
+        return bool((self.coef[:, 5] != 0).any())
+
+    def column(self, name: str) -> torch.Tensor:
+        return self.coef[:, COEF_COLUMNS.index(name)]
+
+    def to(self, device=None, dtype=torch.float32) -> SamplingPlan:
+        """A copy with the tables on `device`, coefficients cast to `dtype` (timesteps int64)."""
+        return replace(
+            self,
+            timesteps=self.timesteps.to(device),
+            alpha=self.alpha.to(device, dtype),
+            alpha_next=self.alpha_next.to(device, dtype),
+            coef=self.coef.to(device, dtype).contiguous(),
+        )
+
+    def describe(self) -> dict:
+        """A JSON-able record of the plan (for metadata, manifests and logs)."""
+        return {
+            "T": self.T,
+            "steps": self.steps,
+            "timesteps": self.timesteps.tolist(),
+            "eta": self.eta,
+            "variance": self.variance,
+            "prediction": self.prediction,
+            "spacing": self.spacing,
+            "clip_x0": list(self.clip_x0) if self.clip_x0 else None,
+            "threshold": self.threshold,
+            "threshold_max": None if math.isinf(self.threshold_max) else self.threshold_max,
+            "direction": self.direction,
+            "eps_at": self.eps_at,
+        }
+
+    def __repr__(self) -> str:
+        d = self.describe()
+        d["timesteps"] = f"[{d['timesteps'][0]}..{d['timesteps'][-1]}]"
+        return "SamplingPlan(" + ", ".join(f"{k}={v}" for k, v in d.items() if v is not None) + ")"
+
+
+def _check_eta(eta) -> float:
+    try:
+        eta = float(eta)
+    except (TypeError, ValueError):
+        raise ValueError(f"eta must be a number >= 0, got {eta!r}") from None
+    if not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"eta must be finite and >= 0 (0 = DDIM, 1 = DDPM), got {eta}")
+    return eta
+
+
+def _check_prediction(prediction):
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; expected one of {PREDICTIONS}")
+
+
+def _check_clip(clip_x0):
+    if clip_x0 is None:
+        return None
+    if isinstance(clip_x0, (int, float)) and not isinstance(clip_x0, bool):
+        clip_x0 = (-abs(float(clip_x0)), abs(float(clip_x0)))
+    try:
+        lo, hi = (float(v) for v in clip_x0)
+    except (TypeError, ValueError):
+        raise ValueError(f"clip_x0 must be None, a float c or a pair (lo, hi), got {clip_x0!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"clip_x0 needs finite lo < hi, got ({lo}, {hi})")
+    return (lo, hi)
+
+
+def _check_threshold(threshold, threshold_max, clip_x0):
+    if threshold is None:
+        return None, math.inf
+    threshold, threshold_max = float(threshold), float(threshold_max)
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold is a quantile in (0, 1] (Imagen uses 0.995), got {threshold}")
+    if not threshold_max >= 1:
+        raise ValueError(f"threshold_max must be >= 1, got {threshold_max}")
+    if clip_x0 is not None:
+        raise ValueError("give either clip_x0 or threshold, not both (thresholding already clips)")
+    return threshold, threshold_max

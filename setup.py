@@ -1,0 +1,11 @@
+# The metadata lives in pyproject.toml. This file exists for one mapping that is clearer here:
+# the top-level folder `kernels/` is installed as `ddim_fast.kernels` (a different PyPI
+# distribution owns the top-level name `kernels`).
+from setuptools import setup
+
+setup(
+    packages=["ddim_fast", "ddim_fast.models", "ddim_fast.kernels", "ddim_fast.assets"],
+    package_dir={"ddim_fast": "ddim_fast", "ddim_fast.kernels": "kernels"},
+    package_data={"ddim_fast.assets": ["*/*.json", "*/*.safetensors"]},
+    include_package_data=True,
+)
