@@ -1,0 +1,67 @@
+"""The `ddim-fast` command.
+
+Each sub-command lives next to the code it drives: a module that provides a sub-command has
+    add_cli_arguments(parser)   fill in an argparse sub-parser
+    cli_main(args) -> int       run it (returns the exit code)
+and is listed in COMMANDS. Errors a user can fix (ValueError, FileNotFoundError, ...) are
+printed as one line, without a traceback, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import import_module
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "train": ("ddim_fast.train", "train a UNet with the DDPM objective"),
+    "convert": ("ddim_fast.models.convert", "import an official ckpt.pth or a diffusers folder"),
+}
+
+EPILOG = """examples:
+  ddim-fast train --dataset digits --config digits --out runs/digits --steps 2000
+  ddim-fast convert ckpt.pth my-model/
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ddim-fast",
+        description="Fast, exact DDIM sampling (Song, Meng & Ermon, ICLR 2021).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod = import_module(module)
+        mod.add_cli_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+               NotADirectoryError, KeyError)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(import_module(args._module).cli_main(args) or 0)
+    except USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"ddim-fast {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ddim-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
