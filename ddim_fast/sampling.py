@@ -94,7 +94,8 @@ def _run(model, x, plan, draw, callback, nonfinite):
             )
             if nonfinite == "raise":
                 raise NonFiniteError(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            nonfinite = "ignore"  # once is enough: every later step is non-finite too
         if callback is not None:
             callback(i, int(ts[i]), x, x0)
     return x
