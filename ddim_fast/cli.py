@@ -15,11 +15,20 @@ from importlib import import_module
 
 # name -> (module, one-line help)
 COMMANDS = {
+    "sample": ("ddim_fast.commands", "sample images (grid PNG, folder of PNGs, or .npz); torchrun-aware"),
+    "encode": ("ddim_fast.commands", "images -> x_T latents (.npz) by DDIM inversion"),
+    "decode": ("ddim_fast.commands", "x_T latents (.npz) -> images"),
+    "interpolate": ("ddim_fast.commands", "slerp between two seeds or latents, decoded to a strip PNG"),
     "train": ("ddim_fast.train", "train a UNet with the DDPM objective"),
     "convert": ("ddim_fast.models.convert", "import an official ckpt.pth or a diffusers folder"),
 }
 
 EPILOG = """examples:
+  ddim-fast sample --out samples.png                       # the bundled digits model, DDIM-20
+  ddim-fast sample --model ckpt.pth --steps 50 --eta 0 --num 64 --out grid.png
+  torchrun --nproc-per-node 2 -m ddim_fast.cli sample --num 50000 --out samples/
+  ddim-fast encode --input samples.npz --out latents.npz
+  ddim-fast interpolate --seeds 1 2 --num 9 --out strip.png
   ddim-fast train --dataset digits --config digits --out runs/digits --steps 2000
   ddim-fast convert ckpt.pth my-model/
 """
@@ -37,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod = import_module(module)
-        mod.add_cli_arguments(p)
+        if module == "ddim_fast.commands":  # one module, several commands
+            getattr(mod, f"add_{name}_arguments")(p)
+        else:
+            mod.add_cli_arguments(p)
         p.set_defaults(_module=module)
     return parser
 
@@ -53,7 +65,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(import_module(args._module).cli_main(args) or 0)
+        mod = import_module(args._module)
+        run = getattr(mod, f"run_{args.command}") if args._module == "ddim_fast.commands" else mod.cli_main
+        return int(run(args) or 0)
     except USER_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"ddim-fast {args.command}: error: {msg}", file=sys.stderr)

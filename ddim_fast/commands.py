@@ -1,0 +1,271 @@
+"""The sampling sub-commands of `ddim-fast`: sample, encode, decode, interpolate.
+
+Each prints what it did with timings and shows a progress bar on long work. `sample` into a
+folder is restartable and torchrun-aware: image k of a seed is file k (k.png), every file is
+written atomically, ranks take interleaved batches, a restart skips files already written, and
+rank 0 writes manifest.json once every index is present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import images as io
+from .checkpoint import load_model
+from .engine import BACKENDS, Engine
+from .plan import PREDICTIONS, VARIANCES, SamplingPlan
+from .sampling import slerp
+from .schedule import SPACINGS
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# -- shared options ----------------------------------------------------------------------------
+def _add_model_options(p, *, steps=20):
+    p.add_argument("--model", default="digits", help="checkpoint folder, official ckpt.pth, diffusers folder "
+                   "or bundled name (default: digits)")
+    p.add_argument("--steps", type=int, default=steps, help="sampling steps S (default: %(default)s)")
+    p.add_argument("--spacing", default="uniform", choices=SPACINGS, help="timestep sub-sequence")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="network precision")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _add_sampler_options(p):
+    p.add_argument("--eta", type=float, default=0.0, help="0 = DDIM (deterministic), 1 = DDPM")
+    p.add_argument("--variance", default="ddim", choices=VARIANCES, help="'large' = the paper's sigma-hat")
+    p.add_argument("--clip-x0", type=float, default=None, metavar="C", help="clip the x0 estimate to [-C, C]")
+
+
+def _device(arg):
+    if arg == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(arg)
+
+
+def _engine(args, *, eta=0.0, variance="ddim", clip_x0=None, device=None):
+    model = load_model(args.model)
+    if model.schedule is None:
+        raise ValueError(f"{args.model} carries no noise schedule; convert it with `ddim-fast convert`")
+    if model.prediction not in PREDICTIONS:
+        raise ValueError(f"{args.model} has an unknown prediction type {model.prediction!r}")
+    plan = SamplingPlan.build(model.schedule, args.steps, eta=eta, spacing=args.spacing, variance=variance,
+                              prediction=model.prediction, clip_x0=clip_x0)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    eng = Engine(model, plan, backend=args.backend, device=device or _device(args.device), dtype=DTYPES[args.dtype])
+    return eng, model
+
+
+def _describe(args, eng, model):
+    c = model.config
+    return {
+        "model": str(args.model),
+        "config": c.to_dict() if hasattr(c, "to_dict") else None,
+        "plan": eng.plan.describe(),
+        "backend": eng.backend,
+        "dtype": args.dtype,
+    }
+
+
+def _progress(total, enabled, desc):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="img", leave=False)
+
+
+def _rank_world():
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# -- sample ------------------------------------------------------------------------------------
+def add_sample_arguments(p):
+    _add_model_options(p)
+    _add_sampler_options(p)
+    p.add_argument("--num", type=int, default=16, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="image k of a seed is the same at any batch size")
+    p.add_argument("--out", default="samples.png", help="grid .png, .npz, or a folder (one PNG per image)")
+
+
+def run_sample(args):
+    rank, world = _rank_world()
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    kind = io.output_kind(args.out)
+    if world > 1 or kind == "folder":
+        return _sample_folder(args, rank, world)
+    io.check_output(args.out, args.overwrite)
+    eng, model = _engine(args, eta=args.eta, variance=args.variance, clip_x0=args.clip_x0)
+    print(f"model {args.model} ({_params(model)}), {eng.plan.steps} steps eta={eng.plan.eta} "
+          f"[{eng.plan.variance}], backend {eng.backend} ({eng.backend_reason}), device {eng.device}")
+    t0, out = time.perf_counter(), []
+    with _progress(args.num, args.progress, "sample") as bar:
+        for lo in range(0, args.num, args.batch_size):
+            b = min(args.batch_size, args.num - lo)
+            out.append(eng.sample(b, seed=args.seed, first_index=lo).cpu())
+            bar.update(b)
+    dt = time.perf_counter() - t0
+    imgs = torch.cat(out)
+    path = io.save_images(imgs, args.out, overwrite=args.overwrite, meta=_describe(args, eng, model) | {
+        "seed": args.seed})
+    print(f"sampled {args.num} images in {dt:.2f} s ({1000 * dt / args.num:.1f} ms/image) -> {path}")
+    return 0
+
+
+def _sample_folder(args, rank, world):
+    """Restartable (and, under torchrun, distributed) sampling into a folder of PNGs."""
+    out = Path(args.out)
+    if io.output_kind(out) != "folder":
+        raise ValueError(f"distributed sampling writes a folder of PNGs: give --out DIR, not {out}")
+    dist = world > 1
+    device = _device(args.device)
+    if dist:
+        import torch.distributed as tdist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        manifest = out / "manifest.json"
+        if manifest.exists() and not args.overwrite:
+            raise FileExistsError(f"{out} is a finished run (manifest.json); pass --overwrite or another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        eng, model = _engine(args, eta=args.eta, variance=args.variance, clip_x0=args.clip_x0, device=device)
+        batches = list(range(0, args.num, args.batch_size))[rank::world]
+        todo = [lo for lo in batches if not all((out / f"{i:06d}.png").exists()
+                                               for i in range(lo, min(lo + args.batch_size, args.num)))]
+        skipped = len(batches) - len(todo)
+        if rank == 0:
+            print(f"model {args.model}, {eng.plan.steps} steps eta={eng.plan.eta}, backend {eng.backend}, "
+                  f"{world} process(es), {args.num} images into {out}")
+        print(f"[rank {rank}] {len(todo)} batch(es) to sample, {skipped} already complete")
+        t0, done = time.perf_counter(), 0
+        with _progress(sum(min(args.batch_size, args.num - lo) for lo in todo), args.progress and rank == 0,
+                       f"rank {rank}") as bar:
+            for lo in todo:
+                b = min(args.batch_size, args.num - lo)
+                imgs = eng.sample(b, seed=args.seed, first_index=lo).cpu()
+                io.save_images(imgs, out, overwrite=True, indices=range(lo, lo + b))
+                done += b
+                bar.update(b)
+        dt = time.perf_counter() - t0
+        print(f"[rank {rank}] sampled {done} images in {dt:.2f} s")
+        if dist:
+            tdist.barrier()
+        if rank == 0:
+            missing = [i for i in range(args.num) if not (out / f"{i:06d}.png").exists()]
+            if missing:
+                raise ValueError(f"{len(missing)} image(s) missing after sampling (first: {missing[:5]}); rerun "
+                                 "the same command to fill them in")
+            meta = _describe(args, eng, model) | {"seed": args.seed, "num": args.num, "world_size": world,
+                                                   "files": "{index:06d}.png"}
+            io.atomic_write_bytes(manifest, json.dumps(meta, indent=1).encode())
+            print(f"manifest -> {manifest}")
+    finally:
+        if dist and tdist.is_initialized():
+            tdist.destroy_process_group()
+    return 0
+
+
+# -- encode / decode / interpolate --------------------------------------------------------------
+def add_encode_arguments(p):
+    _add_model_options(p, steps=100)
+    p.add_argument("--input", required=True, help="an image, a folder of images, or an .npz with 'images'")
+    p.add_argument("--eps-at", default="current", choices=("current", "target"),
+                   help="evaluate eps at the current timestep (the ODE) or the target one (diffusers)")
+    p.add_argument("--out", default="latents.npz", help="an .npz with 'latents' (N, C, H, W)")
+
+
+def run_encode(args):
+    if io.output_kind(args.out) != "npz":
+        raise ValueError(f"encode writes latents to an .npz file, not {args.out}")
+    io.check_output(args.out, args.overwrite)
+    eng, model = _engine(args)
+    c = model.config
+    x0, names = io.load_images(args.input, c.in_channels, c.resolution)
+    t0, lat = time.perf_counter(), []
+    for lo in range(0, len(x0), args.batch_size):
+        lat.append(eng.invert(x0[lo : lo + args.batch_size], eps_at=args.eps_at).cpu())
+    dt = time.perf_counter() - t0
+    latents = torch.cat(lat)
+    meta = _describe(args, eng, model) | {"eps_at": args.eps_at, "names": names}
+    _save_latents(args.out, latents, meta)
+    print(f"encoded {len(latents)} image(s) with {eng.plan.steps} inversion steps in {dt:.2f} s -> {args.out}")
+    return 0
+
+
+def add_decode_arguments(p):
+    _add_model_options(p, steps=100)
+    p.add_argument("--input", required=True, help="an .npz with 'latents' (from encode)")
+    p.add_argument("--out", default="decoded.png", help="grid .png, .npz, or a folder")
+
+
+def run_decode(args):
+    io.check_output(args.out, args.overwrite)
+    eng, model = _engine(args)
+    lat = io.load_npz(args.input, "latents")
+    t0 = time.perf_counter()
+    imgs = torch.cat([eng(lat[lo : lo + args.batch_size]).cpu() for lo in range(0, len(lat), args.batch_size)])
+    dt = time.perf_counter() - t0
+    io.save_images(imgs, args.out, overwrite=args.overwrite, meta=_describe(args, eng, model))
+    print(f"decoded {len(imgs)} latent(s) with {eng.plan.steps} steps in {dt:.2f} s -> {args.out}")
+    return 0
+
+
+def add_interpolate_arguments(p):
+    _add_model_options(p, steps=50)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--seeds", type=int, nargs=2, metavar=("A", "B"), default=(0, 1),
+                   help="interpolate between x_T of sample 0 of seed A and of seed B")
+    g.add_argument("--latents", help="an .npz with 'latents': interpolate between its first two")
+    p.add_argument("--num", type=int, default=9, help="frames, endpoints included")
+    p.add_argument("--out", default="interpolation.png", help="the strip PNG (or .npz / folder)")
+
+
+def run_interpolate(args):
+    from . import rng
+
+    if args.num < 2:
+        raise ValueError(f"--num must be >= 2 (the two endpoints), got {args.num}")
+    io.check_output(args.out, args.overwrite)
+    eng, model = _engine(args)
+    if args.latents:
+        lat = io.load_npz(args.latents, "latents")
+        if len(lat) < 2:
+            raise ValueError(f"{args.latents} holds {len(lat)} latent(s); interpolation needs two")
+        z0, z1 = lat[0], lat[1]
+    else:
+        z0, z1 = (rng.initial_noise(s, (1, *eng.shape))[0] for s in args.seeds)
+    z = slerp(z0, z1, torch.linspace(0, 1, args.num))  # (num, C, H, W): Section 5.3
+    t0 = time.perf_counter()
+    imgs = torch.cat([eng(z[lo : lo + args.batch_size]).cpu() for lo in range(0, len(z), args.batch_size)])
+    dt = time.perf_counter() - t0
+    io.save_images(imgs, args.out, overwrite=args.overwrite, nrow=args.num, meta=_describe(args, eng, model))
+    print(f"decoded {args.num} slerp frames with {eng.plan.steps} steps in {dt:.2f} s -> {args.out}")
+    return 0
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _save_latents(out, latents, meta):
+    import io as _io
+
+    import numpy as np
+
+    buf = _io.BytesIO()
+    np.savez(buf, latents=latents.numpy(), meta=np.asarray(json.dumps(meta)))
+    io.atomic_write_bytes(out, buf.getvalue())
+
+
+def _params(model):
+    n = sum(p.numel() for p in model.parameters())
+    return f"{n / 1e6:.2f}M params"
+

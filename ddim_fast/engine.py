@@ -1,0 +1,413 @@
+"""Engine: a model, a plan and a backend, ready to sample many times.
+
+    eng = dd.Engine(model, plan, backend="auto", device="cuda", dtype=torch.float16)
+    imgs = eng.sample(16, seed=0)        # (16, C, H, W) float32 in [-1, 1]
+    imgs = eng(x_T)                      # from a given start
+    x_T = eng.invert(imgs)               # DDIM encoding (eta=0 plans)
+
+Backends (all produce the reference sampler's result, within DESIGN.md's tolerance rule):
+  reference    eager PyTorch (ddim_fast.sampling) on any device: the truth.
+  triton       the UNet with fused Triton GroupNorm(+SiLU) and attention, and the fused step
+               kernel (noise drawn in-kernel), launched eagerly. CUDA, or CPU under
+               TRITON_INTERPRET=1 (for tests: very slow).
+  cuda_graph   the triton backend's whole S-step loop (UNet + step, every step) captured into
+               one CUDA graph and replayed: one launch per sample call instead of hundreds.
+  onnxruntime  the exported whole sampler in ONNX Runtime (ddim_fast.onnx): CPU EP, or the CUDA
+               EP with onnxruntime-gpu.
+  auto         cuda_graph on CUDA; on CPU onnxruntime when installed, else reference. The choice
+               and the reason are in `eng.backend` and `eng.backend_reason`.
+
+The state x is float32 throughout; `dtype` is the network's precision (fp32, fp16 or bf16).
+The Engine works on its own copy of the model (moved to `device` and `dtype`), so the caller's
+model is never modified.
+
+CUDA graph costs. A graph is captured on the first call for each (batch size, plan direction,
+noise source) and kept in a small LRU cache (`max_graphs`, default 4; evicting one frees its
+graph, its static buffers stay in the shared pool). Capture first runs the whole loop once
+eagerly (Triton JIT, cuDNN algorithm search, allocator growth), then records it once more: about
+two eager sampling calls of time, plus Triton's one-off compilation on a cold cache. Memory:
+the activations of one UNet forward at that batch size (the steps reuse them in the shared
+pool) plus static buffers for x_T, x and the output (3 x B x C x H x W floats). A new batch
+size, a new image shape, a new dtype or a new plan (a new Engine) captures again; a new seed
+or a new first_index does not (they live in device tensors). Replays copy the result out,
+so a result the caller holds is never overwritten by the next replay.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import OrderedDict
+
+import torch
+
+from . import rng
+from .plan import SamplingPlan
+from .sampling import NonFiniteError
+from .sampling import sample as reference_sample
+
+BACKENDS = ("auto", "reference", "triton", "cuda_graph", "onnxruntime")
+DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class BackendUnavailable(ValueError):
+    """An explicitly requested backend cannot run here; the message says what is missing."""
+
+
+class Engine:
+    def __init__(
+        self,
+        model,
+        plan: SamplingPlan,
+        backend: str = "auto",
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        *,
+        shape=None,
+        channels_last: bool = False,
+        max_graphs: int = 4,
+    ):
+        """model: a UNet (or any nn.Module model(x, t)); plan: a sampling plan (eta=0 plans
+        also give `invert`); device: default CUDA when available; dtype: the network's
+        precision; shape: (C, H, W) of one sample, read from model.config when omitted;
+        channels_last: run the network in NHWC memory format (often faster with fp16 convs)."""
+        if not isinstance(plan, SamplingPlan) or plan.direction != "sample":
+            raise ValueError("plan must be a sampling SamplingPlan (SamplingPlan.build(...)), not an inversion plan")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
+        self.device = torch.device(device) if device is not None else _default_device()
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable("device='cuda' but torch sees no CUDA device; use device='cpu'")
+        self.plan = plan
+        self.dtype = dtype
+        self.shape = _sample_shape(model, shape)
+        self.channels_last = channels_last
+        self.prediction = getattr(model, "prediction", plan.prediction)
+        if self.prediction != plan.prediction:
+            raise ValueError(
+                f"the model predicts {self.prediction!r} but the plan was built for {plan.prediction!r}: "
+                f"build the plan with prediction={self.prediction!r}"
+            )
+        self.backend, self.backend_reason = _choose_backend(backend, self.device)
+        self.config = getattr(model, "config", None)
+        self.schedule = getattr(model, "schedule", None)
+        if self.backend == "onnxruntime":
+            from .onnx import OrtSamplerBackend
+
+            self._runner = OrtSamplerBackend(model, plan, device=self.device, dtype=dtype, shape=self.shape)
+            return
+        # cuda_graph without Triton captures the PyTorch ops and the PyTorch step instead
+        fused = self.backend != "reference" and triton_status(self.device) is None
+        net = _prepare_model(model, self.device, dtype, channels_last, "triton" if fused else "reference")
+        if self.backend == "reference":
+            self._runner = _ReferenceRunner(net, dtype, channels_last)
+        elif self.backend == "triton":
+            self._runner = _TritonRunner(net, self.device, dtype, channels_last)
+        else:
+            self._runner = _GraphRunner(net, self.device, dtype, channels_last, fused, max_graphs)
+
+    # -- public -------------------------------------------------------------------------------
+    def sample(self, batch_size: int, seed: int = 0, *, first_index: int = 0) -> torch.Tensor:
+        """`batch_size` images for samples first_index .. first_index+B-1 of `seed`, as a
+        (B, C, H, W) float32 tensor in [-1, 1] on the engine's device. Sample k of a seed is the
+        same image whatever the batch size, backend or device (to the tolerance rule)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        _check_first_index(first_index, batch_size)
+        x_T = rng.initial_noise(seed, (batch_size, *self.shape), first_index=first_index, device=self.device)
+        return self(x_T, seed=seed, first_index=first_index)
+
+    def __call__(self, x_T: torch.Tensor, *, seed: int | None = None, noise: torch.Tensor | None = None,
+                 first_index: int = 0) -> torch.Tensor:
+        """Sample from a given start x_T (B, C, H, W); returns float32 images in [-1, 1].
+
+        seed keys the per-step noise of eta > 0 plans (default: 0); noise (S, B, C, H, W)
+        replaces it (parity tests)."""
+        x_T = self._check_input(x_T, "x_T")
+        if seed is not None and noise is not None:
+            raise ValueError("give seed= or noise=, not both: noise= replaces the seeded generator")
+        if noise is not None:
+            want = (self.plan.steps, *x_T.shape)
+            if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != want:
+                raise ValueError(f"noise must have shape (steps, *x_T.shape) = {want}, "
+                                 f"got {getattr(noise, 'shape', type(noise).__name__)}")
+            noise = noise.to(self.device, torch.float32)
+        seed = rng.check_seed(0 if seed is None else seed)
+        _check_first_index(first_index, x_T.shape[0])
+        out = self._runner.run(x_T, self.plan, seed=seed, noise=noise, first_index=first_index)
+        return out.clamp_(-1.0, 1.0)
+
+    def invert(self, x0: torch.Tensor, *, eps_at: str = "current") -> torch.Tensor:
+        """DDIM encoding of images x0 (B, C, H, W) to latents x_T (not clamped)."""
+        x0 = self._check_input(x0, "x0")
+        inv = self._inverse_plan(eps_at)
+        return self._runner.run(x0, inv, seed=0, noise=None, first_index=0)
+
+    @property
+    def graph_captures(self) -> int:
+        """How many CUDA graphs this engine has captured so far (0 for eager backends)."""
+        return getattr(self._runner, "captures", 0)
+
+    def __repr__(self) -> str:
+        return (f"Engine(backend={self.backend!r}, device={str(self.device)!r}, dtype={DTYPES[self.dtype]}, "
+                f"shape={self.shape}, plan={self.plan!r})")
+
+    # -- internals ------------------------------------------------------------------------------
+    def _inverse_plan(self, eps_at):
+        cache = self.__dict__.setdefault("_inverse_plans", {})
+        if eps_at not in cache:
+            cache[eps_at] = self.plan.inverse(eps_at)
+        return cache[eps_at]
+
+    def _check_input(self, x, name):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if tuple(x.shape[1:]) != self.shape or x.ndim != len(self.shape) + 1 or x.shape[0] < 1:
+            raise ValueError(f"{name} must have shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        x = x.to(self.device, torch.float32)
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} has NaN or inf values; pass a finite tensor")
+        return x
+
+
+# -- backend choice -------------------------------------------------------------------------------
+def _default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def triton_status(device: torch.device) -> str | None:
+    """None when the triton backend can run on `device`, else what is missing."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed (pip install triton; Linux only)"
+    if device.type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (f"the triton backend needs a CUDA device, or TRITON_INTERPRET=1 set before import to run its "
+            f"kernels in the (slow) interpreter on {device.type}")
+
+
+def onnxruntime_status(device: torch.device) -> str | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime is not installed: pip install 'ddim-fast[onnx]' (CPU) or 'ddim-fast[gpu]' (CUDA)"
+    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ("onnxruntime has no CUDAExecutionProvider here: pip install 'ddim-fast[gpu]' "
+                "(onnxruntime-gpu) or use device='cpu'")
+    return None
+
+
+def _choose_backend(backend: str, device: torch.device):
+    if backend == "auto":
+        if device.type == "cuda":
+            if triton_status(device) is None:
+                return "cuda_graph", "auto: CUDA device -> whole-loop CUDA graph with Triton kernels"
+            return "cuda_graph", "auto: CUDA device -> whole-loop CUDA graph (Triton missing: PyTorch ops)"
+        if onnxruntime_status(device) is None:
+            return "onnxruntime", "auto: CPU with onnxruntime installed -> ONNX Runtime (fastest measured on CPU)"
+        return "reference", "auto: CPU without onnxruntime -> eager PyTorch (pip install 'ddim-fast[onnx]' is faster)"
+    missing = None
+    if backend == "triton":
+        missing = triton_status(device)
+    elif backend == "cuda_graph":
+        if device.type != "cuda":
+            missing = f"the cuda_graph backend needs a CUDA device, got {device.type}"
+    elif backend == "onnxruntime":
+        missing = onnxruntime_status(device)
+    if missing:
+        raise BackendUnavailable(f"backend {backend!r} cannot run: {missing}")
+    return backend, f"requested: {backend}"
+
+
+def _sample_shape(model, shape):
+    if shape is None:
+        cfg = getattr(model, "config", None)
+        if cfg is None or not hasattr(cfg, "in_channels"):
+            raise ValueError("cannot tell the sample shape from this model: pass shape=(C, H, W)")
+        shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"shape must be (C, H, W) with positive sizes, got {shape}")
+    return shape
+
+
+def _check_first_index(first_index, batch):
+    if isinstance(first_index, bool) or not isinstance(first_index, int) or not (
+        0 <= first_index and first_index + batch <= 2**31 - 1
+    ):
+        raise ValueError(f"first_index must be an int with 0 <= first_index + B < 2**31, got {first_index!r}")
+
+
+def _prepare_model(model, device, dtype, channels_last, ops):
+    net = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if hasattr(net, "set_ops"):  # other models keep their own ops; the step is still fused
+        net.set_ops(ops)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def _net_input(x, dtype, channels_last):
+    x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+# -- runners ---------------------------------------------------------------------------------------
+class _ReferenceRunner:
+    """ddim_fast.sampling.sample with the network in `dtype`; the state stays float32."""
+
+    def __init__(self, net, dtype, channels_last):
+        self.net, self.dtype, self.channels_last = net, dtype, channels_last
+
+    def _model(self, x, t):
+        return self.net(_net_input(x, self.dtype, self.channels_last), t).float()
+
+    @torch.no_grad()
+    def run(self, x, plan, *, seed, noise, first_index):
+        if plan.direction == "invert":
+            from .sampling import invert
+
+            return invert(self._model, x, plan)
+        if noise is not None or not plan.needs_noise:
+            return reference_sample(self._model, x, plan, noise=noise)
+        return reference_sample(self._model, x, plan, seed=seed, first_index=first_index)
+
+
+class _TritonRunner:
+    """Fused ops in the UNet, the fused step kernel (in-kernel noise), eager launches."""
+
+    def __init__(self, net, device, dtype, channels_last, fused=True):
+        if fused:
+            from .kernels.ddim_step import ddim_step
+        else:
+            ddim_step = _torch_step
+        self.ddim_step = ddim_step
+        self.net, self.device, self.dtype, self.channels_last = net, device, dtype, channels_last
+        self._tables = {}
+
+    def tables(self, plan):
+        """Device copies of the plan's tables, made once per plan."""
+        key = id(plan)
+        if key not in self._tables:
+            p = plan.to(self.device, torch.float32)
+            steps = torch.arange(plan.steps, dtype=torch.int32, device=self.device)  # (S,) step indices
+            self._tables[key] = (plan, p.coef, p.timesteps, steps)
+        return self._tables[key][1:]
+
+    def loop(self, x, plan, seed_t, noise, first_index, flag):
+        """The S steps on the state x (updated in place): the body captured by _GraphRunner."""
+        coef, ts, steps = self.tables(plan)
+        B = x.shape[0]
+        clip = plan.clip_x0
+        threshold = (plan.threshold, plan.threshold_max) if plan.threshold is not None else None
+        for i in range(plan.steps):
+            t = ts[i : i + 1].expand(B)  # (B,) a view of device memory: no host work per step
+            m = self.net(_net_input(x, self.dtype, self.channels_last), t).contiguous()
+            self.ddim_step(x, m, coef, steps[i : i + 1], seed=seed_t if noise is None else None,
+                           first_index=first_index, clip=clip, threshold=threshold, flag=flag)
+            if noise is not None and plan.needs_noise:
+                x.add_(coef[i, 5] * noise[i])  # explicit z: sigma_i z_i on top of the noise-free step
+        return x
+
+    @torch.no_grad()
+    def run(self, x, plan, *, seed, noise, first_index):
+        x = x.clone().contiguous()
+        seed_t = torch.tensor([seed], dtype=torch.int64, device=self.device) if plan.needs_noise else None
+        flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.loop(x, plan, seed_t, noise, first_index, flag)
+        _raise_if_flagged(flag, "triton")
+        return x
+
+
+class _GraphRunner(_TritonRunner):
+    """The triton runner's loop, captured once per (batch, plan, noise source) and replayed."""
+
+    def __init__(self, net, device, dtype, channels_last, fused, max_graphs):
+        super().__init__(net, device, dtype, channels_last, fused)
+        self.max_graphs = max_graphs
+        self.graphs = OrderedDict()  # key -> (graph, static buffers)
+        self.pool = None
+        self.captures = 0
+
+    @torch.no_grad()
+    def run(self, x, plan, *, seed, noise, first_index):
+        key = (x.shape[0], id(plan), noise is not None, first_index)
+        if key not in self.graphs:
+            self._capture(key, x, plan, noise, first_index)
+        self.graphs.move_to_end(key)
+        graph, buf = self.graphs[key]
+        buf["x_T"].copy_(x)
+        buf["seed"].fill_(seed)
+        buf["flag"].zero_()
+        if noise is not None:
+            buf["noise"].copy_(noise)
+        graph.replay()
+        _raise_if_flagged(buf["flag"], "cuda_graph")
+        return buf["x"].clone()  # a copy: the next replay overwrites buf["x"]
+
+    def _capture(self, key, x, plan, noise, first_index):
+        buf = {
+            "x_T": torch.empty_like(x),
+            "x": torch.empty_like(x),
+            "seed": torch.zeros(1, dtype=torch.int64, device=self.device),
+            "flag": torch.zeros(1, dtype=torch.int32, device=self.device),
+        }
+        if noise is not None:
+            buf["noise"] = torch.empty_like(noise)
+        seed_t = buf["seed"] if plan.needs_noise else None
+        body = lambda: self.loop(buf["x"].copy_(buf["x_T"]), plan, seed_t, buf.get("noise"), first_index, buf["flag"])
+        # 1. warm up on a side stream: Triton JIT, cuDNN algorithm search, allocator growth
+        buf["x_T"].copy_(x)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.backends.cudnn.flags(enabled=True, benchmark=True):
+            body()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        # 2. capture the whole loop into the shared pool
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            body()
+        self.captures += 1
+        self.graphs[key] = (graph, buf)
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+
+
+def _torch_step(x, m, coef, step, *, seed, first_index, clip, threshold, flag):
+    """The reference step in place, for graphs captured without Triton (no seeded noise)."""
+    from .sampling import dynamic_threshold
+
+    if seed is not None:
+        raise BackendUnavailable("seeded noise inside a CUDA graph needs Triton's in-kernel generator: "
+                                 "install triton, or pass noise=, or use an eta=0 plan")
+    c = coef.index_select(0, step.long())[0]
+    x0 = c[0] * x + c[1] * m.float()
+    if threshold is not None:
+        x0 = dynamic_threshold(x0, *threshold)
+    elif clip is not None:
+        x0 = x0.clamp(*clip)
+    x.copy_(c[2] * x0 + c[3] * x + c[4] * m.float())
+    if flag is not None:
+        flag.copy_(torch.maximum(flag, (~torch.isfinite(x)).any().int().view(1)))
+    return x
+
+
+def _raise_if_flagged(flag, backend):
+    if int(flag.item()):
+        raise NonFiniteError(
+            f"the sampler state became NaN or inf ({backend} backend); run backend='reference' "
+            "to find the step, and check the model's output and the schedule"
+        )

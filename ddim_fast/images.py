@@ -1,0 +1,166 @@
+"""Image and array files in and out: grids, folders of PNGs, .npz archives. Writes are atomic.
+
+Images are float tensors (N, C, H, W) in [-1, 1]; C is 1 (grey) or 3 (RGB).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write_bytes
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8."""
+    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return arr.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1):
+    """A PIL image of images (N, C, H, W) in [-1, 1] tiled in rows of `nrow`, `pad` px apart."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
+    for i, im in enumerate(to_uint8(images)):
+        r, k = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + k * (w + pad)
+        grid[y : y + h, x : x + w] = im
+    return Image.fromarray(grid[..., 0] if c == 1 else grid, mode="L" if c == 1 else "RGB")
+
+
+def png_bytes(im) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def single_image(image: torch.Tensor):
+    """A PIL image of one (C, H, W) tensor in [-1, 1]."""
+    from PIL import Image
+
+    arr = to_uint8(image[None])[0]
+    return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr, mode="L" if arr.shape[-1] == 1 else "RGB")
+
+
+def output_kind(out) -> str:
+    """'grid' for *.png/*.jpg, 'npz' for *.npz, else 'folder' (one PNG per image)."""
+    suffix = Path(out).suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return "grid"
+    if suffix == ".npz":
+        return "npz"
+    if suffix:
+        raise ValueError(f"cannot write {out}: use a .png grid, a .npz archive or a folder name without suffix")
+    return "folder"
+
+
+def check_output(out, overwrite: bool) -> Path:
+    """Refuse to replace what a user wrote unless asked to; check the parent is writable."""
+    out = Path(out)
+    kind = output_kind(out)
+    if out.exists() and not overwrite:
+        if kind != "folder" or any(out.iterdir()):
+            raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
+    parent = out if kind == "folder" else out.parent
+    probe = parent if parent.exists() else next((p for p in parent.parents if p.exists()), Path("."))
+    if not _writable(probe):
+        raise PermissionError(f"cannot write under {probe}: choose an output path in a writable folder")
+    return out
+
+
+def save_images(images: torch.Tensor, out, *, overwrite: bool = False, indices=None, meta: dict | None = None,
+                nrow: int | None = None) -> Path:
+    """Write images (N, C, H, W) in [-1, 1] as a grid PNG, a folder of PNGs or an .npz archive.
+
+    indices: the global sample index of each image (folder file names, npz 'indices').
+    meta: JSON-able facts (model, plan, seed) stored in the npz / a folder's meta.json.
+    """
+    out = check_output(out, overwrite)
+    kind = output_kind(out)
+    idx = list(range(len(images))) if indices is None else [int(i) for i in indices]
+    if kind == "grid":
+        atomic_write_bytes(out, png_bytes(image_grid(images, nrow=nrow)))
+    elif kind == "npz":
+        buf = io.BytesIO()
+        np.savez(buf, images=images.detach().float().cpu().numpy(), indices=np.asarray(idx, dtype=np.int64),
+                 meta=np.asarray(json.dumps(meta or {})))
+        atomic_write_bytes(out, buf.getvalue())
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for i, im in zip(idx, images):
+            atomic_write_bytes(out / f"{i:06d}.png", png_bytes(single_image(im)))
+        if meta is not None:
+            atomic_write_bytes(out / "meta.json", json.dumps(meta, indent=1).encode())
+    return out
+
+
+def load_images(path, channels: int, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """Images from a file, a folder of images or an .npz ('images' in [-1, 1]) as (N, C, R, R)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no images at {path}: check the path")
+    if path.suffix.lower() == ".npz":
+        x, names = load_npz(path, "images"), None
+        names = [f"{i:06d}" for i in range(len(x))]
+    else:
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+        if not files:
+            raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        x = torch.stack([_read_image(f, channels, resolution) for f in files])
+        names = [f.stem for f in files]
+    if x.ndim != 4 or x.shape[1:] != (channels, resolution, resolution):
+        raise ValueError(f"{path} holds images of shape {tuple(x.shape[1:])}; the model wants "
+                         f"({channels}, {resolution}, {resolution})")
+    return x, names
+
+
+def load_npz(path, key: str) -> torch.Tensor:
+    """One float array from an .npz, refusing pickled objects and damaged files clearly."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if key not in f.files:
+                raise ValueError(f"{path} has no {key!r} array (it has {sorted(f.files)})")
+            arr = f[key]
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable .npz archive ({e}); the file is damaged: recreate it") from None
+    except ValueError as e:
+        if "pickle" in str(e).lower():
+            raise ValueError(f"{path} holds pickled objects, which are never loaded: save plain arrays") from None
+        raise
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"{path}: {key!r} must be a float array, got {arr.dtype}")
+    return torch.from_numpy(arr.astype(np.float32))
+
+
+def _read_image(path: Path, channels: int, resolution: int) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if im.size != (resolution, resolution):
+                from .data import center_crop_resize
+
+                im = center_crop_resize(im, resolution)
+            arr = np.asarray(im, dtype=np.float32)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not a readable image ({e}); the file is damaged or not an image") from None
+    t = torch.from_numpy(arr / 127.5 - 1.0)
+    return t[None] if channels == 1 else t.permute(2, 0, 1)
+
+
+def _writable(path: Path) -> bool:
+    import os
+
+    return os.access(path, os.W_OK)
