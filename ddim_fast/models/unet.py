@@ -1,0 +1,500 @@
+"""The DDPM UNet (Ho et al. 2020), as used by every model in the DDIM paper.
+
+The same network as the official DDIM code's `models/diffusion.py` `Model`, with the same
+state-dict key names (conv_in, temb.dense.{0,1}, down.{i}.block.{j}, down.{i}.attn.{j},
+down.{i}.downsample.conv, mid.block_1, mid.attn_1, mid.block_2, up.{i}.block.{j},
+up.{i}.attn.{j}, up.{i}.upsample.conv, norm_out, conv_out), so an official checkpoint loads after
+stripping the DataParallel 'module.' prefix.
+
+    eps = UNet(UNetConfig.cifar10())(x, t)      # x (B, 3, 32, 32), t (B,) training timesteps
+
+The fusable operations (GroupNorm with the time-embedding add and SiLU; the attention core) go
+through `self.ops` (see ops.py), so `model.set_ops("triton")` swaps in fused kernels without
+touching this file. Convolutions and linear layers stay PyTorch. The nn.GroupNorm modules only
+hold the affine parameters (their forward is never called), which keeps the key names natural.
+
+Where this differs from the official code, it is only in how things are computed:
+  - ResBlock: norm2(h + temb_proj(silu(temb))) is one `group_norm(h, add=..., silu=True)` call;
+  - swish is F.silu (x * sigmoid(x) to float rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops import ReferenceOps, get_ops
+
+PRESETS = ("cifar10", "celeba", "lsun", "tiny", "digits")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The architecture of a DDPM UNet. Defaults are the official CIFAR-10 model (35.7M params)."""
+
+    in_channels: int = 3  # RGB images
+    out_channels: int = 3  # eps has the image's shape
+    resolution: int = 32  # CIFAR-10's image size
+    ch: int = 128  # base width of every official DDPM/DDIM model
+    ch_mult: tuple = (1, 2, 2, 2)  # width of level i is ch * ch_mult[i]; one level per resolution
+    num_res_blocks: int = 2  # ResBlocks per level on the way down (one more on the way up)
+    attn_resolutions: tuple = (16,)  # feature-map sizes with self-attention (DDPM: 16x16)
+    dropout: float = 0.1  # the official CIFAR-10 value; inactive in eval mode
+    resamp_with_conv: bool = True  # strided conv down / conv after nearest up (else avg-pool / none)
+    num_groups: int = 32  # GroupNorm(32) in every official model
+    norm_eps: float = 1e-6  # the official Normalize(); torch's own default is 1e-5
+
+    def __post_init__(self):
+        # Lists (from JSON or YAML) become tuples, so configs hash and compare.
+        for name in ("ch_mult", "attn_resolutions"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(value))
+        for name in ("in_channels", "out_channels", "resolution", "ch", "num_res_blocks", "num_groups"):
+            _check_positive_int(name, getattr(self, name))
+        if not isinstance(self.ch_mult, tuple) or not self.ch_mult:
+            raise ValueError(f"ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult!r}")
+        for m in self.ch_mult:
+            _check_positive_int("every ch_mult entry", m)
+        if not isinstance(self.attn_resolutions, tuple):
+            raise ValueError(
+                f"attn_resolutions must be a tuple of ints, got {self.attn_resolutions!r}; use () for none"
+            )
+        if self.ch % 2 or self.ch < 4:
+            raise ValueError(f"ch must be even and >= 4 (the sinusoidal time embedding has ch dims), "
+                             f"got {self.ch}")
+        levels = self.level_resolutions
+        if self.resolution % 2 ** (len(self.ch_mult) - 1):
+            raise ValueError(
+                f"resolution {self.resolution} cannot be halved {len(self.ch_mult) - 1} times "
+                f"(ch_mult has {len(self.ch_mult)} levels); use a multiple of {2 ** (len(self.ch_mult) - 1)}"
+            )
+        for r in self.attn_resolutions:
+            if r not in levels:
+                raise ValueError(
+                    f"attention resolution {r!r} matches no level; the levels have sizes {levels}: "
+                    "pick attn_resolutions from those"
+                )
+        for m in self.ch_mult:
+            if (self.ch * m) % self.num_groups:
+                raise ValueError(
+                    f"width ch*ch_mult = {self.ch * m} is not divisible by num_groups={self.num_groups}; "
+                    "change ch or num_groups"
+                )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.resamp_with_conv, bool):
+            raise ValueError(f"resamp_with_conv must be True or False, got {self.resamp_with_conv!r}")
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+            raise ValueError(f"norm_eps must be a positive float, got {self.norm_eps!r}")
+
+    @property
+    def level_resolutions(self) -> tuple:
+        """The feature-map size of each level: resolution, resolution/2, ..."""
+        return tuple(self.resolution // 2**i for i in range(len(self.ch_mult)))
+
+    @property
+    def attn_levels(self) -> tuple:
+        """Indices of the levels with self-attention."""
+        return tuple(i for i, r in enumerate(self.level_resolutions) if r in self.attn_resolutions)
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ch_mult"] = list(self.ch_mult)
+        d["attn_resolutions"] = list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a UNetConfig is read from a dict, got {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(
+                f"unknown UNetConfig key(s) {unknown}; the known keys are {known} "
+                "(was the file written by a newer ddim-fast? upgrade it)"
+            )
+        return cls(**d)
+
+    # -- presets ------------------------------------------------------------------------------
+    @classmethod
+    def cifar10(cls) -> UNetConfig:
+        """The official CIFAR-10 32x32 model (DDPM / DDIM paper): 35.7M parameters."""
+        return cls()
+
+    @classmethod
+    def celeba(cls) -> UNetConfig:
+        """The official CelebA 64x64 model: 78.7M parameters."""
+        return cls(resolution=64, ch_mult=(1, 2, 2, 2, 4))
+
+    @classmethod
+    def lsun(cls) -> UNetConfig:
+        """The official LSUN church / bedroom 256x256 model: 113.7M parameters."""
+        return cls(resolution=256, ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0)
+
+    @classmethod
+    def tiny(cls) -> UNetConfig:
+        """For tests and CI: every op of the big models (two levels, channel change, attention in a
+        level and in the middle, strided down / nearest up) at a few hundred thousand parameters.
+        num_groups=8 keeps 4+ channels per group, so GroupNorm's grouping is really exercised."""
+        return cls(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+                   dropout=0.0, num_groups=8)
+
+    @classmethod
+    def digits(cls) -> UNetConfig:
+        """The bundled model: 16x16 grey-scale digits (trained by `ddim-fast train`)."""
+        return cls(in_channels=1, out_channels=1, resolution=16, ch=32, ch_mult=(1, 2, 2),
+                   num_res_blocks=1, attn_resolutions=(8,), dropout=0.1, num_groups=8)
+
+    @classmethod
+    def preset(cls, name: str) -> UNetConfig:
+        """A preset by name: one of PRESETS."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown UNet preset {name!r}; expected one of {PRESETS}")
+        return getattr(cls, name)()
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+# -- building blocks ------------------------------------------------------------------------------
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of training timesteps, as the official get_timestep_embedding:
+    frequencies 10000^(-i/(dim/2 - 1)), sines in the first half and cosines in the second."""
+    half = dim // 2
+    step = math.log(10000) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device) * -step)  # (half,)
+    arg = t.float()[:, None] * freqs[None, :]  # (B, half)
+    return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)  # (B, dim); dim is even (config check)
+
+
+def _norm(channels: int, cfg: UNetConfig) -> nn.GroupNorm:
+    # A parameter holder: the network calls ops.group_norm with its weight and bias.
+    return nn.GroupNorm(cfg.num_groups, channels, eps=cfg.norm_eps)
+
+
+class ResnetBlock(nn.Module):
+    """x + conv2(dropout(silu(norm2(conv1(silu(norm1(x))) + temb_proj(silu(temb)))))), with a 1x1
+    `nin_shortcut` on x when the channel count changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, cfg: UNetConfig):
+        super().__init__()
+        self.ops = ReferenceOps()
+        self.norm1 = _norm(in_channels, cfg)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = _norm(out_channels, cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x, temb):
+        ops, n1, n2 = self.ops, self.norm1, self.norm2
+        h = ops.group_norm(x, n1.weight, n1.bias, n1.num_groups, n1.eps, silu=True)  # (B, Cin, H, W)
+        h = self.conv1(h)  # (B, Cout, H, W)
+        add = self.temb_proj(F.silu(temb))  # (B, Cout)
+        h = ops.group_norm(h, n2.weight, n2.bias, n2.num_groups, n2.eps, add=add, silu=True)
+        h = self.conv2(self.dropout(h))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """x + proj_out(attention(q, k, v)) over the H*W positions, single head (head_dim = C)."""
+
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        self.ops = ReferenceOps()
+        self.norm = _norm(channels, cfg)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        n = self.norm
+        h = self.ops.group_norm(x, n.weight, n.bias, n.num_groups, n.eps)  # (B, C, H, W)
+        q = self.q(h).reshape(B, C, H * W)  # (B, C, N)
+        k = self.k(h).reshape(B, C, H * W)
+        v = self.v(h).reshape(B, C, H * W)
+        h = self.ops.attention(q, k, v).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Halve H and W: a stride-2 3x3 conv after padding one zero row/column at the bottom/right
+    (TensorFlow's 'SAME' for stride 2, as the original DDPM), or 2x2 average pooling."""
+
+    def __init__(self, channels: int, with_conv: bool):
+        super().__init__()
+        if with_conv:
+            self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        if hasattr(self, "conv"):
+            return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return F.avg_pool2d(x, 2)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour, then (optionally) a 3x3 conv."""
+
+    def __init__(self, channels: int, with_conv: bool):
+        super().__init__()
+        if with_conv:
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if hasattr(self, "conv") else x
+
+
+# -- the network ------------------------------------------------------------------------------------
+class UNet(nn.Module):
+    """eps_theta(x_t, t): x (B, in_channels, R, R) and t (B,) -> (B, out_channels, R, R).
+
+    Attributes set by the loaders: `schedule` (the NoiseSchedule it was trained with, or None)
+    and `prediction` ("eps", "x0" or "v").
+    """
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        if config is None:
+            config = UNetConfig()
+        if not isinstance(config, UNetConfig):
+            raise ValueError(f"UNet takes a UNetConfig, got {type(config).__name__}; "
+                             "e.g. UNet(UNetConfig.cifar10())")
+        self.config = config
+        self.schedule = None
+        self.prediction = "eps"
+        self.ops = ReferenceOps()
+        cfg, ch = config, config.ch
+        temb_ch = 4 * ch
+        levels = len(cfg.ch_mult)
+
+        # 1. Timestep embedding: sinusoid (ch) -> dense (4ch) -> swish -> dense (4ch).
+        self.temb = nn.Module()
+        self.temb.dense = nn.ModuleList([nn.Linear(ch, temb_ch), nn.Linear(temb_ch, temb_ch)])
+
+        # 2. Down path; `skips` records the channels of every feature map the up path will concat.
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        skips = [ch]
+        block_in = ch
+        self.down = nn.ModuleList()
+        for i in range(levels):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            block_out = ch * cfg.ch_mult[i]
+            for _ in range(cfg.num_res_blocks):
+                level.block.append(ResnetBlock(block_in, block_out, temb_ch, cfg))
+                block_in = block_out
+                if i in cfg.attn_levels:
+                    level.attn.append(AttnBlock(block_in, cfg))
+                skips.append(block_in)
+            if i != levels - 1:
+                level.downsample = Downsample(block_in, cfg.resamp_with_conv)
+                skips.append(block_in)
+            self.down.append(level)
+
+        # 3. Middle: ResBlock, attention, ResBlock at the lowest resolution.
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in, temb_ch, cfg)
+        self.mid.attn_1 = AttnBlock(block_in, cfg)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, temb_ch, cfg)
+
+        # 4. Up path, built from the lowest level up but stored by level index (up.{i}), as the
+        #    official code does; each ResBlock takes the running features concatenated with a skip.
+        up = [None] * levels
+        for i in reversed(range(levels)):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            block_out = ch * cfg.ch_mult[i]
+            for _ in range(cfg.num_res_blocks + 1):
+                level.block.append(ResnetBlock(block_in + skips.pop(), block_out, temb_ch, cfg))
+                block_in = block_out
+                if i in cfg.attn_levels:
+                    level.attn.append(AttnBlock(block_in, cfg))
+            if i != 0:
+                level.upsample = Upsample(block_in, cfg.resamp_with_conv)
+            up[i] = level
+        self.up = nn.ModuleList(up)
+
+        # 5. Output: GroupNorm + swish + conv.
+        self.norm_out = _norm(block_in, cfg)
+        self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
+
+    # -- the seam ----------------------------------------------------------------------------
+    def set_ops(self, name_or_ops) -> UNet:
+        """Use `name_or_ops` ("reference", "triton" or an object with group_norm and attention)
+        for every GroupNorm(+SiLU) and attention call of the network. Returns self."""
+        ops = get_ops(name_or_ops) if isinstance(name_or_ops, str) else name_or_ops
+        if not (callable(getattr(ops, "group_norm", None)) and callable(getattr(ops, "attention", None))):
+            raise ValueError(
+                f"set_ops takes 'reference', 'triton' or an object with group_norm() and attention() "
+                f"methods (see ddim_fast/models/ops.py), got {name_or_ops!r}"
+            )
+        for m in self.modules():
+            if "ops" in m.__dict__:
+                m.ops = ops
+        return self
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        cfg = self.config
+        levels = len(cfg.ch_mult)
+        t = self._timesteps(x, t)  # (B,)
+
+        # 1. Timestep embedding.
+        temb = timestep_embedding(t, cfg.ch).to(self.temb.dense[0].weight.dtype)  # (B, ch)
+        temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))  # (B, 4ch)
+
+        # 2. Down path, keeping every feature map for the skips.
+        hs = [self.conv_in(x)]  # (B, ch, R, R)
+        for i in range(levels):
+            level = self.down[i]
+            for j in range(cfg.num_res_blocks):
+                h = level.block[j](hs[-1], temb)
+                if len(level.attn):
+                    h = level.attn[j](h)
+                hs.append(h)
+            if i != levels - 1:
+                hs.append(level.downsample(hs[-1]))
+
+        # 3. Middle.
+        h = self.mid.block_1(hs[-1], temb)
+        h = self.mid.block_2(self.mid.attn_1(h), temb)
+
+        # 4. Up path.
+        for i in reversed(range(levels)):
+            level = self.up[i]
+            for j in range(cfg.num_res_blocks + 1):
+                h = level.block[j](torch.cat([h, hs.pop()], dim=1), temb)
+                if len(level.attn):
+                    h = level.attn[j](h)
+            if i != 0:
+                h = level.upsample(h)
+
+        # 5. Output.
+        n = self.norm_out
+        h = self.ops.group_norm(h, n.weight, n.bias, n.num_groups, n.eps, silu=True)
+        return self.conv_out(h)  # (B, out_channels, R, R)
+
+    def _timesteps(self, x: torch.Tensor, t) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"x must be (B, {self.config.in_channels}, H, W) for this model, got {tuple(x.shape)}"
+            )
+        levels = len(self.config.ch_mult)
+        if x.shape[2] % 2 ** (levels - 1) or x.shape[3] % 2 ** (levels - 1):
+            raise ValueError(
+                f"H and W must be multiples of {2 ** (levels - 1)} (the model halves them "
+                f"{levels - 1} times), got {tuple(x.shape[2:])}"
+            )
+        if not isinstance(t, torch.Tensor):
+            t = torch.tensor(t)
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, x.shape[0])):
+            raise ValueError(
+                f"t must be a scalar or a (B,) tensor of timesteps with B = {x.shape[0]}, "
+                f"got shape {tuple(t.shape)}"
+            )
+        return t.to(x.device).reshape(-1).expand(x.shape[0])
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return f"{self.config}, prediction={self.prediction!r}, ops={getattr(self.ops, 'name', self.ops)!r}"
+
+
+# -- reading an architecture back from weights -----------------------------------------------------
+def infer_config(state_dict: dict, resolution: int | None = None) -> UNetConfig:
+    """The UNetConfig whose weights have these keys and shapes.
+
+    Shapes give the channels, ch, ch_mult, num_res_blocks, the attention levels and
+    resamp_with_conv. They cannot give the resolution: a preset with the same shapes supplies
+    it; otherwise `resolution`, else the DDPM convention that attention sits at 16x16.
+    Raises ValueError when the weights are not a DDPM UNet in the official key layout.
+    """
+    arch = _shape_facts(state_dict)
+    for name in PRESETS:
+        preset = UNetConfig.preset(name)
+        if _facts_of(preset) == arch and resolution in (None, preset.resolution):
+            return preset
+    if resolution is None:
+        if not arch["attn_levels"]:
+            raise ValueError(
+                "cannot tell the resolution from the weights (no attention level to anchor it); "
+                "give it explicitly (config=... or resolution=...)"
+            )
+        resolution = 16 * 2 ** arch["attn_levels"][0]
+    levels = [resolution // 2**i for i in range(len(arch["ch_mult"]))]
+    widths = [arch["ch"] * m for m in arch["ch_mult"]]
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if all(w % g == 0 for w in widths))
+    return UNetConfig(
+        in_channels=arch["in_channels"], out_channels=arch["out_channels"], resolution=resolution,
+        ch=arch["ch"], ch_mult=arch["ch_mult"], num_res_blocks=arch["num_res_blocks"],
+        attn_resolutions=tuple(levels[i] for i in arch["attn_levels"]),
+        resamp_with_conv=arch["resamp_with_conv"], num_groups=groups,
+    )
+
+
+def describe_weights(state_dict: dict) -> str:
+    """One line: what architecture these weights look like, and which preset (if any) that is."""
+    try:
+        arch = _shape_facts(state_dict)
+    except ValueError as e:
+        return str(e)
+    text = (f"the weights look like in_channels={arch['in_channels']}, out_channels={arch['out_channels']}, "
+            f"ch={arch['ch']}, ch_mult={arch['ch_mult']}, num_res_blocks={arch['num_res_blocks']}, "
+            f"attention at level(s) {list(arch['attn_levels'])}, resamp_with_conv={arch['resamp_with_conv']}")
+    fits = [n for n in PRESETS if _facts_of(UNetConfig.preset(n)) == arch]
+    if fits:
+        return text + f": that is UNetConfig.{fits[0]}()"
+    try:
+        return text + f": e.g. {infer_config(state_dict)}"
+    except ValueError:
+        return text + " (no preset has these shapes; give a UNetConfig with them)"
+
+
+def _facts_of(cfg: UNetConfig) -> dict:
+    return {"in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "ch": cfg.ch,
+            "ch_mult": cfg.ch_mult, "num_res_blocks": cfg.num_res_blocks, "attn_levels": cfg.attn_levels,
+            "resamp_with_conv": cfg.resamp_with_conv or len(cfg.ch_mult) == 1}
+
+
+def _shape_facts(sd: dict) -> dict:
+    """Architecture facts read from the key names and shapes of an official-layout state dict."""
+    need = ("conv_in.weight", "conv_out.weight", "down.0.block.0.conv1.weight")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        sample = sorted(sd)[:5]
+        raise ValueError(
+            f"these weights are not a DDPM UNet in the official key layout (no {missing[0]!r}; "
+            f"keys start with {sample})"
+        )
+    ch, in_channels = sd["conv_in.weight"].shape[:2]
+    out_channels = sd["conv_out.weight"].shape[0]
+    levels = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("down."))
+    blocks = {int(k.split(".")[3]) for k in sd if k.startswith("down.0.block.")}
+    ch_mult = []
+    for i in range(levels):
+        key = f"down.{i}.block.0.conv1.weight"
+        width = sd[key].shape[0] if key in sd else 0
+        ch_mult.append(width // ch if width % ch == 0 else width / ch)
+    attn = tuple(i for i in range(levels) if f"down.{i}.attn.0.q.weight" in sd)
+    return {"in_channels": int(in_channels), "out_channels": int(out_channels), "ch": int(ch),
+            "ch_mult": tuple(ch_mult), "num_res_blocks": len(blocks), "attn_levels": attn,
+            "resamp_with_conv": levels == 1 or "down.0.downsample.conv.weight" in sd}
