@@ -1,0 +1,352 @@
+"""The ddim-fast checkpoint format, atomic writes, and `load_model` for every supported format.
+
+A checkpoint is a folder:
+    config.json         {"format": "ddim-fast", "version": 1, "model": UNetConfig.to_dict(),
+                         "schedule": NoiseSchedule.to_dict(), "prediction": "eps" | "x0" | "v",
+                         ...extra keys, e.g. "training": {...}}
+    model.safetensors   the weights, official key names (conv_in.weight, down.0.block.0...)
+    ema.safetensors     the EMA weights, when the model has them
+
+`save_model` writes the whole folder next to its destination and moves it into place, so a crash
+never leaves a half-written checkpoint at the destination and never destroys a good one.
+
+`load_model(path_or_name)` reads, by what it finds:
+    a ddim-fast folder                  (config.json with "format": "ddim-fast")
+    a bundled name                      (a folder ddim_fast/assets/<name>/, e.g. "digits")
+    an official DDIM `ckpt.pth`         (see models/convert.py; read with weights_only=True)
+    a diffusers UNet2DModel folder      (or a pipeline folder with unet/ and scheduler/)
+Every load checks keys and shapes first; a mismatch names the missing, unexpected and mis-shaped
+keys and the configuration the weights would fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import torch
+
+from .models.unet import UNet, UNetConfig, describe_weights
+from .schedule import NoiseSchedule
+
+FORMAT = "ddim-fast"
+VERSION = 1
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+RESERVED_KEYS = ("format", "version", "model", "schedule", "prediction")
+PREDICTIONS = ("eps", "x0", "v")
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+# -- atomic writes ----------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a directory; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path, write) -> Path:
+    """Call write(tmp_path) on a temporary sibling of `path`, fsync it, then os.replace it over
+    `path`. On any error the temporary file is removed and `path` is untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (temporary sibling, fsync, os.replace)."""
+    return _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_json(path, obj) -> Path:
+    """Write `obj` as indented JSON to `path` atomically. Raises ValueError if not JSON-able."""
+    try:
+        text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cannot write {path}: the data is not JSON-able ({e}); "
+                         "use plain dicts, lists, strings, ints and finite floats") from None
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_save_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path:
+    """Save a dict of tensors to a .safetensors file atomically (copied to CPU, contiguous)."""
+    from safetensors.torch import save_file
+
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    return _atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta))
+
+
+# -- saving -----------------------------------------------------------------------------------------
+def save_model(path, model: UNet, *, ema_state_dict: dict | None = None, extra: dict | None = None,
+               overwrite: bool = False) -> Path:
+    """Write `model` (and its EMA weights, if given) as a ddim-fast checkpoint folder at `path`.
+
+    The folder is built in a temporary sibling, fsynced, then moved into place. An existing `path`
+    is refused unless overwrite=True, and even then only a ddim-fast checkpoint folder (or an
+    empty folder) is replaced, never an unrelated directory.
+    """
+    path = Path(path)
+    if not isinstance(model, UNet):
+        raise ValueError(f"save_model takes a ddim_fast UNet, got {type(model).__name__}")
+    if not isinstance(model.schedule, NoiseSchedule):
+        raise ValueError("model.schedule is not set: attach the noise schedule the model was trained with, "
+                         "e.g. model.schedule = NoiseSchedule.linear(1000, 1e-4, 0.02)")
+    if model.prediction not in PREDICTIONS:
+        raise ValueError(f"model.prediction must be one of {PREDICTIONS}, got {model.prediction!r}")
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(RESERVED_KEYS))
+    if clash:
+        raise ValueError(f"extra must not set the reserved key(s) {clash}; put them under another name")
+    _check_destination(path, overwrite)
+
+    state = model.state_dict()
+    if ema_state_dict is not None:
+        check_state_dict(model.config, ema_state_dict, what="the EMA weights")
+    config = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
+              "schedule": model.schedule.to_dict(), "prediction": model.prediction, **extra}
+    meta = {"format": "pt", "producer": FORMAT}
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        atomic_write_json(tmp / CONFIG_FILE, config)
+        atomic_save_safetensors(tmp / MODEL_FILE, state, meta)
+        if ema_state_dict is not None:
+            atomic_save_safetensors(tmp / EMA_FILE, ema_state_dict, meta)
+        _fsync_dir(tmp)
+        _move_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _check_destination(path: Path, overwrite: bool) -> None:
+    if not path.exists() and not path.is_symlink():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    if not path.is_dir() or path.is_symlink():
+        raise FileExistsError(f"{path} exists and is not a checkpoint folder; refusing to replace it "
+                              "even with overwrite=True: remove it yourself or pick another path")
+    if any(path.iterdir()) and _read_own_config(path) is None:
+        raise FileExistsError(f"{path} is a folder but not a ddim-fast checkpoint; refusing to replace it "
+                              "even with overwrite=True: remove it yourself or pick another path")
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished folder `tmp` to `path`. An existing `path` is first renamed aside and
+    only deleted once the new folder is in place (put back if the second rename fails)."""
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        raise
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- checking ---------------------------------------------------------------------------------------
+def check_state_dict(config: UNetConfig, state_dict: dict, what: str = "the weights") -> None:
+    """Raise ValueError unless `state_dict` has exactly the keys and shapes of UNet(config).
+
+    The message lists missing, unexpected and mis-shaped keys and says which configuration the
+    weights would fit."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in UNet(config).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected)) + not_tensors
+    misshaped = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"{what} do not fit {config}:"]
+    for name, keys, fmt in (
+        ("missing", missing, str),
+        ("unexpected", unexpected, str),
+        ("mis-shaped", misshaped, lambda k: f"{k} {got[k]} vs model {expected[k]}"),
+    ):
+        if keys:
+            shown = ", ".join(fmt(k) for k in keys[:8])
+            more = f", ... and {len(keys) - 8} more" if len(keys) > 8 else ""
+            lines.append(f"  {name} ({len(keys)}): {shown}{more}")
+    lines.append(f"  {describe_weights(state_dict)}")
+    raise ValueError("\n".join(lines))
+
+
+def build_model(config: UNetConfig, state_dict: dict, *, schedule=None, prediction: str = "eps",
+                device="cpu", what: str = "the weights") -> UNet:
+    """A UNet in eval mode holding `state_dict` (float32), after checking keys and shapes.
+
+    The network is built on the meta device and the weights are assigned, so loading does not
+    pay for a random initialisation."""
+    check_state_dict(config, state_dict, what)
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    with torch.device("meta"):
+        model = UNet(config)
+    weights = {k: v.detach().to(torch.float32).contiguous() for k, v in state_dict.items()}
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.schedule = schedule
+    model.prediction = prediction
+    return model.to(device).eval()
+
+
+# -- loading ----------------------------------------------------------------------------------------
+def load_model(path_or_name, *, ema: bool | None = None, device="cpu", map_location=None) -> UNet:
+    """A ready UNet (eval mode, `.config`, `.schedule` and `.prediction` set) from a ddim-fast folder,
+    a bundled model name, an official DDIM ckpt.pth or a diffusers folder.
+
+    ema: None = the EMA weights if the checkpoint has them; True = require them; False = the raw
+    weights. (Official files: EMA preferred as well; diffusers folders hold one set of weights.)
+    map_location: accepted as a synonym of `device`, as torch.load users write it.
+    """
+    if map_location is not None:
+        if device not in ("cpu", None) and str(torch.device(device)) != str(torch.device(map_location)):
+            raise ValueError(f"device={device!r} and map_location={map_location!r} disagree; give one")
+        device = map_location
+    if ema not in (None, True, False):
+        raise ValueError(f"ema must be None (EMA if present), True or False, got {ema!r}")
+    path = _resolve(path_or_name)
+    if path.is_file() and path.name in (MODEL_FILE, EMA_FILE) and _read_own_config(path.parent):
+        if ema is None:  # naming one of the two weight files picks it
+            ema = path.name == EMA_FILE
+        path = path.parent
+    elif path.is_file() and path.name.startswith("diffusion_pytorch_model."):
+        path = path.parent
+    kind = detect_format(path)
+    if kind == FORMAT:
+        return _load_own(path, ema, device)
+    from .models import convert  # the importers; kept out of the own-format path
+
+    if kind == "official":
+        model = convert.load_official(path, ema=ema is not False)
+    else:
+        model = convert.load_diffusers(path)
+    return model.to(device).eval()
+
+
+def detect_format(path) -> str:
+    """"ddim-fast", "official" or "diffusers" for an existing path; ValueError otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        cfg = _read_json(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else None
+        if isinstance(cfg, dict) and cfg.get("format") == FORMAT:
+            return FORMAT
+        if isinstance(cfg, dict) and ("_class_name" in cfg or "block_out_channels" in cfg):
+            return "diffusers"
+        if (path / "unet" / CONFIG_FILE).is_file() or (path / "model_index.json").is_file():
+            return "diffusers"
+        raise ValueError(
+            f"{path} is a folder but not a model: expected a ddim-fast checkpoint (config.json with "
+            '"format": "ddim-fast"), a diffusers UNet2DModel folder or a diffusers pipeline folder'
+        )
+    if path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
+        return "official"
+    if path.suffix == ".safetensors":
+        raise ValueError(f"{path} is a bare weights file; load the folder that holds it and its config.json")
+    raise ValueError(
+        f"cannot tell the format of {path}: expected a folder (ddim-fast or diffusers) or an official "
+        "DDIM checkpoint file (.pth, .pt, .ckpt)"
+    )
+
+
+def bundled_names() -> list[str]:
+    """Names of the models shipped in ddim_fast/assets/ (each a ddim-fast checkpoint folder)."""
+    if not ASSETS.is_dir():
+        return []
+    return sorted(p.name for p in ASSETS.iterdir() if (p / CONFIG_FILE).is_file())
+
+
+def _resolve(path_or_name) -> Path:
+    path = Path(path_or_name)
+    if path.exists():
+        return path
+    name = str(path_or_name)
+    is_name = os.sep not in name and "/" not in name and not path.suffix
+    if is_name and (ASSETS / name / CONFIG_FILE).is_file():
+        return ASSETS / name
+    if is_name:
+        names = bundled_names()
+        listed = ", ".join(names) if names else "none are installed"
+        raise FileNotFoundError(
+            f"{name!r} is neither a path nor a bundled model; bundled models: {listed}. "
+            "Give the path to a checkpoint folder, an official ckpt.pth or a diffusers folder"
+        )
+    raise FileNotFoundError(f"no checkpoint at {path}: check the path")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the checkpoint is damaged: re-save it") from None
+
+
+def _read_own_config(path: Path):
+    cfg_path = Path(path) / CONFIG_FILE
+    if not cfg_path.is_file():
+        return None
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return cfg if isinstance(cfg, dict) and cfg.get("format") == FORMAT else None
+
+
+def _load_own(path: Path, ema: bool | None, device) -> UNet:
+    from safetensors.torch import load_file
+
+    cfg = _read_json(path / CONFIG_FILE)
+    version = cfg.get("version")
+    if version != VERSION:
+        raise ValueError(f"{path} is ddim-fast checkpoint version {version!r}; this ddim-fast reads "
+                         f"version {VERSION}: upgrade ddim-fast")
+    for key in ("model", "schedule"):
+        if key not in cfg:
+            raise ValueError(f"{path / CONFIG_FILE} has no {key!r} entry; "
+                             "the checkpoint is damaged: re-save it")
+    config = UNetConfig.from_dict(cfg["model"])
+    schedule = NoiseSchedule.from_dict(cfg["schedule"])
+    has_ema = (path / EMA_FILE).is_file()
+    if ema is True and not has_ema:
+        raise ValueError(f"{path} has no EMA weights ({EMA_FILE}); load it with ema=False (CLI: --no-ema)")
+    use_ema = has_ema and ema is not False
+    file = path / (EMA_FILE if use_ema else MODEL_FILE)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing; the checkpoint is incomplete: re-save it")
+    model = build_model(config, load_file(str(file)), schedule=schedule,
+                        prediction=cfg.get("prediction", "eps"), device=device, what=f"the weights in {file}")
+    model.checkpoint_info = {"format": FORMAT, "path": str(path), "ema": use_ema,
+                             **{k: v for k, v in cfg.items() if k not in RESERVED_KEYS}}
+    return model
