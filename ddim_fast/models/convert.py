@@ -1,0 +1,460 @@
+"""Importers for the DDPM checkpoints people already have, and `ddim-fast convert`.
+
+Official DDIM code (ermongroup/ddim), `ckpt.pth`:
+    a list [model state dict, optimizer state, epoch, step, EMA shadow]. The model keys carry the
+    DataParallel 'module.' prefix; the EMA shadow (present when config.model.ema) holds the same
+    parameters. The released pretrained files are bare state dicts. Key names are those of our
+    UNet once the prefix is stripped. The schedule is linear 1e-4..0.02 over T=1000 unless the
+    official YAML config says otherwise.
+diffusers, a UNet2DModel folder in the google/ddpm-* layout:
+    config.json + diffusion_pytorch_model.safetensors (or .bin). A pipeline folder holds it in
+    unet/ and the schedule in scheduler/scheduler_config.json.
+
+Safety: .pth/.pt/.ckpt/.bin files are read only with torch.load(weights_only=True); a file that
+needs arbitrary unpickling is refused (UnsafeCheckpointError), never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import FORMAT, build_model, detect_format, save_model
+from ..schedule import NoiseSchedule
+from .unet import UNetConfig, infer_config
+
+OFFICIAL_SCHEDULE = {"kind": "linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that cannot be read without executing arbitrary pickled code."""
+
+
+# -- safe reading -----------------------------------------------------------------------------------
+def safe_torch_load(path):
+    """torch.load(path, weights_only=True) on the CPU, with errors a user can act on."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}: check the path")
+    try:
+        with warnings.catch_warnings():  # torch's note on pickle protocols says nothing to a user
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(e), re.S)
+        reason = (found.group(1) if found else str(e)).strip().split(". ")[0].splitlines()[0][:200]
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: the safe loader (torch.load with weights_only=True) cannot read "
+            f"it ({reason}). It holds Python objects that only full unpickling could rebuild, which can "
+            "run arbitrary code, or it is not a PyTorch checkpoint at all. If you trust the file, "
+            "convert it to safetensors with a trusted tool first (load it yourself, save the tensors "
+            "with safetensors.torch.save_file), then load that"
+        ) from None
+    except (RuntimeError, KeyError, EOFError, ValueError, OSError) as e:
+        raise ValueError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}); "
+                         "is it the right file, and complete?") from None
+
+
+# -- official DDIM checkpoints ----------------------------------------------------------------------
+def read_official(path) -> tuple[dict, dict | None, dict]:
+    """(raw weights, EMA weights or None, info) from an official ckpt.pth, keys as in our UNet."""
+    obj = safe_torch_load(path)
+    info = {"format": "official", "path": str(path)}
+    if _is_state_dict(obj):
+        raw, ema = obj, None
+        info["layout"] = "bare state dict (as the released pretrained files)"
+    elif isinstance(obj, (list, tuple)) and obj and _is_state_dict(obj[0]):
+        raw = obj[0]
+        ema = obj[4] if len(obj) >= 5 and _is_state_dict(obj[4]) else None
+        info["layout"] = f"list of {len(obj)} [model, optimizer, epoch, step{', ema' if ema else ''}]"
+        for i, name in ((2, "epoch"), (3, "step")):
+            if len(obj) > i and isinstance(obj[i], int):
+                info[name] = obj[i]
+    else:
+        raise ValueError(
+            f"{path} is not an official DDIM checkpoint: expected a list [state dict, optimizer, epoch, "
+            f"step, ema] or a bare state dict, got {type(obj).__name__}"
+        )
+    return _clean_official(raw), (_clean_official(ema) if ema is not None else None), info
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _clean_official(sd: dict) -> dict:
+    """Strip the DataParallel 'module.' prefix; drop 'logvar' (the 'bayesian' model type's learned
+    variances, which a DDIM sampler never reads)."""
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return {k: v for k, v in sd.items() if k != "logvar"}
+
+
+def read_official_yaml(config) -> tuple[UNetConfig, NoiseSchedule]:
+    """UNetConfig and NoiseSchedule from an official DDIM YAML config (a path or the parsed dict)."""
+    if not isinstance(config, dict):
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"no config file at {path}: give the official YAML, "
+                                    "e.g. configs/cifar10.yml")
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError("reading an official YAML config needs PyYAML: pip install pyyaml") from None
+        config = yaml.safe_load(path.read_text())
+    try:
+        m, data, diff = config["model"], config["data"], config.get("diffusion", {})
+        unet = UNetConfig(
+            in_channels=m["in_channels"], out_channels=m["out_ch"], resolution=data["image_size"],
+            ch=m["ch"], ch_mult=tuple(m["ch_mult"]), num_res_blocks=m["num_res_blocks"],
+            attn_resolutions=tuple(m["attn_resolutions"]), dropout=float(m.get("dropout", 0.0)),
+            resamp_with_conv=bool(m.get("resamp_with_conv", True)),
+        )
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"the official config lacks {e} (needs model.ch, model.ch_mult, model.in_channels, "
+                         "model.out_ch, model.num_res_blocks, model.attn_resolutions, "
+                         "data.image_size)") from None
+    return unet, _official_schedule(diff)
+
+
+def _official_schedule(diff: dict) -> NoiseSchedule:
+    """The official get_beta_schedule, by name."""
+    kind = diff.get("beta_schedule", "linear")
+    b0, b1 = float(diff.get("beta_start", 1e-4)), float(diff.get("beta_end", 0.02))
+    T = int(diff.get("num_diffusion_timesteps", 1000))
+    if kind == "linear":
+        return NoiseSchedule.linear(T, b0, b1)
+    if kind == "quad":  # linspace of sqrt(beta), squared: diffusers' scaled_linear
+        return NoiseSchedule.scaled_linear(T, b0, b1)
+    if kind == "const":
+        return NoiseSchedule.from_betas(torch.full((T,), b1, dtype=torch.float64))
+    if kind == "jsd":  # 1/T, 1/(T-1), ..., 1
+        return NoiseSchedule.from_betas(1.0 / torch.linspace(T, 1, T, dtype=torch.float64))
+    if kind == "sigmoid":
+        s = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64))
+        return NoiseSchedule.from_betas(s * (b1 - b0) + b0)
+    raise ValueError(f"unknown official beta_schedule {kind!r}; expected linear, quad, const, jsd or sigmoid")
+
+
+def load_official(path, *, ema: bool = True, config=None):
+    """A UNet (eval mode) from an official DDIM ckpt.pth.
+
+    ema:    True prefers the EMA weights (a warning if the file has none); False takes the raw ones.
+    config: None infers the architecture from the weights' shapes (a preset when one matches; see
+            infer_config); else the official YAML file (path or parsed dict) or a UNetConfig.
+    """
+    raw, ema_sd, info = read_official(path)
+    use_ema = bool(ema) and ema_sd is not None
+    if ema and ema_sd is None and info["layout"].startswith("list"):
+        warnings.warn(f"{path} has no EMA weights; loading the raw training weights", stacklevel=2)
+    weights = ema_sd if use_ema else raw
+    unet, schedule = _official_config(config, weights)
+    model = build_model(unet, weights, schedule=schedule, prediction="eps",
+                        what=f"the {'EMA' if use_ema else 'model'} weights in {path}")
+    model.checkpoint_info = {**info, "ema": use_ema, "has_ema": ema_sd is not None}
+    return model
+
+
+def _official_config(config, weights):
+    if config is None:
+        # The official Normalize() is always GroupNorm(32, eps=1e-6), whatever preset the shapes match.
+        unet = replace(infer_config(weights), num_groups=32, norm_eps=1e-6)
+        return unet, NoiseSchedule.from_dict(OFFICIAL_SCHEDULE)
+    if isinstance(config, UNetConfig):
+        return config, NoiseSchedule.from_dict(OFFICIAL_SCHEDULE)
+    return read_official_yaml(config)
+
+
+# -- diffusers -------------------------------------------------------------------------------------
+# diffusers' own defaults for the UNet2DModel fields that decide whether it is this network
+# (a config.json written by diffusers omits nothing, but hand-written ones may).
+DIFFUSERS_DEFAULTS = {
+    "in_channels": 3, "out_channels": 3, "center_input_sample": False, "time_embedding_type": "positional",
+    "time_embedding_dim": None, "freq_shift": 0, "flip_sin_to_cos": True, "mid_block_type": "UNetMidBlock2D",
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "downsample_padding": 1, "downsample_type": "conv",
+    "upsample_type": "conv", "dropout": 0.0, "act_fn": "silu", "attention_head_dim": 8, "norm_num_groups": 32,
+    "attn_norm_num_groups": None, "norm_eps": 1e-5, "resnet_time_scale_shift": "default",
+    "add_attention": True, "class_embed_type": None, "num_class_embeds": None,
+}
+# (field, required value, what the other value would mean)
+DIFFUSERS_REQUIRED = (
+    ("center_input_sample", False, "inputs rescaled by 2x-1 inside the model"),
+    ("time_embedding_type", "positional", "a Fourier or learned time embedding"),
+    ("flip_sin_to_cos", False, "cosines before sines in the time embedding"),
+    ("freq_shift", 1, "different time-embedding frequencies"),
+    ("mid_block_type", "UNetMidBlock2D", "a different middle block"),
+    ("mid_block_scale_factor", 1, "scaled middle-block outputs"),
+    ("downsample_padding", 0, "symmetric padding in the strided conv (DDPM pads bottom/right only)"),
+    ("downsample_type", "conv", "ResNet down-sampling"),
+    ("upsample_type", "conv", "ResNet up-sampling"),
+    ("act_fn", "silu", "another activation"),
+    ("resnet_time_scale_shift", "default", "scale-shift (FiLM) time conditioning"),
+    ("add_attention", True, "no attention in the middle block"),
+    ("class_embed_type", None, "class conditioning"),
+    ("num_class_embeds", None, "class conditioning"),
+)
+
+
+def diffusers_config(cfg: dict) -> UNetConfig:
+    """The UNetConfig of a diffusers UNet2DModel config.json, or ValueError naming what differs."""
+    name = cfg.get("_class_name", "UNet2DModel")
+    if name != "UNet2DModel":
+        raise ValueError(f"expected a diffusers UNet2DModel, got {name!r}; "
+                         "only the DDPM UNet2DModel is supported")
+    c = {**DIFFUSERS_DEFAULTS, **cfg}
+    for key, want, meaning in DIFFUSERS_REQUIRED:
+        if c[key] != want and not (key == "act_fn" and c[key] == "swish"):
+            raise ValueError(f"this UNet2DModel has {key}={c[key]!r} ({meaning}); the DDPM UNet needs "
+                             f"{key}={want!r}, so ddim-fast cannot load it")
+    widths = list(c["block_out_channels"])
+    down, up = list(c["down_block_types"]), list(c["up_block_types"])
+    L, ch = len(widths), widths[0]
+    if len(down) != L or len(up) != L:
+        raise ValueError(f"block_out_channels, down_block_types and up_block_types differ in length "
+                         f"({widths}, {down}, {up}); the config is inconsistent")
+    if any(w % ch for w in widths):
+        raise ValueError(f"block_out_channels {widths} are not multiples of the first; not a DDPM UNet")
+    if any(t not in ("DownBlock2D", "AttnDownBlock2D") for t in down) or \
+            any(t not in ("UpBlock2D", "AttnUpBlock2D") for t in up):
+        raise ValueError(f"unsupported block types {down} / {up}; "
+                         "expected (Attn)DownBlock2D / (Attn)UpBlock2D")
+    attn = [i for i, t in enumerate(down) if t == "AttnDownBlock2D"]
+    if attn != [L - 1 - k for k, t in reversed(list(enumerate(up))) if t == "AttnUpBlock2D"]:
+        raise ValueError(f"attention in down blocks {down} and up blocks {up} is not mirrored; "
+                         "not a DDPM UNet")
+    head = c["attention_head_dim"]
+    for i in attn + [L - 1]:
+        if head is not None and head != widths[i]:
+            raise ValueError(f"attention_head_dim={head} splits attention into {widths[i] // head} heads "
+                             f"at width {widths[i]}; the DDPM UNet uses one head (attention_head_dim null)")
+    if c["time_embedding_dim"] not in (None, 4 * ch):
+        raise ValueError(f"time_embedding_dim={c['time_embedding_dim']}; the DDPM UNet uses 4 * {ch}")
+    if c["attn_norm_num_groups"] not in (None, c["norm_num_groups"]):
+        raise ValueError("attn_norm_num_groups differs from norm_num_groups; not supported")
+    size = c.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ValueError(f"sample_size {size} is not square; the DDPM UNet configs are square")
+        size = size[0]
+    if not isinstance(size, int):
+        raise ValueError(f"sample_size must be an int, got {size!r}")
+    return UNetConfig(
+        in_channels=c["in_channels"], out_channels=c["out_channels"], resolution=size, ch=ch,
+        ch_mult=tuple(w // ch for w in widths), num_res_blocks=c["layers_per_block"],
+        attn_resolutions=tuple(size // 2**i for i in attn), dropout=float(c["dropout"]),
+        resamp_with_conv=True, num_groups=c["norm_num_groups"], norm_eps=float(c["norm_eps"]),
+    )
+
+
+_RESNET = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2",
+           "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+_ATTN_NEW = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+_ATTN_OLD = {"norm": "group_norm", "q": "query", "k": "key", "v": "value", "proj_out": "proj_attn"}
+
+
+def diffusers_key(key: str, levels: int, old_attention: bool = False) -> str:
+    """The diffusers UNet2DModel name of one of our state-dict keys (official layout)."""
+    attn = _ATTN_OLD if old_attention else _ATTN_NEW
+    fixed = {"temb.dense.0": "time_embedding.linear_1", "temb.dense.1": "time_embedding.linear_2",
+             "norm_out": "conv_norm_out", "conv_in": "conv_in", "conv_out": "conv_out"}
+    module, _, param = key.rpartition(".")
+    if module in fixed:
+        return f"{fixed[module]}.{param}"
+    m = re.fullmatch(r"(down|up)\.(\d+)\.(block|attn)\.(\d+)\.(\w+)", module)
+    if m:
+        side, i, kind, j, leaf = m.groups()
+        block = f"down_blocks.{i}" if side == "down" else f"up_blocks.{levels - 1 - int(i)}"
+        sub = f"resnets.{j}.{_RESNET[leaf]}" if kind == "block" else f"attentions.{j}.{attn[leaf]}"
+        return f"{block}.{sub}.{param}"
+    m = re.fullmatch(r"down\.(\d+)\.downsample\.conv", module)
+    if m:
+        return f"down_blocks.{m.group(1)}.downsamplers.0.conv.{param}"
+    m = re.fullmatch(r"up\.(\d+)\.upsample\.conv", module)
+    if m:
+        return f"up_blocks.{levels - 1 - int(m.group(1))}.upsamplers.0.conv.{param}"
+    m = re.fullmatch(r"mid\.(block_1|block_2|attn_1)\.(\w+)", module)
+    if m:
+        part, leaf = m.groups()
+        if part == "attn_1":
+            return f"mid_block.attentions.0.{attn[leaf]}.{param}"
+        return f"mid_block.resnets.{0 if part == 'block_1' else 1}.{_RESNET[leaf]}.{param}"
+    raise ValueError(f"no diffusers name for {key!r}")
+
+
+def from_diffusers_state_dict(config: UNetConfig, theirs: dict, what: str = "the diffusers weights") -> dict:
+    """Our state dict from a UNet2DModel one: every key mapped exactly, 1x1 convs from Linear
+    weights; ValueError listing missing, unexpected and mis-shaped keys."""
+    from .unet import UNet
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in UNet(config).state_dict().items()}
+    levels = len(config.ch_mult)
+    old = any(".attentions." in k and ".query." in k for k in theirs)
+    ours, missing, misshaped = {}, [], []
+    for key, shape in expected.items():
+        name = diffusers_key(key, levels, old)
+        if name not in theirs:
+            missing.append(name)
+            continue
+        t = theirs[name]
+        if t.ndim == 2 and len(shape) == 4 and shape[2:] == (1, 1):
+            t = t.reshape(shape)  # attention projections: Linear (C, C) -> 1x1 conv (C, C, 1, 1)
+        if tuple(t.shape) != shape:
+            misshaped.append(f"{name} {tuple(theirs[name].shape)} vs {shape}")
+            continue
+        ours[key] = t
+    used = {diffusers_key(k, levels, old) for k in expected}
+    unexpected = sorted(set(theirs) - used)
+    if missing or unexpected or misshaped:
+        lines = [f"{what} do not fit the UNet2DModel config ({config}):"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                more = f", ... and {len(keys) - 8} more" if len(keys) > 8 else ""
+                lines.append(f"  {label} ({len(keys)}): {', '.join(keys[:8])}{more}")
+        lines.append("  check that config.json belongs to these weights")
+        raise ValueError("\n".join(lines))
+    return ours
+
+
+def _diffusers_folders(folder: Path) -> tuple[Path, Path | None]:
+    """(model folder, scheduler_config.json or None) for a UNet2DModel folder or a pipeline folder."""
+    if folder.is_file():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no folder at {folder}: give a diffusers UNet2DModel or pipeline folder")
+    if (folder / "unet" / "config.json").is_file():
+        model_dir = folder / "unet"
+    elif (folder / "config.json").is_file():
+        model_dir = folder
+    else:
+        raise FileNotFoundError(f"{folder} has no config.json (nor unet/config.json); not a diffusers folder")
+    # A pipeline keeps the model in unet/ and the schedule in a sibling scheduler/ folder.
+    sched = model_dir.parent / "scheduler" / "scheduler_config.json"
+    return model_dir, (sched if model_dir.name == "unet" and sched.is_file() else None)
+
+
+def _diffusers_weights(model_dir: Path) -> dict:
+    st = model_dir / "diffusion_pytorch_model.safetensors"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(st))
+    binf = model_dir / "diffusion_pytorch_model.bin"
+    if binf.is_file():
+        obj = safe_torch_load(binf)
+        if not _is_state_dict(obj):
+            raise ValueError(f"{binf} is not a state dict of tensors")
+        return obj
+    raise FileNotFoundError(
+        f"{model_dir} has no diffusion_pytorch_model.safetensors or .bin "
+        "(sharded or variant files, e.g. .fp16.safetensors, are not supported: save the model again)"
+    )
+
+
+def diffusers_schedule(sched_cfg: dict) -> tuple[NoiseSchedule, str]:
+    """(NoiseSchedule, prediction) from a diffusers scheduler_config.json dict."""
+    T = int(sched_cfg.get("num_train_timesteps", 1000))
+    b0, b1 = float(sched_cfg.get("beta_start", 1e-4)), float(sched_cfg.get("beta_end", 0.02))
+    kind = sched_cfg.get("beta_schedule", "linear")
+    if sched_cfg.get("rescale_betas_zero_snr"):
+        raise ValueError("rescale_betas_zero_snr=True is not supported; convert with that option off")
+    if sched_cfg.get("trained_betas") is not None:
+        schedule = NoiseSchedule.from_betas(sched_cfg["trained_betas"])
+    elif kind == "linear":
+        schedule = NoiseSchedule.linear(T, b0, b1)
+    elif kind == "scaled_linear":
+        schedule = NoiseSchedule.scaled_linear(T, b0, b1)
+    elif kind == "squaredcos_cap_v2":
+        schedule = NoiseSchedule.cosine(T)
+    else:
+        raise ValueError(f"unsupported diffusers beta_schedule {kind!r}; expected linear, scaled_linear or "
+                         "squaredcos_cap_v2 (or trained_betas)")
+    pred = sched_cfg.get("prediction_type", "epsilon")
+    if pred not in DIFFUSERS_PREDICTIONS:
+        raise ValueError(f"unknown prediction_type {pred!r}; expected one of {sorted(DIFFUSERS_PREDICTIONS)}")
+    return schedule, DIFFUSERS_PREDICTIONS[pred]
+
+
+def load_diffusers(folder):
+    """A UNet (eval mode) from a diffusers UNet2DModel folder, or a pipeline folder (unet/ +
+    scheduler/). The schedule and prediction type come from scheduler/scheduler_config.json when
+    there is one, else linear 1e-4..0.02 over T=1000 and eps."""
+    model_dir, sched_path = _diffusers_folders(Path(folder))
+    cfg = json.loads((model_dir / "config.json").read_text())
+    config = diffusers_config(cfg)
+    ours = from_diffusers_state_dict(config, _diffusers_weights(model_dir),
+                                     what=f"the weights in {model_dir}")
+    if sched_path is not None:
+        schedule, prediction = diffusers_schedule(json.loads(sched_path.read_text()))
+    else:
+        schedule, prediction = NoiseSchedule.from_dict(OFFICIAL_SCHEDULE), "eps"
+    model = build_model(config, ours, schedule=schedule, prediction=prediction)
+    model.checkpoint_info = {"format": "diffusers", "path": str(model_dir), "ema": None,
+                             "scheduler": str(sched_path) if sched_path else None}
+    return model
+
+
+# -- convert -----------------------------------------------------------------------------------------
+def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False) -> dict:
+    """Import `src` (an official ckpt.pth or a diffusers folder) and write it as a ddim-fast
+    checkpoint folder at `dst`. With ema=True an official file's EMA weights are kept as
+    ema.safetensors beside the raw ones (load_model then prefers them); ema=False keeps only the
+    raw weights. Returns a summary dict (format, params, ema, config, dst)."""
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise FileNotFoundError(f"no checkpoint at {src}: check the path")
+    kind = detect_format(src)
+    if kind == FORMAT:
+        raise ValueError(f"{src} is already a ddim-fast checkpoint; nothing to convert (copy the folder)")
+    if kind == "official":
+        raw, ema_sd, info = read_official(src)
+        unet, schedule = _official_config(config, raw)
+        model = build_model(unet, raw, schedule=schedule, what=f"the model weights in {src}")
+        keep_ema = ema_sd if ema else None
+        if keep_ema is not None:
+            from ..checkpoint import check_state_dict
+
+            check_state_dict(unet, keep_ema, what=f"the EMA weights in {src}")
+    else:
+        if config is not None:
+            raise ValueError("config= applies to official checkpoints only; "
+                             "a diffusers folder has its own config.json")
+        model, keep_ema = load_diffusers(src), None
+        info = model.checkpoint_info
+    source = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    save_model(dst, model, ema_state_dict=keep_ema, extra={"source": source}, overwrite=overwrite)
+    return {"format": kind, "params": model.num_parameters(), "ema": keep_ema is not None,
+            "config": model.config, "dst": str(dst), "prediction": model.prediction,
+            "schedule": model.schedule}
+
+
+# -- the `ddim-fast convert` command -------------------------------------------------------------------
+def add_cli_arguments(parser) -> None:
+    parser.add_argument("src", help="an official DDIM ckpt.pth, or a diffusers UNet2DModel / pipeline folder")
+    parser.add_argument("dst", help="the ddim-fast checkpoint folder to write")
+    parser.add_argument("--no-ema", action="store_true",
+                        help="keep only the raw training weights of an official checkpoint "
+                             "(default: keep the EMA weights too)")
+    parser.add_argument("--config", metavar="YAML", default=None,
+                        help="the official config (e.g. configs/cifar10.yml); "
+                             "default: inferred from the weights")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing ddim-fast checkpoint at DST")
+
+
+def cli_main(args) -> int:
+    s = convert(args.src, args.dst, ema=not args.no_ema, config=args.config, overwrite=args.overwrite)
+    weights = "raw + EMA weights (EMA is loaded by default)" if s["ema"] else "one set of weights"
+    print(f"loaded {s['format']} checkpoint {args.src}: {s['params'] / 1e6:.1f}M parameters, {weights}")
+    print(f"  {s['config']}")
+    print(f"  schedule {s['schedule']}, prediction {s['prediction']!r}")
+    print(f"wrote {s['dst']}")
+    return 0
