@@ -109,6 +109,7 @@ def save_model(path, model: UNet, *, ema_state_dict: dict | None = None, extra: 
     empty folder) is replaced, never an unrelated directory.
     """
     path = Path(path)
+    model = _unwrap(model)
     if not isinstance(model, UNet):
         raise ValueError(f"save_model takes a ddim_fast UNet, got {type(model).__name__}")
     if not isinstance(model.schedule, NoiseSchedule):
@@ -142,6 +143,16 @@ def save_model(path, model: UNet, *, ema_state_dict: dict | None = None, extra: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _unwrap(model):
+    """The UNet inside torch.compile (`_orig_mod`) or (Distributed)DataParallel (`module`) wrappers."""
+    for _ in range(4):
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if isinstance(model, UNet) or inner is None:
+            break
+        model = inner
+    return model
 
 
 def _check_destination(path: Path, overwrite: bool) -> None:
@@ -215,7 +226,8 @@ def build_model(config: UNetConfig, state_dict: dict, *, schedule=None, predicti
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     with torch.device("meta"):
         model = UNet(config)
-    weights = {k: v.detach().to(torch.float32).contiguous() for k, v in state_dict.items()}
+    # A copy: the model must not alias the caller's tensors (e.g. a trainer's live EMA dict).
+    weights = {k: v.detach().to(torch.float32, copy=True).contiguous() for k, v in state_dict.items()}
     model.load_state_dict(weights, strict=True, assign=True)
     model.schedule = schedule
     model.prediction = prediction

@@ -58,6 +58,21 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert back.checkpoint_info["training"] == extra["training"] and back.checkpoint_info["ema"] is False
 
 
+def test_wrapped_models_are_saved_as_the_unet(tmp_path):
+    m = make_model()
+    wrapped = torch.nn.DataParallel(m)  # keys would carry 'module.'; the checkpoint must not
+    path = ck.save_model(tmp_path / "ckpt", wrapped)
+    assert same_weights(dd.load_model(path).state_dict(), m.state_dict())
+
+
+def test_built_model_does_not_alias_the_given_tensors():
+    m = make_model()
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    built = ck.build_model(m.config, sd)
+    sd["conv_in.weight"].add_(1.0)
+    assert torch.equal(built.conv_in.weight, m.conv_in.weight)
+
+
 def test_ema_is_preferred_and_selectable(tmp_path):
     m = make_model()
     ema = ema_of(m)

@@ -47,7 +47,7 @@ def write_official(path, raw: dict, ema: dict | None, ema_prefix: bool = False):
     """An official DDIM runner's ckpt.pth: [model (DataParallel), optimizer, epoch, step, ema shadow]."""
     model = UNet(OFFICIAL_CFG)
     opt = torch.optim.Adam(model.parameters(), lr=2e-4)
-    model(X[:1], T[:1]).square().mean().backward()
+    model(X[:1, :, :8, :8], T[:1]).square().mean().backward()
     opt.step()  # a real Adam state: step counters, moments, param groups
     states = [{f"module.{k}": v for k, v in raw.items()}, opt.state_dict(), 7, 1234]
     if ema is not None:
@@ -269,7 +269,7 @@ def test_diffusers_folder_matches_diffusers(small_diffusers):
     ours = cv.load_diffusers(folder)
     assert ours.config == UNetConfig(ch=32, ch_mult=(1, 2, 2, 2), dropout=0.0)
     assert ours.prediction == "eps" and ours.schedule.spec == cv.OFFICIAL_SCHEDULE
-    compare_with_diffusers(theirs, ours, 32)
+    compare_with_diffusers(theirs, ours, 16)  # the networks are size-agnostic; 16x16 keeps CI fast
     assert same_weights(dd.load_model(folder).state_dict(), ours.state_dict())
 
 
