@@ -358,3 +358,31 @@ def test_infer_config_without_a_preset():
     assert infer_config(no_attn, resolution=16).attn_resolutions == ()
     with pytest.raises(ValueError, match="not a DDPM UNet in the official key layout"):
         infer_config({"foo.weight": torch.zeros(1)})
+
+
+# -- on a GPU (tier 5; skipped without CUDA) ----------------------------------------------------------------
+@pytest.mark.gpu
+def test_cuda_forward_matches_the_cpu_reference(tiny, tmp_path):
+    from conftest import assert_close_to_reference
+
+    from ddim_fast.checkpoint import load_model, save_model
+    from ddim_fast.schedule import NoiseSchedule
+
+    x, t = torch.randn(4, 3, 16, 16), torch.tensor([0, 10, 500, 999])
+    with torch.no_grad():
+        ref = tiny(x, t)  # the CPU fp32 run
+        truth = UNet(tiny.config).double().eval()
+        truth.load_state_dict(tiny.state_dict())
+        truth = truth(x.double(), t)
+    tiny.schedule = NoiseSchedule.linear()
+    path = save_model(tmp_path / "ckpt", tiny)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # plain fp32 here
+    try:
+        m = load_model(path, device="cuda")
+        assert next(m.parameters()).device.type == "cuda"
+        with torch.no_grad():
+            got = m(x.cuda(), t.cuda()).cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    assert_close_to_reference(got, ref, truth, torch.float32, "tiny UNet on CUDA")
