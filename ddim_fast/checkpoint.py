@@ -57,6 +57,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+fsync_dir = _fsync_dir  # public name for callers that assemble their own folders (the trainer)
+
+
 def _atomic_write(path, write) -> Path:
     """Call write(tmp_path) on a temporary sibling of `path`, fsync it, then os.replace it over
     `path`. On any error the temporary file is removed and `path` is untouched."""
