@@ -1,0 +1,697 @@
+"""The reference trainer: the DDPM objective, checkpoints in the ddim-fast format, exact resume.
+
+    ddim-fast train --dataset digits --config digits --out runs/digits --steps 4000
+    torchrun --nproc-per-node 2 -m ddim_fast.cli train ...        # DistributedDataParallel
+
+Objective (Ho et al. 2020; Eq. 10 of the DDIM paper's review of DDPM): for data x0, t ~ U{0..T-1}
+and eps ~ N(0, I),
+    x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps,     loss = || target - f_theta(x_t, t) ||^2
+with target eps (default), x0, or v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022); the
+choice is recorded as the checkpoint's `prediction`, which the samplers read.
+
+Randomness. Every random draw of step s is a pure function of (seed, s): the data order is a
+permutation per epoch keyed by (seed, epoch); t, eps and the flips of the whole global batch come
+from a generator keyed by (seed, s); dropout re-seeds the global generator with (seed, s, rank).
+So a resumed run (step s restored from a checkpoint) draws exactly what the uninterrupted run
+drew, and 1 or N processes see the same global batch. The global RNG states are also saved in
+each checkpoint and restored, for any other code that draws from them.
+
+Layout of --out:
+    latest                          the name of the newest complete checkpoint (written atomically)
+    checkpoints/step-0004000/       a ddim-fast model folder (config.json, model.safetensors,
+                                    ema.safetensors) plus trainer.safetensors (optimizer state,
+                                    RNG states), trainer.json (step, run arguments) and samples.png
+                                    (DDIM-20 with the EMA weights)
+    log.jsonl                       one JSON object per logged step
+A checkpoint folder is written under a temporary name and renamed when complete, so a crash
+mid-write never replaces or damages the last good checkpoint. Under torchrun, rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import rng
+from .checkpoint import (
+    EMA_FILE,
+    MODEL_FILE,
+    _fsync_dir,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    build_model,
+    save_model,
+)
+from .data import TensorImages, load_dataset, num_workers_default
+from .models.unet import PRESETS, UNet, UNetConfig
+from .plan import SamplingPlan
+from .sampling import sample
+from .schedule import NoiseSchedule
+
+PREDICTIONS = ("eps", "x0", "v")
+OPTIMIZERS = ("adam", "adamw")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("linear", "cosine")
+LR_SCHEDULES = ("constant", "cosine")
+TRAINER_FILE = "trainer.safetensors"
+TRAINER_JSON = "trainer.json"
+GRID_FILE = "samples.png"
+# Fields that must match between a run and its resume (the others may change, e.g. --steps).
+RUN_FIELDS = ("dataset", "config", "batch_size", "lr", "warmup", "lr_schedule", "optimizer", "weight_decay",
+              "grad_clip", "ema_decay", "dropout", "prediction", "flip", "precision", "accum", "seed",
+              "schedule")
+# Purposes for the per-step keys (rng.sample_keys' 'purpose' word), distinct from the sampler's.
+_KEY_EPOCH, _KEY_BATCH, _KEY_DROPOUT = 16, 17, 18
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. The CLI fills it from flags of the same names."""
+
+    out: str  # the run folder: checkpoints, latest, log.jsonl
+    dataset: str = "digits"  # digits | synthetic[:N] | folder:PATH | cifar10:PATH (see data.py)
+    config: str = "digits"  # a UNet preset name or a JSON file of UNetConfig fields
+    steps: int = 2000  # total optimizer steps to reach (a resumed run continues up to it)
+    batch_size: int = 128  # GLOBAL batch per optimizer step (all processes x accumulation); DDPM: 128
+    lr: float = 2e-4  # DDPM CIFAR-10
+    warmup: int = 500  # linear lr warm-up steps (DDPM: 5000 for 800k steps; shorter runs need less)
+    lr_schedule: str = "constant"  # after warm-up: constant (DDPM) or cosine decay to 0 at --steps
+    optimizer: str = "adam"  # adam (DDPM) or adamw
+    weight_decay: float = 0.0  # DDPM uses none
+    grad_clip: float = 1.0  # max global gradient norm (DDPM: 1.0); 0 disables clipping
+    ema_decay: float = 0.9999  # DDPM; warmed up as min(decay, (1+n)/(10+n)) so short runs work
+    dropout: float | None = None  # None: the preset's own dropout
+    prediction: str = "eps"  # the regression target: eps (Eq. 10), x0 or v
+    flip: bool = True  # random horizontal flips where the dataset allows them (never for digits)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler, GPU only)
+    accum: int = 1  # micro-batches per optimizer step and process (gradient accumulation)
+    save_every: int = 1000  # checkpoint every K steps (and always at the last step)
+    keep: int = 3  # newest checkpoints kept; older ones are deleted (0 keeps all)
+    log_every: int = 10  # JSON-lines log period in steps
+    seed: int = 0  # keys every random draw (see the module docstring)
+    schedule: str = "linear"  # noise schedule: linear 1e-4..0.02 (every DDIM-paper model) or cosine
+    timesteps: int = 1000  # T
+    resume: bool = False  # continue from the latest checkpoint in `out`
+    device: str = "auto"  # auto: cuda:LOCAL_RANK if CUDA is available, else cpu
+    workers: int | None = None  # data-loader processes; None: 0 for in-memory data, 4 for folders
+    grid_size: int = 64  # images in each checkpoint's samples.png (0: no grid)
+    progress: bool = True  # the tqdm bar (rank 0)
+
+    def __post_init__(self):
+        checks = [
+            (self.steps >= 1, "steps must be >= 1"),
+            (self.batch_size >= 1, "batch-size must be >= 1"),
+            (self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number"),
+            (self.warmup >= 0, "warmup must be >= 0"),
+            (self.lr_schedule in LR_SCHEDULES, f"lr-schedule must be one of {LR_SCHEDULES}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
+            (self.weight_decay >= 0, "weight-decay must be >= 0"),
+            (self.grad_clip >= 0, "grad-clip must be >= 0 (0 disables it)"),
+            (0.0 <= self.ema_decay < 1.0, "ema-decay must be in [0, 1)"),
+            (self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (self.accum >= 1, "accum must be >= 1"),
+            (self.save_every >= 1, "save-every must be >= 1"),
+            (self.keep >= 0, "keep must be >= 0"),
+            (self.log_every >= 1, "log-every must be >= 1"),
+            (0 <= self.seed <= rng.SEED_MAX, "seed must be in [0, 2**63)"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
+            (self.timesteps >= 2, "timesteps must be >= 2"),
+            (self.grid_size >= 0, "grid-size must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"{msg}; fix the training option")
+
+    def run_fields(self) -> dict:
+        return {k: getattr(self, k) for k in RUN_FIELDS}
+
+
+@dataclass
+class TrainResult:
+    step: int  # the step reached
+    losses: dict = field(default_factory=dict)  # step (1-based) -> global mean loss, steps run here
+    resumed_from: int | None = None
+    checkpoint: Path | None = None  # the newest checkpoint written (rank 0) or None
+
+
+# -- distributed -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device_arg: str) -> tuple[Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_arg)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device(f"cuda:{local}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device_arg!r} asks for CUDA, which is not available; use --device cpu")
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return Dist(rank, world, local), device
+
+
+def _all_mean(x: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.world > 1:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        x /= dist.world
+    return x
+
+
+# -- randomness: every draw keyed by (seed, step) ----------------------------------------------------
+def derived_seed(seed: int, counter: int, purpose: int, index: int = 0) -> int:
+    """A 63-bit seed from (seed, counter, purpose, index) through the project's Philox (rng.py)."""
+    k0, k1 = rng.sample_keys(seed, torch.tensor([index]), counter, purpose)
+    return (int(k1[0]) << 32 | int(k0[0])) & rng.SEED_MAX
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """Dataset indices of the global batch of optimizer step `step` (0-based): positions
+    [step*B, (step+1)*B) of the endless stream perm_0 + perm_1 + ..., perm_e a permutation of
+    range(n) keyed by (seed, epoch). Pure function of its arguments: resume needs no loader state."""
+    pos = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs = pos // n
+    out = torch.empty_like(pos)
+    for e in epochs.unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, e, _KEY_EPOCH)))
+        sel = epochs == e
+        out[sel] = perm[pos[sel] % n]
+    return out  # (B,)
+
+
+# -- the trainer -----------------------------------------------------------------------------------
+def _model_config(cfg: TrainConfig) -> UNetConfig:
+    if cfg.config in PRESETS:
+        mc = UNetConfig.preset(cfg.config)
+    elif cfg.config.endswith(".json"):
+        p = Path(cfg.config)
+        if not p.is_file():
+            raise FileNotFoundError(f"model config file {cfg.config!r} does not exist; give a preset "
+                                    f"({', '.join(PRESETS)}) or a JSON file of UNetConfig fields")
+        mc = UNetConfig.from_dict(json.loads(p.read_text()))
+    else:
+        raise ValueError(f"unknown --config {cfg.config!r}; use a preset ({', '.join(PRESETS)}) "
+                         "or a .json file of UNetConfig fields")
+    if cfg.dropout is not None:
+        mc = dataclasses.replace(mc, dropout=float(cfg.dropout))
+    return mc
+
+
+def _schedule(cfg: TrainConfig) -> NoiseSchedule:
+    if cfg.schedule == "linear":
+        return NoiseSchedule.linear(cfg.timesteps, 1e-4, 0.02)
+    return NoiseSchedule.cosine(cfg.timesteps)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant or cosine."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "cosine":
+        done = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+    return cfg.lr
+
+
+def ema_decay_at(cfg: TrainConfig, updates: int) -> float:
+    """EMA decay for update number `updates` (0-based): min(decay, (1+n)/(10+n)), so the average
+    is not dominated by the random initialisation in short runs."""
+    return min(cfg.ema_decay, (1 + updates) / (10 + updates))
+
+
+def training_targets(x0, eps, t, alphas_cumprod, prediction):
+    """(x_t, target) for data x0 (B, C, H, W), noise eps and timesteps t (B,)."""
+    a = alphas_cumprod[t].to(x0.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    sa, s1a = a.sqrt(), (1 - a).sqrt()
+    x_t = sa * x0 + s1a * eps  # the forward process q(x_t | x0)
+    if prediction == "eps":
+        return x_t, eps
+    if prediction == "x0":
+        return x_t, x0
+    return x_t, sa * eps - s1a * x0  # v
+
+
+class Trainer:
+    """State and steps of one run; `train(cfg)` is the function to call."""
+
+    def __init__(self, cfg: TrainConfig, log=print):
+        self.cfg = cfg
+        self.log = log
+        self.dist, self.device = _setup_distributed(cfg.device)
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        micro, rem = divmod(cfg.batch_size, self.dist.world * cfg.accum)
+        if rem or micro < 1:
+            raise ValueError(
+                f"batch-size {cfg.batch_size} must be a multiple of processes x accum = "
+                f"{self.dist.world} x {cfg.accum}; change --batch-size or --accum"
+            )
+        self.micro = micro
+        self.out = Path(cfg.out)
+        self.model_config = _model_config(cfg)
+        self.schedule = _schedule(cfg)
+        self.alphas_cumprod = self.schedule.alphas_cumprod.to(self.device, torch.float32)  # (T,)
+        mc = self.model_config
+        self.data = load_dataset(cfg.dataset, mc.resolution, mc.in_channels)
+        self.flip = cfg.flip and self.data.flip_ok
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = UNet(mc).to(self.device)
+        self.model.schedule, self.model.prediction = self.schedule, cfg.prediction
+        self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
+        opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+        self.opt = opt_cls(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.step = 0
+        self.resumed_from = None
+        self.last_checkpoint = None
+
+        latest = find_latest_checkpoint(self.out)
+        if latest is not None and not cfg.resume:
+            raise FileExistsError(
+                f"{self.out} already holds a run (checkpoint {latest.name}); pass --resume to continue it, "
+                "or choose another --out"
+            )
+        if latest is not None:
+            self._load(latest)
+        elif cfg.resume and self.dist.main:
+            self.log(f"--resume: no checkpoint in {self.out}; starting from step 0")
+
+        self.net = self.model
+        if self.dist.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def _share(self) -> slice:
+        """This rank's contiguous part of every global batch."""
+        share = self.micro * self.cfg.accum
+        return slice(self.dist.rank * share, (self.dist.rank + 1) * share)
+
+    def _step_indices(self, step: int) -> torch.Tensor:
+        return batch_indices(step, self.cfg.batch_size, len(self.data), self.cfg.seed)[self._share()]
+
+    def _loader(self):
+        """Yields this rank's images (share, C, H, W) for steps self.step, self.step + 1, ...
+        In-memory data is indexed directly; files are decoded by a DataLoader's workers."""
+        if isinstance(self.data, TensorImages):
+            step = self.step
+            while True:
+                yield self.data.images[self._step_indices(step)]
+                step += 1
+        workers = num_workers_default(self.data) if self.cfg.workers is None else self.cfg.workers
+        batches = _StepBatches(self, self.step, self.cfg.steps)
+        yield from torch.utils.data.DataLoader(self.data, batch_sampler=batches, num_workers=workers,
+                                               collate_fn=torch.stack, pin_memory=self.device.type == "cuda")
+
+    def _global_batch(self):
+        """x0, eps, t for this rank's share of step `self.step`'s global batch."""
+        cfg, mc, B = self.cfg, self.model_config, self.cfg.batch_size
+        x0 = next(self._batches).to(self.device, non_blocking=True)  # (share, C, H, W)
+        lo, hi = self._share().start, self._share().stop
+        g = torch.Generator(self.device).manual_seed(derived_seed(cfg.seed, self.step, _KEY_BATCH))
+        shape = (B, mc.in_channels, mc.resolution, mc.resolution)
+        t = torch.randint(0, self.schedule.T, (B,), generator=g, device=self.device)[lo:hi]
+        eps = torch.randn(shape, generator=g, device=self.device)[lo:hi]
+        flip = (torch.rand(B, generator=g, device=self.device) < 0.5)[lo:hi]
+        if self.flip:
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        return x0, eps, t
+
+    def train_step(self) -> tuple[float, float]:
+        cfg = self.cfg
+        lr = lr_at(cfg, self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(derived_seed(cfg.seed, self.step, _KEY_DROPOUT, self.dist.rank))  # dropout
+        self.model.train()
+        x0, eps, t = self._global_batch()
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        total = torch.zeros((), device=self.device)
+        for k in range(cfg.accum):
+            s = slice(k * self.micro, (k + 1) * self.micro)
+            x_t, target = training_targets(x0[s], eps[s], t[s], self.alphas_cumprod, cfg.prediction)
+            last = k == cfg.accum - 1
+            with (self.net.no_sync() if self.dist.world > 1 and not last else contextlib.nullcontext()):
+                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    pred = self.net(x_t, t[s])
+                loss = F.mse_loss(pred.float(), target)  # Eq. 10, averaged over pixels and batch
+                (self.scaler.scale(loss / cfg.accum) if self.scaler else loss / cfg.accum).backward()
+            total += loss.detach() / cfg.accum
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self._update_ema()
+        self.step += 1
+        return float(_all_mean(total, self.dist)), grad_norm
+
+    @torch.no_grad()
+    def _update_ema(self):
+        d = ema_decay_at(self.cfg, self.step)
+        for k, v in self.model.state_dict().items():
+            if v.is_floating_point():
+                self.ema[k].mul_(d).add_(v.float(), alpha=1 - d)
+            else:
+                self.ema[k].copy_(v)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, main = self.cfg, self.dist.main
+        result = TrainResult(step=self.step, resumed_from=self.resumed_from)
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._trim_log()
+            self.log(f"training {self.model_config} ({self.model.num_parameters():,} params) on "
+                     f"{self.data.name} ({len(self.data)} images, flips {'on' if self.flip else 'off'}), "
+                     f"{self.dist.world} process(es) on {self.device}, global batch {cfg.batch_size} = "
+                     f"{self.dist.world} x {cfg.accum} x {self.micro}")
+        self._batches = self._loader()
+        bar = None
+        if main and cfg.progress and self.step < cfg.steps:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        window, t0, t_log = [], time.perf_counter(), time.perf_counter()
+        while self.step < cfg.steps:
+            loss, gnorm = self.train_step()
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"the loss became {loss} at step {self.step}; lower --lr, keep --grad-clip on, "
+                    "or use fp32"
+                )
+            result.losses[self.step] = loss
+            window.append(loss)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.opt.param_groups[0]['lr']:.2e}", refresh=False)
+            if main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                now = time.perf_counter()
+                self._log_line({"step": self.step, "loss": sum(window) / len(window), "last_loss": loss,
+                                "lr": self.opt.param_groups[0]["lr"], "grad_norm": gnorm,
+                                "it_per_s": len(window) / max(now - t_log, 1e-9), "elapsed_s": now - t0,
+                                "world_size": self.dist.world})
+                window, t_log = [], now
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                if main:
+                    result.checkpoint = self.save()
+                    if bar is not None:
+                        bar.write(f"saved {result.checkpoint}")
+        if bar is not None:
+            bar.close()
+        result.step = self.step
+        result.checkpoint = result.checkpoint or self.last_checkpoint
+        return result
+
+    def _log_line(self, obj: dict):
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(obj) + "\n")
+
+    def _trim_log(self):
+        """On resume, drop log lines past the resumed step (an interrupted run may have logged them)."""
+        path = self.out / "log.jsonl"
+        if self.resumed_from is None or not path.is_file():
+            return
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.resumed_from]
+        if len(keep) != len(lines):
+            atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def save(self) -> Path:
+        """Write checkpoints/step-NNNNNNN atomically, then point `latest` at it (rank 0 only)."""
+        ckdir = self.out / "checkpoints"
+        ckdir.mkdir(parents=True, exist_ok=True)
+        name = f"step-{self.step:07d}"
+        final = ckdir / name
+        tmp = ckdir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            extra = {"training": {"step": self.step, "dataset": self.cfg.dataset, "weights": "raw + ema",
+                                  **{k: v for k, v in self.cfg.run_fields().items() if k != "dataset"}}}
+            save_model(tmp, self.model, ema_state_dict=self.ema, extra=extra)
+            tensors, state = self._trainer_state()
+            atomic_save_safetensors(tmp / TRAINER_FILE, tensors)
+            if self.cfg.grid_size:
+                write_sample_grid(tmp / GRID_FILE, self._ema_model(), self.cfg.grid_size, seed=self.cfg.seed)
+            atomic_write_json(tmp / TRAINER_JSON, state)  # last: its presence marks a complete folder
+            _fsync_dir(tmp)
+            if final.exists():  # a re-run of the same step: set the old one aside first
+                aside = ckdir / f".{name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(final, aside)
+                os.replace(tmp, final)
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(ckdir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_bytes(self.out / "latest", (name + "\n").encode())
+        self.last_checkpoint = final
+        self._prune(ckdir, keep=final)
+        return final
+
+    def _prune(self, ckdir: Path, keep: Path):
+        if not self.cfg.keep:
+            return
+        done = sorted(p for p in ckdir.glob("step-*") if (p / TRAINER_JSON).is_file())
+        for p in done[:-self.cfg.keep]:
+            if p != keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _trainer_state(self) -> tuple[dict, dict]:
+        """(tensors, JSON) for everything but the weights: optimizer, scaler, RNG states, step."""
+        sd = self.opt.state_dict()
+        tensors, scalars = {}, {}
+        for pid, st in sd["state"].items():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"optimizer.{pid}.{k}"] = v
+                else:
+                    scalars[f"{pid}.{k}"] = v
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{i}"] = s
+        state = {
+            "step": self.step,
+            "run": self.cfg.run_fields(),
+            "model": self.model_config.to_dict(),
+            "optimizer": {"param_groups": sd["param_groups"], "scalars": scalars},
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "world_size": self.dist.world,
+            "torch": torch.__version__,
+        }
+        return tensors, state
+
+    def _ema_model(self) -> UNet:
+        return build_model(self.model_config, self.ema, schedule=self.schedule,
+                           prediction=self.cfg.prediction, device=self.device, what="the EMA weights")
+
+    def _load(self, folder: Path):
+        from safetensors.torch import load_file
+
+        state = json.loads((folder / TRAINER_JSON).read_text())
+        saved, now = state["run"], self.cfg.run_fields()
+        diff = {k: (saved.get(k), now[k]) for k in RUN_FIELDS if saved.get(k) != now[k]}
+        if diff:
+            shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"--resume: the options differ from the run in {self.out} ({shown}); "
+                             "give the same options (only --steps, --save-every, --log-every, --keep "
+                             "may change) "
+                             "or choose another --out")
+        dev = str(self.device)
+        self.model.load_state_dict(load_file(str(folder / MODEL_FILE), device=dev))
+        self.ema = {k: v.float() for k, v in load_file(str(folder / EMA_FILE), device=dev).items()}
+        tensors = load_file(str(folder / TRAINER_FILE))
+        opt_state: dict = {}
+        for key, v in tensors.items():
+            if key.startswith("optimizer."):
+                _, pid, k = key.split(".", 2)
+                opt_state.setdefault(int(pid), {})[k] = v
+        for key, v in state["optimizer"]["scalars"].items():
+            pid, k = key.split(".", 1)
+            opt_state.setdefault(int(pid), {})[k] = v
+        self.opt.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if torch.cuda.is_available():
+            cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
+        self.step = self.resumed_from = int(state["step"])
+        self.last_checkpoint = folder
+        if self.dist.main:
+            self.log(f"resuming from step {self.step} ({folder})")
+
+
+class _StepBatches:
+    """A batch sampler: this rank's dataset indices for each step in [start, stop)."""
+
+    def __init__(self, trainer: Trainer, start: int, stop: int):
+        self.trainer, self.start, self.stop = trainer, start, stop
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield self.trainer._step_indices(step).tolist()
+
+
+def find_latest_checkpoint(out) -> Path | None:
+    """The newest complete checkpoint folder in a run folder: the one `latest` names if it is
+    complete, else the highest complete checkpoints/step-*; None when there is none."""
+    out = Path(out)
+    ckdir = out / "checkpoints"
+    pointer = out / "latest"
+    if pointer.is_file():
+        p = ckdir / pointer.read_text().strip()
+        if (p / TRAINER_JSON).is_file():
+            return p
+    done = sorted(p for p in ckdir.glob("step-*") if (p / TRAINER_JSON).is_file()) if ckdir.is_dir() else []
+    return done[-1] if done else None
+
+
+def train(cfg: TrainConfig, log=print) -> TrainResult:
+    """Run (or resume) the training run `cfg` up to cfg.steps; see the module docstring."""
+    return Trainer(cfg, log=log).run()
+
+
+# -- sample grids ----------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_images(model: UNet, n: int, *, steps: int = 20, seed: int = 0,
+                  batch_size: int = 256) -> torch.Tensor:
+    """n DDIM (eta = 0) samples of `model` with `steps` uniform steps, in [-1, 1]: (n, C, R, R)."""
+    c = model.config
+    plan = SamplingPlan.build(model.schedule, steps=steps, eta=0.0, prediction=model.prediction)
+    dev = next(model.parameters()).device
+    out = []
+    for lo in range(0, n, batch_size):
+        b = min(batch_size, n - lo)
+        shape = (b, c.in_channels, c.resolution, c.resolution)
+        x_T = rng.initial_noise(seed, shape, first_index=lo, device=dev)  # sample i keyed by (seed, i)
+        out.append(sample(model, x_T, plan).clamp(-1.0, 1.0).cpu())
+    return torch.cat(out)
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1):
+    """A PIL image of images (N, C, H, W) in [-1, 1] tiled in rows of `nrow`, `pad` px apart."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        top, left = pad + r * (h + pad), pad + k * (w + pad)
+        grid[:, top:top + h, left:left + w] = images[i]
+    arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (C, H', W')
+    arr = arr[0].numpy() if c == 1 else arr.permute(1, 2, 0).numpy()
+    return Image.fromarray(arr, mode="L" if c == 1 else "RGB")
+
+
+def write_sample_grid(path, model: UNet, n: int = 64, *, steps: int = 20, seed: int = 0, scale: int = 1):
+    """Sample n images with DDIM-`steps` and write them as one PNG at `path`, atomically."""
+    import io
+
+    from PIL import Image
+
+    im = image_grid(sample_images(model, n, steps=steps, seed=seed))
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# -- command line ----------------------------------------------------------------------------------
+def add_cli_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig(out="")
+    p.add_argument("--dataset", default=d.dataset, help="digits | synthetic[:N] | folder:PATH | cifar10:PATH")
+    p.add_argument("--config", default=d.config,
+                   help=f"UNet preset ({', '.join(PRESETS)}) or a JSON file of UNetConfig fields")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, latest, log.jsonl)")
+    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps to reach")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="global batch per optimizer step (split over processes and --accum)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear lr warm-up steps")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm; 0 disables")
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--prediction", choices=PREDICTIONS, default=d.prediction, help="regression target")
+    p.add_argument("--no-flip", dest="flip", action="store_false",
+                   help="no random horizontal flips (digits are never flipped)")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision, help="autocast dtype (fp16: GPU)")
+    p.add_argument("--accum", type=int, default=d.accum, help="gradient-accumulation micro-batches")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint period in steps")
+    p.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep (0: all)")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="noise schedule")
+    p.add_argument("--timesteps", type=int, default=d.timesteps, help="T, training timesteps")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--workers", type=int, default=None, help="data-loader processes (folder datasets)")
+    p.add_argument("--grid-size", type=int, default=d.grid_size, help="images per checkpoint sample grid")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
+
+
+def cli_main(args) -> int:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    dist_main = int(os.environ.get("RANK", "0")) == 0
+    say = print if dist_main else (lambda *a, **k: None)
+    try:
+        result = train(cfg, log=say)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if dist_main:
+        where = result.checkpoint or find_latest_checkpoint(cfg.out)
+        print(f"done: step {result.step}; latest checkpoint {where}")
+    return 0

@@ -1,0 +1,251 @@
+"""The reference trainer: objective, data order, atomic checkpoints, exact resume, torchrun, the
+bundled digits model. Runs use the tiny config, 8-image batches and a handful of steps."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddim_fast as dd
+from ddim_fast import train as T
+from ddim_fast.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(out, **kw):
+    base = dict(out=str(out), dataset="synthetic:32", config="tiny", steps=4, batch_size=8, lr=1e-3, warmup=2,
+                save_every=2, log_every=1, grid_size=0, progress=False, ema_decay=0.99)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def _quiet(*a, **k):
+    pass
+
+
+# -- pieces ----------------------------------------------------------------------------------------
+def test_batch_indices_cover_each_epoch_once():
+    n, b = 10, 4
+    stream = torch.cat([T.batch_indices(s, b, n, seed=3) for s in range(5)])  # 20 positions = 2 epochs
+    assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:].tolist()) == list(range(10))
+    assert not torch.equal(stream[:10], stream[10:])  # a new permutation each epoch
+    assert torch.equal(T.batch_indices(2, b, n, seed=3), stream[8:12])  # a pure function of the step
+    assert not torch.equal(T.batch_indices(0, b, n, seed=4), stream[:4])
+
+
+def test_targets_match_the_forward_process():
+    sched = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
+    ac = sched.alphas_cumprod.float()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(5, 1, 4, 4, generator=g) * 2 - 1, torch.randn(5, 1, 4, 4, generator=g)
+    t = torch.tensor([0, 10, 500, 900, 999])
+    a = ac[t].view(-1, 1, 1, 1)
+    x_t, target = T.training_targets(x0, eps, t, ac, "eps")
+    assert torch.allclose(x_t, a.sqrt() * x0 + (1 - a).sqrt() * eps) and torch.equal(target, eps)
+    assert torch.equal(T.training_targets(x0, eps, t, ac, "x0")[1], x0)
+    v = T.training_targets(x0, eps, t, ac, "v")[1]
+    # the plan's v-parameterisation inverts it: x0 = sqrt(a) x_t - sqrt(1-a) v, eps = sqrt(1-a) x_t + sqrt(a) v
+    assert torch.allclose(a.sqrt() * x_t - (1 - a).sqrt() * v, x0, atol=1e-5)
+    assert torch.allclose((1 - a).sqrt() * x_t + a.sqrt() * v, eps, atol=1e-5)
+
+
+def test_lr_warmup_and_ema_decay():
+    c = _cfg("x", lr=1e-3, warmup=4, steps=12, lr_schedule="cosine", ema_decay=0.999)
+    assert [T.lr_at(c, s) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert T.lr_at(c, 8) == pytest.approx(0.5e-3) and T.lr_at(c, 12) == pytest.approx(0.0, abs=1e-12)
+    assert T.lr_at(_cfg("x", warmup=4), 100) == 1e-3  # constant after warm-up
+    assert T.ema_decay_at(c, 0) == pytest.approx(0.1) and T.ema_decay_at(c, 10**6) == 0.999
+
+
+def test_global_batch_draws_and_flips(tmp_path):
+    tr = T.Trainer(_cfg(tmp_path, dataset="synthetic:16"), log=_quiet)
+    tr._batches = tr._loader()
+    tr.step = 3
+    x0, eps, t = tr._global_batch()
+    idx = T.batch_indices(3, 8, 16, seed=0)
+    g = torch.Generator().manual_seed(T.derived_seed(0, 3, T._KEY_BATCH))
+    assert torch.equal(t, torch.randint(0, 1000, (8,), generator=g))
+    assert torch.equal(eps, torch.randn(8, 3, 16, 16, generator=g))
+    flip = torch.rand(8, generator=g) < 0.5
+    assert 0 < flip.sum() < 8
+    raw = tr.data.images[idx]
+    assert torch.equal(x0, torch.where(flip.view(-1, 1, 1, 1), raw.flip(-1), raw))
+    digits = T.Trainer(_cfg(tmp_path / "d", dataset="digits", config="digits"), log=_quiet)
+    assert digits.flip is False  # flipped digits are not digits
+
+
+# -- runs ------------------------------------------------------------------------------------------
+def test_loss_falls_on_a_short_run(tmp_path):
+    res = T.train(_cfg(tmp_path, steps=24, save_every=24, warmup=4), log=_quiet)
+    losses = [res.losses[s] for s in range(1, 25)]
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    # NOTE measured: ~1.05 over steps 1-4, ~0.2 over steps 21-24
+    assert last < 0.5 * first, (first, last)
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 25)) and all(r["lr"] > 0 for r in log)
+    assert log[-1]["loss"] == pytest.approx(losses[-1])
+
+
+def test_checkpoint_layout_and_load_model(tmp_path):
+    res = T.train(_cfg(tmp_path, prediction="v", grid_size=4, steps=2, dropout=0.1), log=_quiet)
+    ck = tmp_path / "checkpoints" / "step-0000002"
+    assert res.checkpoint == ck and (tmp_path / "latest").read_text().strip() == ck.name
+    names = {p.name for p in ck.iterdir()}
+    assert names == {"config.json", "model.safetensors", "ema.safetensors", "trainer.safetensors",
+                     "trainer.json", "samples.png"}
+    cfg = json.loads((ck / "config.json").read_text())
+    assert cfg["prediction"] == "v" and cfg["schedule"]["kind"] == "linear" and cfg["training"]["step"] == 2
+    assert cfg["model"]["dropout"] == 0.1
+    model = dd.load_model(ck)
+    assert model.prediction == "v" and model.checkpoint_info["ema"] is True
+    raw = dd.load_model(ck, ema=False)
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), raw.state_dict().values()))
+    from PIL import Image
+
+    with Image.open(ck / "samples.png") as im:  # 2x2 grid of 16 px images, 1 px apart
+        assert im.size == (2 * 17 + 1, 2 * 17 + 1) and im.mode == "RGB"
+    assert not any(p.name.startswith(".") for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_keep_prunes_old_checkpoints(tmp_path):
+    T.train(_cfg(tmp_path, steps=6, save_every=1, keep=2), log=_quiet)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000005", "step-0000006"]
+
+
+def test_interrupted_checkpoint_never_replaces_the_last_good_one(tmp_path, monkeypatch):
+    T.train(_cfg(tmp_path, steps=2), log=_quiet)
+    good = tmp_path / "checkpoints" / "step-0000002"
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+
+    real = T.atomic_save_safetensors
+
+    def crash(path, tensors, metadata=None):
+        if Path(path).name == T.TRAINER_FILE:  # the model files are written; die mid-checkpoint
+            Path(path).write_bytes(b"half")
+            raise OSError("disk full (simulated)")
+        return real(path, tensors, metadata)
+
+    monkeypatch.setattr(T, "atomic_save_safetensors", crash)
+    with pytest.raises(OSError, match="simulated"):
+        T.train(_cfg(tmp_path, steps=4, resume=True), log=_quiet)
+    assert (tmp_path / "latest").read_text().strip() == "step-0000002"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000002"]  # no debris
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert T.find_latest_checkpoint(tmp_path) == good
+    monkeypatch.undo()
+    res = T.train(_cfg(tmp_path, steps=4, resume=True), log=_quiet)
+    assert res.resumed_from == 2 and res.step == 4
+
+
+def test_latest_falls_back_to_the_newest_complete_folder(tmp_path):
+    T.train(_cfg(tmp_path, steps=4), log=_quiet)
+    (tmp_path / "latest").write_text("step-0000099\n")  # points at nothing
+    assert T.find_latest_checkpoint(tmp_path).name == "step-0000004"
+    (tmp_path / "checkpoints" / "step-0000006").mkdir()  # incomplete: no trainer.json
+    assert T.find_latest_checkpoint(tmp_path).name == "step-0000004"
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, accum):
+    kw = dict(dropout=0.1, accum=accum, save_every=3, steps=6)  # dropout: the global RNG matters too
+    full = T.train(_cfg(tmp_path / "full", **kw), log=_quiet)
+    T.train(_cfg(tmp_path / "split", **{**kw, "steps": 3}), log=_quiet)
+    msgs = []
+    resumed = T.train(_cfg(tmp_path / "split", **{**kw, "resume": True}), log=msgs.append)
+    assert resumed.resumed_from == 3 and any("resuming from step 3" in m for m in msgs)
+    assert [resumed.losses[s] for s in (4, 5, 6)] == [full.losses[s] for s in (4, 5, 6)]  # bit-exact
+    a = T.find_latest_checkpoint(tmp_path / "full")
+    b = T.find_latest_checkpoint(tmp_path / "split")
+    from safetensors.torch import load_file
+
+    for f in ("model.safetensors", "ema.safetensors", "trainer.safetensors"):  # weights, EMA, Adam moments
+        wa, wb = load_file(str(a / f)), load_file(str(b / f))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_other_options_and_fresh_runs_refuse_old_folders(tmp_path):
+    T.train(_cfg(tmp_path, steps=2), log=_quiet)
+    with pytest.raises(FileExistsError, match="--resume"):
+        T.train(_cfg(tmp_path, steps=4), log=_quiet)
+    with pytest.raises(ValueError, match="lr: checkpoint 0.001 vs now 0.002"):
+        T.train(_cfg(tmp_path, steps=4, lr=2e-3, resume=True), log=_quiet)
+    msgs = []
+    T.train(_cfg(tmp_path / "new", steps=1, resume=True), log=msgs.append)
+    assert any("no checkpoint" in m for m in msgs)
+
+
+def test_bf16_autocast_on_cpu_and_fp16_needs_a_gpu(tmp_path):
+    res = T.train(_cfg(tmp_path, steps=2, precision="bf16"), log=_quiet)
+    assert all(math.isfinite(v) for v in res.losses.values())
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+            T.train(_cfg(tmp_path / "h", steps=1, precision="fp16"), log=_quiet)
+
+
+def test_folder_dataset_through_the_loader(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(pics / f"{i}.png")
+    res = T.train(_cfg(tmp_path / "run", dataset=f"folder:{pics}", steps=2, batch_size=4, workers=0), log=_quiet)
+    assert res.step == 2 and all(math.isfinite(v) for v in res.losses.values())
+
+
+# -- command line ----------------------------------------------------------------------------------
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    args = ["train", "--dataset", "mnist", "--config", "tiny", "--out", str(tmp_path), "--steps", "1"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "unknown dataset spec 'mnist'" in err and "Traceback" not in err
+    assert cli_main(["train", "--config", "huge", "--out", str(tmp_path)]) == 2
+    assert "unknown --config 'huge'" in capsys.readouterr().err
+    assert cli_main(["train", "--out", str(tmp_path), "--batch-size", "6", "--accum", "4"]) == 2
+    assert "multiple of processes x accum" in capsys.readouterr().err
+
+
+def test_cli_trains(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "synthetic:16", "--config", "tiny", "--out", str(out), "--steps", "2",
+            "--batch-size", "4", "--save-every", "2", "--grid-size", "0", "--no-progress", "--seed", "5"]
+    assert cli_main(args) == 0
+    assert "latest checkpoint" in capsys.readouterr().out
+    assert json.loads((out / "checkpoints/step-0000002/trainer.json").read_text())["run"]["seed"] == 5
+
+
+# -- multi-process ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path):
+    """2 CPU processes (gloo) reproduce the 1-process run (same global batch) and only rank 0 writes."""
+    common = ["--dataset", "synthetic:32", "--config", "tiny", "--steps", "3", "--batch-size", "8",
+              "--save-every", "3", "--log-every", "1", "--grid-size", "0", "--no-progress", "--lr", "1e-3",
+              "--warmup", "1", "--dropout", "0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ddim_fast.cli", "train", "--out", str(tmp_path / "ddp"), *common]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("done: step 3") == 1  # rank 1 prints nothing either
+    assert "2 process(es)" in proc.stdout
+    ddp = tmp_path / "ddp"
+    assert sorted(p.name for p in ddp.iterdir()) == ["checkpoints", "latest", "log.jsonl"]
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["step-0000003"]
+    log = [json.loads(x) for x in (ddp / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["world_size"] == 2 for r in log)  # one writer
+    assert json.loads((ddp / "checkpoints/step-0000003/trainer.json").read_text())["world_size"] == 2
+
+    single = T.train(_cfg(tmp_path / "one", steps=3, save_every=3, warmup=1, dropout=0.0), log=_quiet)
+    for r in log:  # same global batches and noise: equal up to float summation order
+        assert r["loss"] == pytest.approx(single.losses[r["step"]], rel=1e-4)
