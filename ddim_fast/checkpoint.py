@@ -300,7 +300,7 @@ def bundled_names() -> list[str]:
     """Names of the models shipped in ddim_fast/assets/ (each a ddim-fast checkpoint folder)."""
     if not ASSETS.is_dir():
         return []
-    return sorted(p.name for p in ASSETS.iterdir() if (p / CONFIG_FILE).is_file())
+    return sorted(p.name for p in ASSETS.iterdir() if _read_own_config(p) is not None)
 
 
 def _resolve(path_or_name) -> Path:
@@ -309,7 +309,7 @@ def _resolve(path_or_name) -> Path:
         return path
     name = str(path_or_name)
     is_name = os.sep not in name and "/" not in name and not path.suffix
-    if is_name and (ASSETS / name / CONFIG_FILE).is_file():
+    if is_name and _read_own_config(ASSETS / name) is not None:
         return ASSETS / name
     if is_name:
         names = bundled_names()

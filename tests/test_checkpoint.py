@@ -246,7 +246,11 @@ def test_load_model_names(tmp_path, monkeypatch):
         dd.load_model("digits")
     m = make_model()
     ck.save_model(tmp_path / "assets" / "mini", m)
+    (tmp_path / "assets" / "classifier").mkdir()  # other assets (not ddim-fast models) are not listed
+    (tmp_path / "assets" / "classifier" / "config.json").write_text('{"kind": "mlp"}')
     assert ck.bundled_names() == ["mini"]
+    with pytest.raises(FileNotFoundError, match="bundled models: mini"):
+        dd.load_model("classifier")
     assert same_weights(dd.load_model("mini").state_dict(), m.state_dict())
     with pytest.raises(FileNotFoundError, match="'digits' is neither a path nor a bundled model; bundled models: mini"):
         dd.load_model("digits")
