@@ -36,6 +36,7 @@ so a result the caller holds is never overwritten by the next replay.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 from collections import OrderedDict
 
@@ -183,9 +184,7 @@ def _default_device():
 
 def triton_status(device: torch.device) -> str | None:
     """None when the triton backend can run on `device`, else what is missing."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("triton") is None:  # found, not imported: importing fixes interpreter mode
         return "Triton is not installed (pip install triton; Linux only)"
     if device.type == "cuda":
         return None
