@@ -1,0 +1,218 @@
+"""The fused DDIM step: one pass over the state for every sampler variant.
+
+What is fused and why. Every sampler of the project reduces one step to (ddim_fast/plan.py)
+
+    x' = d0 * clip(cx * x + ce * m) + dx * x + de * m + sigma * z                  (*)
+
+In eager PyTorch that is about ten elementwise kernels (each reading and writing the whole
+state) plus a separate noise draw. Here it is one kernel: read x and the model output m, write
+x' (in place) and optionally the x0 estimate; z is drawn in registers with Triton's Philox
+(`tl.randn`), keyed per sample exactly as ddim_fast/rng.py so it is the reference's noise.
+
+Everything that changes from step to step lives in device memory: the coefficient table
+(S, 6) of the plan and the step index (an int32 device tensor), so a CUDA graph can replay the
+same launch for every step after the caller increments the index on the device.
+
+Clipping of the x0 estimate (a constexpr mode, so the plain path pays nothing):
+  0: none;  1: fixed range (lo, hi);
+  2: dynamic thresholding (Imagen): per sample s = quantile(|x0|, p) clamped to [1, s_max], then
+     x0 = clamp(x0, -s, s) / s. The quantile needs the whole sample before any element can be
+     written, so the launcher computes s with torch first (no host sync): x0 is formed in fp32
+     and s is read off `torch.topk` of the upper tail only (k = n - floor(p (n-1)) values instead
+     of a full sort), interpolated exactly as `torch.quantile` does (linear, rank in fp32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+NUM_COEF = 6  # (cx, ce, d0, dx, de, sigma), ddim_fast/plan.py COEF_COLUMNS
+PURPOSE_STEP = 1  # the counter word that separates per-step noise from x_T (ddim_fast/rng.py)
+CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
+BLOCK = 1024  # elements per program; NOTE: not yet tuned on a GPU (memory-bound)
+NUM_WARPS = 8  # 4 elements per thread: fp16 and fp32 loads then share one layout (no smem shuffle, see aot.py)
+M_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# -- reference -----------------------------------------------------------------------------------
+def ddim_step_ref(x, m, coef, step, *, z=None, clip=None, threshold=None):
+    """Plain PyTorch (*) for one step; returns (x', x0). Not in place.
+
+    x (B, ...) float; m like x (any float dtype, used in x's dtype); coef (S, 6); step an int;
+    z like x or None; clip (lo, hi) or None; threshold (p, s_max) or None.
+    """
+    cx, ce, d0, dx, de, sigma = coef[int(step)].to(x.dtype)
+    m = m.to(x.dtype)
+    x0 = cx * x + ce * m  # (1) the x0 estimate (Eq. 12 for eps-prediction)
+    if threshold is not None:
+        p, s_max = threshold
+        s = torch.quantile(x0.abs().flatten(1), p, dim=1).clamp(1.0, s_max)  # (B,)
+        s = s.view(-1, *([1] * (x.ndim - 1)))  # (B, 1, ...)
+        x0 = torch.maximum(torch.minimum(x0, s), -s) / s
+    elif clip is not None:
+        x0 = x0.clamp(*clip)
+    out = d0 * x0 + dx * x + de * m  # (2) + (3): sqrt(a') x0 and the direction to x_t
+    if z is not None:
+        out = out + sigma * z  # (4) sigma_t z
+    return out, x0
+
+
+# -- kernel --------------------------------------------------------------------------------------
+@triton.jit
+def _ddim_step_kernel(
+    X, M, COEF, STEP, SEED, THRESH, X0, FLAG,  # pointers
+    N, first_index, lo, hi,  # sizes and scalars
+    BLOCK: tl.constexpr, NOISE: tl.constexpr, CLIP: tl.constexpr,  # meta
+    WRITE_X0: tl.constexpr, CHECK: tl.constexpr,
+):
+    pid = tl.program_id(0)  # block of elements within the sample
+    b = tl.program_id(1)  # sample within the batch
+    j = pid * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) int32: flat index within the sample
+    mask = j < N
+    ptr = b.to(tl.int64) * N + j  # (BLOCK,) int64 offsets into x, m, x0
+
+    i = tl.load(STEP)  # the sampler step, from device memory
+    cx = tl.load(COEF + i * 6 + 0)
+    ce = tl.load(COEF + i * 6 + 1)
+    d0 = tl.load(COEF + i * 6 + 2)
+    dx = tl.load(COEF + i * 6 + 3)
+    de = tl.load(COEF + i * 6 + 4)
+
+    x = tl.load(X + ptr, mask=mask, other=0.0)  # fp32 state
+    m = tl.load(M + ptr, mask=mask, other=0.0).to(tl.float32)  # model output, any float dtype
+    x0 = cx * x + ce * m  # (1) x0 estimate
+    if CLIP == 1:
+        x0 = tl.clamp(x0, lo, hi, propagate_nan=tl.PropagateNan.ALL)
+    if CLIP == 2:
+        s = tl.load(THRESH + b)  # per-sample threshold, >= 1
+        x0 = tl.clamp(x0, -s, s, propagate_nan=tl.PropagateNan.ALL) / s
+    out = d0 * x0 + dx * x + de * m  # (2) + (3)
+    if NOISE:
+        sigma = tl.load(COEF + i * 6 + 5)
+        if sigma != 0.0:  # e.g. the last step of variance="large": no draw at all
+            # (4) z: key of (seed, sample, step) then element j, exactly as ddim_fast/rng.py;
+            # the counters must stay 32-bit or tl.philox switches to its 64-bit variant.
+            seed = tl.load(SEED)
+            k0, k1, _, _ = tl.philox(seed, first_index + b, i, 1, 0)
+            key = k0.to(tl.uint64) | (k1.to(tl.uint64) << 32)
+            out += sigma * tl.randn(key, j)
+    tl.store(X + ptr, out, mask=mask)
+    if WRITE_X0:
+        tl.store(X0 + ptr, x0, mask=mask)
+    if CHECK:
+        bad = mask & ((out != out) | (tl.abs(out) == float("inf")))
+        if tl.max(bad.to(tl.int32), axis=0) > 0:
+            tl.store(FLAG, 1)  # benign race: every writer stores 1
+
+
+# -- launcher ------------------------------------------------------------------------------------
+def ddim_step(x, m, coef, step, *, seed=None, first_index=0, clip=None, threshold=None,
+              x0_out=None, flag=None):
+    """One fused step (*) applied IN PLACE to x; returns x. No host sync, graph-capturable.
+
+    x:           (B, ...) float32, contiguous: the sampler state (a static buffer).
+    m:           model output, x's shape, float32/float16/bfloat16, contiguous.
+    coef:        (S, 6) float32 contiguous device tensor: the plan's table (plan.to(device).coef).
+    step:        (1,) int32 device tensor: the row of `coef` to use (the sampler step i).
+    seed:        (1,) int64 device tensor, or None: no noise is compiled in (eta = 0). With a seed
+                 the noise is rng.step_noise(seed, i, x.shape, first_index=first_index); a step
+                 whose sigma is 0 draws nothing at run time.
+    first_index: int, the global sample index of x[0] (so a sample's noise is batch-invariant).
+    clip:        None or (lo, hi): clamp the x0 estimate (plan.clip_x0).
+    threshold:   None or (p, s_max): dynamic thresholding (plan.threshold, plan.threshold_max);
+                 s per sample is computed here with torch (see the module docstring).
+    x0_out:      None or a float32 contiguous tensor of x's shape: receives the (clipped) x0.
+    flag:        None or a (1,) int32 device tensor set to 1 when any new x is NaN or inf. It is
+                 never cleared here: zero it once and check it after any number of steps.
+    """
+    _check(x, m, coef, step, seed, first_index, clip, threshold, x0_out, flag)
+    B = x.shape[0]
+    N = x.numel() // B
+    mode, lo, hi, thresh = CLIP_NONE, 0.0, 0.0, None
+    if threshold is not None:
+        mode, thresh = CLIP_THRESHOLD, threshold_scale(x, m, coef, step, *threshold)
+    elif clip is not None:
+        mode, lo, hi = CLIP_RANGE, float(clip[0]), float(clip[1])
+    grid = (triton.cdiv(N, BLOCK), B)
+    _ddim_step_kernel[grid](
+        x, m, coef, step, seed if seed is not None else step, thresh if thresh is not None else x,
+        x0_out if x0_out is not None else x, flag if flag is not None else step,
+        N, first_index, lo, hi,
+        BLOCK=BLOCK, NOISE=seed is not None, CLIP=mode, WRITE_X0=x0_out is not None,
+        CHECK=flag is not None, num_warps=NUM_WARPS,
+    )
+    return x
+
+
+def threshold_scale(x, m, coef, step, p, s_max=math.inf):
+    """Per-sample s = quantile(|x0|, p) clamped to [1, s_max], x0 = cx x + ce m: (B,) float32.
+
+    Matches torch.quantile's linear interpolation (rank p (n-1) in float32) using only the
+    top k = n - floor(rank) values of each sample.
+    """
+    B = x.shape[0]
+    n = x.numel() // B
+    c = coef.index_select(0, step)  # (1, 6) on the device: no host sync
+    a = (c[:, 0:1] * x.reshape(B, n) + c[:, 1:2] * m.reshape(B, n).float()).abs_()  # (B, n)
+    rank = torch.tensor(p, dtype=torch.float32) * (n - 1)  # host scalar, as torch.quantile
+    below, above = math.floor(rank.item()), math.ceil(rank.item())
+    weight = float(rank - below)
+    top = torch.topk(a, n - below, dim=1, largest=True, sorted=True).values  # (B, k) descending
+    k = n - below
+    s = torch.lerp(top[:, k - 1], top[:, k - 1 - (above - below)], weight)  # (B,)
+    return s.clamp_(1.0, s_max).contiguous()
+
+
+def _check(x, m, coef, step, seed, first_index, clip, threshold, x0_out, flag):
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.ndim < 2:
+        raise ValueError("x must be a float32 tensor (B, ...): the sampler state stays fp32; pass x.float()")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous (it is updated in place); pass x.contiguous() once")
+    if x.device.type != "cuda" and isinstance(_ddim_step_kernel, triton.runtime.JITFunction):
+        raise ValueError(
+            f"ddim_step needs a CUDA tensor (got {x.device}); on CPU set TRITON_INTERPRET=1 before "
+            "the kernels are imported, or use the reference sampler"
+        )
+    if not isinstance(m, torch.Tensor) or m.shape != x.shape or m.dtype not in M_DTYPES:
+        raise ValueError(
+            f"m must have x's shape {tuple(x.shape)} and dtype float32/float16/bfloat16, got "
+            f"{getattr(m, 'shape', type(m))} {getattr(m, 'dtype', '')}"
+        )
+    if not m.is_contiguous() or m.device != x.device:
+        raise ValueError("m must be contiguous and on x's device; pass m.contiguous()")
+    if coef.dtype != torch.float32 or coef.ndim != 2 or coef.shape[1] != NUM_COEF or not coef.is_contiguous():
+        raise ValueError("coef must be the plan's (S, 6) float32 contiguous table: plan.to(device).coef")
+    if coef.device != x.device:
+        raise ValueError(f"coef is on {coef.device} but x on {x.device}: plan.to(x.device)")
+    if step.dtype != torch.int32 or step.numel() != 1 or step.device != x.device:
+        raise ValueError("step must be a (1,) int32 tensor on x's device (the step index lives on the device)")
+    if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device):
+        raise ValueError("seed must be None (no noise) or a (1,) int64 tensor on x's device")
+    n = x.numel() // x.shape[0]
+    if n >= 2**31:
+        raise ValueError(f"a sample has {n} elements; the kernel and the noise stream address fewer than 2**31")
+    if isinstance(first_index, bool) or not isinstance(first_index, int) or not (
+        0 <= first_index and first_index + x.shape[0] <= 2**31 - 1
+    ):
+        raise ValueError(f"first_index must be an int with 0 <= first_index + B < 2**31, got {first_index!r}")
+    if clip is not None and threshold is not None:
+        raise ValueError("give clip or threshold, not both (thresholding already clips)")
+    if clip is not None:
+        lo, hi = (float(v) for v in clip)
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"clip must be finite (lo, hi) with lo < hi, got {clip!r}")
+    if threshold is not None:
+        p, s_max = threshold
+        if not (0 < p <= 1 and s_max >= 1):
+            raise ValueError(f"threshold must be (p, s_max) with 0 < p <= 1 and s_max >= 1, got {threshold!r}")
+    if x0_out is not None and (
+        x0_out.shape != x.shape or x0_out.dtype != torch.float32 or not x0_out.is_contiguous()
+        or x0_out.device != x.device
+    ):
+        raise ValueError("x0_out must be a float32 contiguous tensor of x's shape on x's device")
+    if flag is not None and (flag.dtype != torch.int32 or flag.numel() != 1 or flag.device != x.device):
+        raise ValueError("flag must be a (1,) int32 tensor on x's device (zero it before the loop)")

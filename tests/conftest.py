@@ -1,0 +1,50 @@
+"""Shared test setup: the Triton interpreter on CPU, the gpu marker, DESIGN.md's tolerance rule."""
+
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on a CPU only in the interpreter, chosen when they are defined: set it
+# before any test module imports ddim_fast.kernels. With a GPU the real kernels run.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# DESIGN.md: a fast path's error against a float64 reference may be at most twice the error of
+# the reference run in the same low precision, plus this absolute slack.
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def assert_close_to_reference(fast, reference, truth, dtype, what=""):
+    """The tolerance rule for every fast path (max-abs errors over the whole tensor):
+
+        max|fast - truth| <= 2 * max|reference - truth| + ATOL[dtype]
+
+    fast:      the fast path's output;  reference: the reference path run in the same (low)
+    precision;  truth: the reference path in float64;  dtype: the precision of the run (the
+    network's dtype, e.g. fp16 even when the output is fp32). NaN or inf anywhere fails.
+    """
+    if dtype not in ATOL:
+        raise ValueError(f"no tolerance for {dtype}; the rule covers {list(ATOL)}")
+    assert fast.shape == truth.shape == reference.shape, (fast.shape, reference.shape, truth.shape)
+    truth = truth.double()
+    assert torch.isfinite(fast).all(), f"{what}: the fast path produced NaN/inf"
+    assert torch.isfinite(truth).all() and torch.isfinite(reference).all(), f"{what}: non-finite reference"
+    err = (fast.double() - truth).abs().max().item()
+    ref_err = (reference.double() - truth).abs().max().item()
+    bound = 2 * ref_err + ATOL[dtype]
+    assert err <= bound, f"{what}: error {err:.3g} > 2 x reference error {ref_err:.3g} + atol {ATOL[dtype]:g}"
+
+
+def poisoned_like(t, **kw):
+    """An output buffer full of NaN, so a kernel that skips an element is caught."""
+    return torch.full_like(t, float("nan"), **kw)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (tier 5)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
