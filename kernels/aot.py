@@ -1,0 +1,316 @@
+"""Ahead-of-time compilation of every shipped kernel configuration, for GPUs this machine lacks.
+
+The interpreter (TRITON_INTERPRET=1) checks the numbers but forgives what only the real compiler
+sees: type errors in constexpr branches, layouts, register pressure. Here each configuration the
+launchers can pick for the shipped models is compiled with
+`triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32))` for
+sm_80 (A100) and sm_90 (H100) (PTX and a cubin, no GPU needed), and the cubin's resources are
+read back with the `ptxas -v` that Triton itself uses: registers per thread, spill bytes, stack,
+and Triton's shared memory. A spill in the step or GroupNorm kernel (memory-bound: a spill costs
+bandwidth) is a failure; attention spills are reported.
+
+    python -m ddim_fast.kernels.aot            # the table for sm_80 and sm_90; exit 1 on a failure
+    python -m ddim_fast.kernels.aot --cc 90 --kernel attention
+
+Which configurations: the step kernel in every constexpr combination (noise, clip mode, x0
+output, non-finite flag) for an fp16 model output, and the heaviest one for fp32/bf16;
+GroupNorm in each tile configuration its launcher picks for the GroupNorm shapes of the DDPM
+UNets (CIFAR-10, CelebA, LSUN; batch 1 and 64) with its heaviest flags, plus every flag, layout
+and dtype on the CIFAR-10 tile; attention for every head-dim class up to 512 in every dtype,
+with NCHW and channels_last strides. Must run WITHOUT TRITON_INTERPRET=1 (with it, @triton.jit
+returns interpreter objects that cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import attention as attn_mod
+from . import ddim_step as step_mod
+from . import group_norm as gn_mod
+
+CCS = (80, 90)
+NO_SPILL = ("ddim_step", "group_norm", "group_norm_stats")  # memory-bound: a spill fails
+_TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# The DDPM UNets whose GroupNorm shapes are shipped: (ch, ch_mult, resolution, blocks, groups).
+MODELS = {
+    "cifar10": (128, (1, 2, 2, 2), 32, 2, 32),
+    "celeba": (128, (1, 2, 2, 2, 4), 64, 2, 32),
+    "lsun": (128, (1, 1, 2, 2, 4, 4), 256, 2, 32),
+    "tiny": (32, (1, 2), 16, 1, 8),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One kernel specialisation: what triton.compile needs, plus a readable label."""
+
+    kernel: str
+    label: str
+    fn: object = field(repr=False)
+    signature: dict = field(repr=False)
+    constexprs: dict = field(repr=False)
+    num_warps: int = 4
+    num_stages: int = 3  # Triton's default
+    aligned: tuple = ()  # argument names known to be multiples of 16 (pointers: 16-byte aligned)
+
+
+# -- the shipped configurations ------------------------------------------------------------------
+def step_configs():
+    names = ["X", "M", "COEF", "STEP", "SEED", "THRESH", "X0", "FLAG", "N", "first_index", "lo", "hi"]
+    out = []
+    combos = [(n, c, w, f) for n in (0, 1) for c in (0, 1, 2) for w in (0, 1) for f in (0, 1)]
+    for m_dtype in (torch.float16, torch.float32, torch.bfloat16):
+        for noise, clip, x0, check in combos:
+            if m_dtype != torch.float16 and (noise, clip, x0, check) not in [(0, 0, 0, 0), (1, 2, 1, 1)]:
+                continue
+            types = ["*fp32", f"*{_TY[m_dtype]}", "*fp32", "*i32", "*i64", "*fp32", "*fp32", "*i32",
+                     "i32", "i32", "fp32", "fp32"]
+            meta = dict(BLOCK=step_mod.BLOCK, NOISE=bool(noise), CLIP=clip, WRITE_X0=bool(x0), CHECK=bool(check))
+            label = f"noise={noise} clip={clip} x0={x0} flag={check} m={_TY[m_dtype]}"
+            out.append(_config("ddim_step", label, step_mod._ddim_step_kernel, names, types, meta,
+                               step_mod.NUM_WARPS, aligned=("X", "M", "X0", "N")))
+    return out
+
+
+def ddpm_group_norm_shapes(ch, ch_mult, resolution, blocks, groups):
+    """{(C, H*W, groups)} of every GroupNorm input of the official DDPM UNet architecture."""
+    shapes, res = set(), resolution
+    block_in = ch
+    skips = [ch]
+    for i, mult in enumerate(ch_mult):  # down: ResBlocks (norm1 on the input, norm2 on the output)
+        for _ in range(blocks):
+            shapes |= {(block_in, res * res), (ch * mult, res * res)}
+            block_in = ch * mult
+            skips.append(block_in)
+        if i != len(ch_mult) - 1:
+            res //= 2
+            skips.append(block_in)
+    shapes.add((block_in, res * res))  # middle
+    for i in reversed(range(len(ch_mult))):  # up: ResBlocks on [h, skip]
+        for _ in range(blocks + 1):
+            shapes |= {(block_in + skips.pop(), res * res), (ch * ch_mult[i], res * res)}
+            block_in = ch * ch_mult[i]
+        if i != 0:
+            res *= 2
+    return {(c, hw, groups) for c, hw in shapes}
+
+
+def group_norm_configs():
+    names = ["X", "ADD", "W", "BIAS", "Y", "PART", "C", "HW", "CPG", "chunk", "eps", "stride_xb",
+             "stride_xc", "stride_xp", "stride_yb", "stride_yc", "stride_yp", "stride_ab", "stride_ac"]
+    stat_names = ["X", "ADD", "PART", "C", "HW", "CPG", "chunk", "stride_xb", "stride_xc", "stride_xp",
+                  "stride_ab", "stride_ac"]
+    tiles = {}  # (mode, BLOCK_C, BLOCK_P, warps) -> the first shape that picks it
+    for model, spec in MODELS.items():
+        for C, HW, G in sorted(ddpm_group_norm_shapes(*spec)):
+            for B in (1, 64):
+                mode, bc, bp, split, warps = gn_mod._config(B, C, HW, C // G, torch.device("cpu"), None, None)
+                tiles.setdefault((mode, bc, bp, warps), f"{model} C={C} HW={HW} B={B}")
+    # every flag, layout and dtype on CIFAR-10's most common tile, the heaviest flags elsewhere
+    base = gn_mod._config(1, 128, 32 * 32, 4, torch.device("cpu"), None, None)
+    base_key = (base[0], base[1], base[2], base[4])
+    out = []
+    for (mode, bc, bp, warps), where in sorted(tiles.items()):
+        variants = [(torch.float16, False, True, True)]
+        if (mode, bc, bp, warps) == base_key:
+            variants = [(dt, cl, True, True) for dt in _TY for cl in (False, True)]
+            variants += [(torch.float16, False, add, silu) for add, silu in ((0, 0), (0, 1), (1, 0))]
+        for dtype, channels_last, add, silu in variants:
+            t = _TY[dtype]
+            stride1 = ("stride_xc", "stride_yc") if channels_last else ("stride_xp", "stride_yp")
+            types = [f"*{t}", "*fp32", "*fp32", "*fp32", f"*{t}", "*fp32"] + ["i32"] * 4 + ["fp32"] + ["i32"] * 8
+            meta = dict(BLOCK_C=bc, BLOCK_P=bp, MODE=mode, BLOCK_S=gn_mod.MAX_SPLIT if mode == 2 else 1,
+                        HAS_ADD=bool(add), SILU=bool(silu))
+            meta.update({s: 1 for s in stride1})
+            layout = "NHWC" if channels_last else "NCHW"
+            label = (f"mode={mode} tile={bc}x{bp} w{warps} {t} {layout} add={int(add)} silu={int(silu)}"
+                     f"  ({where})")
+            aligned = ("X", "Y", "HW", "chunk", *names[11:])
+            out.append(_config("group_norm", label, gn_mod._group_norm_kernel, names, types, meta, warps,
+                               aligned))
+        if mode == 2:
+            for channels_last in (False, True):
+                types = ["*fp16", "*fp32", "*fp32"] + ["i32"] * 9
+                meta = dict(BLOCK_C=bc, BLOCK_P=bp, HAS_ADD=True)
+                meta.update({"stride_xc": 1} if channels_last else {"stride_xp": 1})
+                layout = "NHWC" if channels_last else "NCHW"
+                out.append(_config("group_norm_stats", f"tile={bc}x{bp} w{warps} fp16 {layout} add=1  ({where})",
+                                   gn_mod._group_norm_stats_kernel, stat_names, types, meta, warps,
+                                   ("X", "HW", "chunk", *stat_names[7:])))
+    return out
+
+
+def attention_configs():
+    names = ["Q", "K", "V", "O", "C", "N", "qk_scale"] + [
+        f"stride_{t}{d}" for t in "qkvo" for d in "bcn"
+    ]
+    out = []
+    heads = {}  # one kernel per distinct config: C itself is a runtime argument
+    for C in (16, 32, 64, 128, 256, 512):
+        for dtype in _TY:
+            for channels_last in (False, True):
+                if channels_last and dtype != torch.float16:
+                    continue
+                cfg = attn_mod.config(C, dtype)
+                heads.setdefault((tuple(cfg.items()), dtype, channels_last), []).append(C)
+    for (items, dtype, channels_last), cs in heads.items():
+        cfg = dict(items)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        t = _TY[dtype]
+        types = [f"*{t}"] * 4 + ["i32", "i32", "fp32"] + ["i32"] * 12
+        # input strides: NCHW conv output (token stride 1) or channels_last (channel stride 1);
+        # the output is always allocated (B, C, N) contiguous
+        unit = "c" if channels_last else "n"
+        meta = dict(cfg, **{f"stride_{x}{unit}": 1 for x in "qkv"}, stride_on=1)
+        layout = "NHWC" if channels_last else "NCHW"
+        label = (f"C={','.join(map(str, cs))} {t} {layout} M{cfg['BLOCK_M']} N{cfg['BLOCK_N']} "
+                 f"D{cfg['BLOCK_D']} DO{cfg['BLOCK_DO']} w{warps} s{stages}")
+        aligned = ("Q", "K", "V", "O", "C", "N", *names[7:])  # typical C, N: multiples of 16
+        out.append(_config("attention", label, attn_mod._attention_kernel, names, types, meta,
+                           warps, aligned, stages))
+    return out
+
+
+def shipped_configs(kernel: str | None = None):
+    """Every configuration, optionally only those of one kernel name (prefix match)."""
+    cfgs = step_configs() + group_norm_configs() + attention_configs()
+    return [c for c in cfgs if kernel is None or c.kernel.startswith(kernel)]
+
+
+def _config(kernel, label, fn, names, types, meta, warps, aligned, stages=3):
+    if list(fn.arg_names[: len(names)]) != names:
+        raise RuntimeError(f"{kernel}: the AOT signature is out of date with the kernel's arguments "
+                           f"{fn.arg_names}")
+    signature = dict(zip(names, types))
+    for name in fn.arg_names:
+        if name in meta:
+            signature[name] = "constexpr"
+    return Config(kernel, label, fn, signature, dict(meta), warps, stages,
+                  tuple(a for a in aligned if signature.get(a) != "constexpr"))
+
+
+# -- compile and measure -------------------------------------------------------------------------
+def compile_config(cfg: Config, cc: int) -> dict:
+    """Compile one configuration for compute capability cc; return its resource row."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    names = list(cfg.fn.arg_names)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in cfg.aligned}
+    src = ASTSource(cfg.fn, cfg.signature, cfg.constexprs, attrs)
+    row = dict(kernel=cfg.kernel, config=cfg.label, cc=cc, num_warps=cfg.num_warps)
+    try:
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
+    except Exception as e:  # report every failing config, not just the first
+        return dict(row, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        cmd = [get_ptxas(cc).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(cc)}",
+               ptx, "-o", os.path.join(tmp, "k.cubin")]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    return dict(row, **parse_ptxas(log), shared=compiled.metadata.shared)
+
+
+def parse_ptxas(log: str) -> dict:
+    """Registers, spill bytes and stack from a `ptxas -v` log."""
+    def grab(pattern):
+        m = re.search(pattern, log)
+        if m is None:
+            raise RuntimeError(f"cannot read {pattern!r} from the ptxas log:\n{log}")
+        return int(m.group(1))
+
+    return dict(
+        registers=grab(r"Used (\d+) registers"),
+        spill_stores=grab(r"(\d+) bytes spill stores"),
+        spill_loads=grab(r"(\d+) bytes spill loads"),
+        stack=grab(r"(\d+) bytes stack frame"),
+    )
+
+
+@functools.cache
+def _configs(kernel):
+    return shipped_configs(kernel)
+
+
+def _compile_indexed(args):  # a worker process rebuilds the configs (kernels do not pickle)
+    kernel, index, cc = args
+    return compile_config(_configs(kernel)[index], cc)
+
+
+def report(ccs=CCS, kernel=None, jobs=None) -> list[dict]:
+    """Compile every shipped configuration for every cc; rows in a stable order."""
+    work = [(kernel, i, cc) for i in range(len(_configs(kernel))) for cc in ccs]
+    jobs = jobs or min(len(work), os.cpu_count() or 1)
+    if jobs <= 1:
+        return [_compile_indexed(w) for w in work]
+    with ProcessPoolExecutor(jobs) as pool:
+        return list(pool.map(_compile_indexed, work))
+
+
+def failures(rows) -> list[str]:
+    """What fails the AOT tier: a compile error anywhere, a spill in a memory-bound kernel."""
+    out = []
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['kernel']} [{r['config']}] sm_{r['cc']}: {r['error']}")
+        elif r["kernel"] in NO_SPILL and (r["spill_stores"] or r["spill_loads"]):
+            out.append(f"{r['kernel']} [{r['config']}] sm_{r['cc']}: spills {r['spill_stores']} B stored, "
+                       f"{r['spill_loads']} B loaded")
+    return out
+
+
+def format_table(rows) -> str:
+    head = f"{'kernel':<17} {'sm':>3} {'regs':>5} {'spill st/ld':>12} {'stack':>6} {'smem':>7}  config"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['kernel']:<17} {r['cc']:>3} {'ERROR':>5}  {r['error']}  [{r['config']}]")
+            continue
+        spill = f"{r['spill_stores']}/{r['spill_loads']}"
+        lines.append(f"{r['kernel']:<17} {r['cc']:>3} {r['registers']:>5} {spill:>12} {r['stack']:>6} "
+                     f"{r['shared']:>7}  {r['config']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ddim_fast.kernels.aot", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cc", type=int, action="append", help="compute capability (repeatable); default 80 and 90")
+    ap.add_argument("--kernel", help="only kernels whose name starts with this")
+    ap.add_argument("--jobs", type=int, help="parallel compiles (default: CPU count)")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: ahead-of-time compilation needs the real Triton compiler", file=sys.stderr)
+        return 2
+    rows = report(tuple(args.cc or CCS), args.kernel, args.jobs)
+    print(format_table(rows))
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"rows": rows, "failures": failures(rows), "triton": triton.__version__}, f, indent=1)
+        os.replace(tmp, args.json)
+    bad = failures(rows)
+    for line in bad:
+        print("FAIL", line, file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
