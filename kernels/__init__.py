@@ -1,0 +1,15 @@
+"""Fused Triton kernels, installed as `ddim_fast.kernels` (setup.py package_dir).
+
+    ddim_step.py    ddim_step(x, m, coef, step, *, seed, first_index, clip, threshold, x0_out, flag)
+                    the whole DDIM update in one pass, in place, noise drawn in-kernel
+    group_norm.py   group_norm(x, weight, bias, num_groups, eps, *, add, silu, out)
+                    GroupNorm with fp32 statistics, the time-embedding add before it, SiLU after
+    attention.py    attention(q, k, v, *, out): single-head flash attention, head_dim <= 512
+    aot.py          `python -m ddim_fast.kernels.aot`: compile every shipped configuration for
+                    sm_80/sm_90 on a machine without a GPU; registers, shared memory, spills
+
+Each file also has `<op>_ref`, the same computation in plain PyTorch. These files import nothing
+from the rest of ddim_fast. On a CPU the kernels run only under TRITON_INTERPRET=1, which must be
+set before they are imported. Import the modules (`from ddim_fast.kernels.attention import
+attention`): this package itself imports nothing, so it does not pull in Triton.
+"""

@@ -1,0 +1,137 @@
+"""Fused Triton kernels on a GPU: achieved bandwidth and attention against PyTorch's SDPA.
+
+    python -m benchmarks.bench_kernels            # needs a CUDA GPU; about a minute
+
+Measures, with triton.testing.do_bench (median of CUDA-event-timed repeats):
+  1. a device-to-device copy (the bandwidth ceiling: bytes read + bytes written);
+  2. the fused step kernel (ddim_step) at CIFAR-10 and LSUN batch sizes: achieved bandwidth as a
+     % of that copy (goal >= 80 %), for eta = 0, eta > 0 (in-kernel noise) and x0 clipping;
+     its baseline is the reference update (ddim_fast.sampling.step) in eager PyTorch;
+  3. GroupNorm + time-embedding add + SiLU at the DDPM UNets' shapes, NCHW and channels_last:
+     % of copy bandwidth (counting one read and one write of the activation), against the
+     reference ops (ddim_fast.models.ops.ReferenceOps);
+  4. attention at 256 tokens (16x16), head_dim 256 and 512, against
+     torch.nn.functional.scaled_dot_product_attention given its preferred (B, 1, N, C) layout
+     (goal: at least as fast) and against the reference ops.
+Prints a table and writes benchmarks/results/kernels-<gpu>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import machine_info, result_path, table, write_json
+
+
+def _bench(fn):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")  # ms
+
+
+def copy_bandwidth(nbytes=1 << 30):
+    """GB/s of dst.copy_(src): nbytes read + nbytes written."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src))
+    return 2 * nbytes / ms / 1e6
+
+
+def bench_step(copy_gbs):
+    from ddim_fast.kernels.ddim_step import ddim_step
+
+    from ddim_fast import SamplingPlan
+    from ddim_fast.sampling import step as reference_step
+    from ddim_fast.schedule import NoiseSchedule
+
+    sched = NoiseSchedule.linear(1000, 1e-4, 0.02)
+    rows = []
+    cases = [("cifar10 B=256", (256, 3, 32, 32)), ("lsun B=16", (16, 3, 256, 256))]
+    variants = [("eta=0", dict(eta=0.0), False), ("eta=1 noise", dict(eta=1.0), True),
+                ("eta=0 clip", dict(eta=0.0, clip_x0=1.0), False)]
+    for name, shape in cases:
+        for vname, kw, noisy in variants:
+            plan = SamplingPlan.build(sched, steps=50, **kw)
+            p = plan.to("cuda")
+            x = torch.randn(shape, device="cuda")
+            m = torch.randn(shape, device="cuda", dtype=torch.float16)
+            step_t = torch.tensor([10], dtype=torch.int32, device="cuda")
+            seed = torch.tensor([0], dtype=torch.int64, device="cuda") if noisy else None
+            ms = _bench(partial(ddim_step, x, m, p.coef, step_t, seed=seed, clip=plan.clip_x0))
+            z = torch.randn_like(x) if noisy else None
+            ref_ms = _bench(partial(reference_step, x, m.float(), p.coef[10], plan, z))
+            nbytes = x.numel() * (4 + 2 + 4)  # read x (fp32) and m (fp16), write x
+            gbs = nbytes / ms / 1e6
+            rows.append(dict(kernel="ddim_step", case=f"{name} {vname}", ms=ms, baseline_ms=ref_ms,
+                             speedup=ref_ms / ms, GBs=gbs, pct_copy=100 * gbs / copy_gbs))
+    return rows
+
+
+def bench_group_norm(copy_gbs):
+    from ddim_fast.kernels.group_norm import group_norm
+
+    from ddim_fast.models.ops import ReferenceOps
+
+    rows = []
+    cases = [("cifar10 B=128", (128, 128, 32, 32)), ("celeba B=64", (64, 128, 64, 64)),
+             ("celeba B=64 C=512", (64, 512, 8, 8)), ("lsun B=4", (4, 128, 256, 256)),
+             ("lsun B=1", (1, 128, 256, 256))]
+    for name, shape in cases:
+        for channels_last in (False, True):
+            x = torch.randn(shape, device="cuda", dtype=torch.float16)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            C = shape[1]
+            w, b = torch.randn(C, device="cuda"), torch.randn(C, device="cuda")
+            add = torch.randn(shape[0], C, device="cuda", dtype=torch.float16)
+            ms = _bench(partial(group_norm, x, w, b, 32, 1e-6, add=add, silu=True))
+            ref_ms = _bench(partial(ReferenceOps.group_norm, x, w, b, 32, 1e-6, add=add, silu=True))
+            gbs = 2 * x.numel() * x.element_size() / ms / 1e6
+            layout = "NHWC" if channels_last else "NCHW"
+            rows.append(dict(kernel="group_norm", case=f"{name} {layout} fp16 add+silu", ms=ms,
+                             baseline_ms=ref_ms, speedup=ref_ms / ms, GBs=gbs, pct_copy=100 * gbs / copy_gbs))
+    return rows
+
+
+def bench_attention():
+    from ddim_fast.kernels.attention import attention
+
+    from ddim_fast.models.ops import ReferenceOps
+
+    rows = []
+    for C in (256, 512):
+        for B in (1, 16):
+            N = 256
+            q, k, v = (torch.randn(B, C, N, device="cuda", dtype=torch.float16) for _ in range(3))
+            ms = _bench(partial(attention, q, k, v))
+            # SDPA in its preferred layout (B, heads=1, N, C), prepared outside the timing
+            qs, ks, vs = (t.transpose(1, 2).unsqueeze(1).contiguous() for t in (q, k, v))
+            sdpa_ms = _bench(partial(F.scaled_dot_product_attention, qs, ks, vs))
+            ref_ms = _bench(partial(ReferenceOps.attention, q, k, v))
+            rows.append(dict(kernel="attention", case=f"B={B} N={N} C={C} fp16", ms=ms, baseline_ms=sdpa_ms,
+                             speedup=sdpa_ms / ms, reference_ms=ref_ms))
+    return rows
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("bench_kernels needs a CUDA GPU: the Triton kernels only run in the (slow) interpreter "
+              "on a CPU, which says nothing about their speed. Nothing was measured.", file=sys.stderr)
+        return 1
+    info = machine_info()
+    copy_gbs = copy_bandwidth()
+    rows = bench_step(copy_gbs) + bench_group_norm(copy_gbs) + bench_attention()
+    print(f"{info['gpu']}: device-to-device copy {copy_gbs:.0f} GB/s (read + write)\n")
+    print("baseline: the eager reference (step, GroupNorm) or SDPA (attention); speedup = baseline / kernel")
+    print(table(rows, ["kernel", "case", "ms", "baseline_ms", "speedup", "GBs", "pct_copy", "reference_ms"]))
+    path = write_json(result_path("kernels", info), dict(machine=info, copy_GBs=copy_gbs, rows=rows))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
