@@ -21,16 +21,18 @@ The state x is float32 throughout; `dtype` is the network's precision (fp32, fp1
 The Engine works on its own copy of the model (moved to `device` and `dtype`), so the caller's
 model is never modified.
 
-CUDA graph costs. A graph is captured on the first call for each (batch size, plan direction,
-noise source) and kept in a small LRU cache (`max_graphs`, default 4; evicting one frees its
-graph, its static buffers stay in the shared pool). Capture first runs the whole loop once
-eagerly (Triton JIT, cuDNN algorithm search, allocator growth), then records it once more: about
-two eager sampling calls of time, plus Triton's one-off compilation on a cold cache. Memory:
-the activations of one UNet forward at that batch size (the steps reuse them in the shared
-pool) plus static buffers for x_T, x and the output (3 x B x C x H x W floats). A new batch
-size, a new image shape, a new dtype or a new plan (a new Engine) captures again; a new seed
-or a new first_index does not (they live in device tensors). Replays copy the result out,
-so a result the caller holds is never overwritten by the next replay.
+CUDA graph costs. A graph is captured on the first call for each (batch size, direction
+(sample / invert), start (`sample`: x_T drawn by a kernel inside the graph; `eng(x_T)`: copied
+in), noise source (seed / explicit noise=)) and kept in a small LRU cache (`max_graphs`,
+default 4; evicting one frees its graph). Capture first runs the whole loop once eagerly
+(Triton JIT, cuDNN algorithm search, allocator growth), then records it once more: about two
+eager sampling calls of time, plus Triton's one-off compilation on a cold cache. Memory: the
+activations of one UNet forward at that batch size (every step reuses them; all graphs share
+one pool) plus static buffers for x (and x_T / noise when given) and the output copy. A new
+batch size, image shape, dtype or plan (a new Engine) captures again; a new seed or
+first_index does not (they live in (1,) device tensors). Replays copy the result out, so a
+result the caller holds is never overwritten by the next replay. These costs are stated from
+the mechanism; benchmarks/gpu_suite.py reports the measured first-call times.
 """
 
 from __future__ import annotations
@@ -119,6 +121,10 @@ class Engine:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         _check_first_index(first_index, batch_size)
+        seed = rng.check_seed(seed)
+        if hasattr(self._runner, "sample"):  # triton / cuda_graph: x_T drawn in-kernel
+            out = self._runner.sample(batch_size, self.shape, self.plan, seed=seed, first_index=first_index)
+            return out.clamp_(-1.0, 1.0)
         x_T = rng.initial_noise(seed, (batch_size, *self.shape), first_index=first_index, device=self.device)
         return self(x_T, seed=seed, first_index=first_index)
 
@@ -288,10 +294,10 @@ class _TritonRunner:
 
     def __init__(self, net, device, dtype, channels_last, fused=True):
         if fused:
-            from .kernels.ddim_step import ddim_step
+            from .kernels.ddim_step import ddim_step, initial_noise
         else:
-            ddim_step = _torch_step
-        self.ddim_step = ddim_step
+            ddim_step, initial_noise = _torch_step, None
+        self.ddim_step, self.initial_noise = ddim_step, initial_noise
         self.net, self.device, self.dtype, self.channels_last = net, device, dtype, channels_last
         self._tables = {}
 
@@ -304,33 +310,55 @@ class _TritonRunner:
             self._tables[key] = (plan, p.coef, p.timesteps, steps)
         return self._tables[key][1:]
 
-    def loop(self, x, plan, seed_t, noise, first_index, flag):
+    def loop(self, x, plan, seed_t, first_t, noise, flag):
         """The S steps on the state x (updated in place): the body captured by _GraphRunner."""
         coef, ts, steps = self.tables(plan)
         B = x.shape[0]
         clip = plan.clip_x0
         threshold = (plan.threshold, plan.threshold_max) if plan.threshold is not None else None
+        seeded = seed_t if noise is None and plan.needs_noise else None
         for i in range(plan.steps):
             t = ts[i : i + 1].expand(B)  # (B,) a view of device memory: no host work per step
             m = self.net(_net_input(x, self.dtype, self.channels_last), t).contiguous()
-            self.ddim_step(x, m, coef, steps[i : i + 1], seed=seed_t if noise is None else None,
-                           first_index=first_index, clip=clip, threshold=threshold, flag=flag)
+            self.ddim_step(x, m, coef, steps[i : i + 1], seed=seeded, first_index=first_t, clip=clip,
+                           threshold=threshold, flag=flag)
             if noise is not None and plan.needs_noise:
                 x.add_(coef[i, 5] * noise[i])  # explicit z: sigma_i z_i on top of the noise-free step
         return x
 
+    def _keys(self, seed, first_index):
+        return (torch.tensor([seed], dtype=torch.int64, device=self.device),
+                torch.tensor([first_index], dtype=torch.int64, device=self.device))
+
     @torch.no_grad()
     def run(self, x, plan, *, seed, noise, first_index):
+        """From a given start x (B, C, H, W)."""
         x = x.clone().contiguous()
-        seed_t = torch.tensor([seed], dtype=torch.int64, device=self.device) if plan.needs_noise else None
         flag = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self.loop(x, plan, seed_t, noise, first_index, flag)
+        self.loop(x, plan, *self._keys(seed, first_index), noise, flag)
+        _raise_if_flagged(flag, "triton")
+        return x
+
+    @torch.no_grad()
+    def sample(self, batch, shape, plan, *, seed, first_index):
+        """From the seed: x_T drawn in-kernel (the stream of rng.initial_noise)."""
+        if self.initial_noise is None:
+            x_T = rng.initial_noise(seed, (batch, *shape), first_index=first_index, device=self.device)
+            return self.run(x_T, plan, seed=seed, noise=None, first_index=first_index)
+        seed_t, first_t = self._keys(seed, first_index)
+        x = self.initial_noise(torch.empty(batch, *shape, device=self.device), seed_t, first_t)
+        flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.loop(x, plan, seed_t, first_t, None, flag)
         _raise_if_flagged(flag, "triton")
         return x
 
 
 class _GraphRunner(_TritonRunner):
-    """The triton runner's loop, captured once per (batch, plan, noise source) and replayed."""
+    """The triton runner's loop, captured once per (batch, plan, start, noise source) and replayed.
+
+    Two starts: from the seed (`sample`: x_T drawn by a kernel inside the graph) or from a
+    given x_T (`run`: copied into a static buffer). The seed and first_index live in (1,) device
+    tensors, so new values replay the same graph."""
 
     def __init__(self, net, device, dtype, channels_last, fused, max_graphs):
         super().__init__(net, device, dtype, channels_last, fused)
@@ -341,48 +369,73 @@ class _GraphRunner(_TritonRunner):
 
     @torch.no_grad()
     def run(self, x, plan, *, seed, noise, first_index):
-        key = (x.shape[0], id(plan), noise is not None, first_index)
+        return self._replay(x.shape, plan, x, seed, noise, first_index)
+
+    @torch.no_grad()
+    def sample(self, batch, shape, plan, *, seed, first_index):
+        if self.initial_noise is None:
+            return super().sample(batch, shape, plan, seed=seed, first_index=first_index)
+        return self._replay((batch, *shape), plan, None, seed, None, first_index)
+
+    def _replay(self, shape, plan, x_T, seed, noise, first_index):
+        key = (tuple(shape), id(plan), x_T is None, noise is not None)
         if key not in self.graphs:
-            self._capture(key, x, plan, noise, first_index)
+            self._capture(key, shape, plan, x_T, seed, noise, first_index)
         self.graphs.move_to_end(key)
         graph, buf = self.graphs[key]
-        buf["x_T"].copy_(x)
         buf["seed"].fill_(seed)
+        buf["first"].fill_(first_index)
         buf["flag"].zero_()
+        if x_T is not None:
+            buf["x_T"].copy_(x_T)
         if noise is not None:
             buf["noise"].copy_(noise)
         graph.replay()
         _raise_if_flagged(buf["flag"], "cuda_graph")
         return buf["x"].clone()  # a copy: the next replay overwrites buf["x"]
 
-    def _capture(self, key, x, plan, noise, first_index):
+    def _capture(self, key, shape, plan, x_T, seed, noise, first_index):
+        dev = self.device
         buf = {
-            "x_T": torch.empty_like(x),
-            "x": torch.empty_like(x),
-            "seed": torch.zeros(1, dtype=torch.int64, device=self.device),
-            "flag": torch.zeros(1, dtype=torch.int32, device=self.device),
+            "x": torch.empty(shape, device=dev),
+            "seed": torch.full((1,), seed, dtype=torch.int64, device=dev),
+            "first": torch.full((1,), first_index, dtype=torch.int64, device=dev),
+            "flag": torch.zeros(1, dtype=torch.int32, device=dev),
         }
+        if x_T is not None:
+            buf["x_T"] = x_T.clone()
         if noise is not None:
-            buf["noise"] = torch.empty_like(noise)
-        seed_t = buf["seed"] if plan.needs_noise else None
-        body = lambda: self.loop(buf["x"].copy_(buf["x_T"]), plan, seed_t, buf.get("noise"), first_index, buf["flag"])
-        # 1. warm up on a side stream: Triton JIT, cuDNN algorithm search, allocator growth
-        buf["x_T"].copy_(x)
+            buf["noise"] = noise.clone()
+
+        def body():
+            if x_T is None:
+                self.initial_noise(buf["x"], buf["seed"], buf["first"])
+            else:
+                buf["x"].copy_(buf["x_T"])
+            self.loop(buf["x"], plan, buf["seed"], buf["first"], buf.get("noise"), buf["flag"])
+
+        self._warm_up(body)
+        self.graphs[key] = (self._record(body), buf)
+        self.captures += 1
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+
+    def _warm_up(self, body):
+        """Run once on a side stream: Triton JIT, cuDNN algorithm search, allocator growth."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side), torch.backends.cudnn.flags(enabled=True, benchmark=True):
             body()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        # 2. capture the whole loop into the shared pool
+
+    def _record(self, body):
+        """Capture body() into a CUDA graph allocated from the pool all graphs share."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             body()
-        self.captures += 1
-        self.graphs[key] = (graph, buf)
-        while len(self.graphs) > self.max_graphs:
-            self.graphs.popitem(last=False)
+        return graph
 
 
 def _torch_step(x, m, coef, step, *, seed, first_index, clip, threshold, flag):

@@ -44,7 +44,7 @@ from . import ddim_step as step_mod
 from . import group_norm as gn_mod
 
 CCS = (80, 90)
-NO_SPILL = ("ddim_step", "group_norm", "group_norm_stats")  # memory-bound: a spill fails
+NO_SPILL = ("ddim_step", "initial_noise", "group_norm", "group_norm_stats")  # memory-bound: a spill fails
 _TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # The DDPM UNets whose GroupNorm shapes are shipped: (ch, ch_mult, resolution, blocks, groups).
 MODELS = {
@@ -71,20 +71,26 @@ class Config:
 
 # -- the shipped configurations ------------------------------------------------------------------
 def step_configs():
-    names = ["X", "M", "COEF", "STEP", "SEED", "THRESH", "X0", "FLAG", "N", "first_index", "lo", "hi"]
+    names = ["X", "M", "COEF", "STEP", "SEED", "FIRST", "THRESH", "X0", "FLAG", "N", "lo", "hi"]
     out = []
     combos = [(n, c, w, f) for n in (0, 1) for c in (0, 1, 2) for w in (0, 1) for f in (0, 1)]
     for m_dtype in (torch.float16, torch.float32, torch.bfloat16):
         for noise, clip, x0, check in combos:
             if m_dtype != torch.float16 and (noise, clip, x0, check) not in [(0, 0, 0, 0), (1, 2, 1, 1)]:
                 continue
-            types = ["*fp32", f"*{_TY[m_dtype]}", "*fp32", "*i32", "*i64", "*fp32", "*fp32", "*i32",
-                     "i32", "i32", "fp32", "fp32"]
+            types = ["*fp32", f"*{_TY[m_dtype]}", "*fp32", "*i32", "*i64", "*i64", "*fp32", "*fp32", "*i32",
+                     "i32", "fp32", "fp32"]
             meta = dict(BLOCK=step_mod.BLOCK, NOISE=bool(noise), CLIP=clip, WRITE_X0=bool(x0), CHECK=bool(check))
             label = f"noise={noise} clip={clip} x0={x0} flag={check} m={_TY[m_dtype]}"
             out.append(_config("ddim_step", label, step_mod._ddim_step_kernel, names, types, meta,
                                step_mod.NUM_WARPS, aligned=("X", "M", "X0", "N")))
     return out
+
+
+def initial_noise_configs():
+    names, types = ["X", "SEED", "FIRST", "N"], ["*fp32", "*i64", "*i64", "i32"]
+    return [_config("initial_noise", "x_T", step_mod._initial_noise_kernel, names, types,
+                    dict(BLOCK=step_mod.BLOCK), step_mod.NUM_WARPS, aligned=("X", "N"))]
 
 
 def ddpm_group_norm_shapes(ch, ch_mult, resolution, blocks, groups):
@@ -188,7 +194,7 @@ def attention_configs():
 
 def shipped_configs(kernel: str | None = None):
     """Every configuration, optionally only those of one kernel name (prefix match)."""
-    cfgs = step_configs() + group_norm_configs() + attention_configs()
+    cfgs = step_configs() + initial_noise_configs() + group_norm_configs() + attention_configs()
     return [c for c in cfgs if kernel is None or c.kernel.startswith(kernel)]
 
 

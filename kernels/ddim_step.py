@@ -64,8 +64,8 @@ def ddim_step_ref(x, m, coef, step, *, z=None, clip=None, threshold=None):
 # -- kernel --------------------------------------------------------------------------------------
 @triton.jit
 def _ddim_step_kernel(
-    X, M, COEF, STEP, SEED, THRESH, X0, FLAG,  # pointers
-    N, first_index, lo, hi,  # sizes and scalars
+    X, M, COEF, STEP, SEED, FIRST, THRESH, X0, FLAG,  # pointers
+    N, lo, hi,  # sizes and scalars
     BLOCK: tl.constexpr, NOISE: tl.constexpr, CLIP: tl.constexpr,  # meta
     WRITE_X0: tl.constexpr, CHECK: tl.constexpr,
 ):
@@ -97,7 +97,8 @@ def _ddim_step_kernel(
             # (4) z: key of (seed, sample, step) then element j, exactly as ddim_fast/rng.py;
             # the counters must stay 32-bit or tl.philox switches to its 64-bit variant.
             seed = tl.load(SEED)
-            k0, k1, _, _ = tl.philox(seed, first_index + b, i, 1, 0)
+            sample = (tl.load(FIRST) + b).to(tl.uint32)  # the global sample index
+            k0, k1, _, _ = tl.philox(seed, sample, i, 1, 0)
             key = k0.to(tl.uint64) | (k1.to(tl.uint64) << 32)
             out += sigma * tl.randn(key, j)
     tl.store(X + ptr, out, mask=mask)
@@ -121,7 +122,9 @@ def ddim_step(x, m, coef, step, *, seed=None, first_index=0, clip=None, threshol
     seed:        (1,) int64 device tensor, or None: no noise is compiled in (eta = 0). With a seed
                  the noise is rng.step_noise(seed, i, x.shape, first_index=first_index); a step
                  whose sigma is 0 draws nothing at run time.
-    first_index: int, the global sample index of x[0] (so a sample's noise is batch-invariant).
+    first_index: the global sample index of x[0] (so a sample's noise is batch-invariant): an
+                 int, or a (1,) int64 device tensor so that one CUDA graph serves any value (the
+                 caller then guarantees 0 <= first_index + B < 2**31).
     clip:        None or (lo, hi): clamp the x0 estimate (plan.clip_x0).
     threshold:   None or (p, s_max): dynamic thresholding (plan.threshold, plan.threshold_max);
                  s per sample is computed here with torch (see the module docstring).
@@ -132,6 +135,7 @@ def ddim_step(x, m, coef, step, *, seed=None, first_index=0, clip=None, threshol
     _check(x, m, coef, step, seed, first_index, clip, threshold, x0_out, flag)
     B = x.shape[0]
     N = x.numel() // B
+    first = _first_index_tensor(first_index, x.device) if seed is not None else step
     mode, lo, hi, thresh = CLIP_NONE, 0.0, 0.0, None
     if threshold is not None:
         mode, thresh = CLIP_THRESHOLD, threshold_scale(x, m, coef, step, *threshold)
@@ -139,12 +143,66 @@ def ddim_step(x, m, coef, step, *, seed=None, first_index=0, clip=None, threshol
         mode, lo, hi = CLIP_RANGE, float(clip[0]), float(clip[1])
     grid = (triton.cdiv(N, BLOCK), B)
     _ddim_step_kernel[grid](
-        x, m, coef, step, seed if seed is not None else step, thresh if thresh is not None else x,
+        x, m, coef, step, seed if seed is not None else step, first, thresh if thresh is not None else x,
         x0_out if x0_out is not None else x, flag if flag is not None else step,
-        N, first_index, lo, hi,
+        N, lo, hi,
         BLOCK=BLOCK, NOISE=seed is not None, CLIP=mode, WRITE_X0=x0_out is not None,
         CHECK=flag is not None, num_warps=NUM_WARPS,
     )
+    return x
+
+
+def _first_index_tensor(first_index, device):
+    if isinstance(first_index, torch.Tensor):
+        return first_index
+    return torch.full((1,), first_index, dtype=torch.int64, device=device)
+
+
+def _check_first_index(first_index, x):
+    if isinstance(first_index, torch.Tensor):
+        if first_index.dtype != torch.int64 or first_index.numel() != 1 or first_index.device != x.device:
+            raise ValueError("first_index must be an int or a (1,) int64 tensor on x's device")
+        return
+    if isinstance(first_index, bool) or not isinstance(first_index, int) or not (
+        0 <= first_index and first_index + x.shape[0] <= 2**31 - 1
+    ):
+        raise ValueError(f"first_index must be an int with 0 <= first_index + B < 2**31, got {first_index!r}")
+
+
+# -- the start noise x_T -------------------------------------------------------------------------
+# Its reference is ddim_fast.rng.initial_noise (the same stream with step 0 and purpose 0), which
+# the tests compare against; a kernel file imports nothing from ddim_fast, and restating Philox
+# here would only give a second copy to keep in step.
+@triton.jit
+def _initial_noise_kernel(
+    X, SEED, FIRST,  # pointers
+    N,  # elements per sample
+    BLOCK: tl.constexpr,  # meta
+):
+    pid = tl.program_id(0)  # block of elements within the sample
+    b = tl.program_id(1)  # sample within the batch
+    j = pid * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) flat index within the sample
+    seed = tl.load(SEED)
+    sample = (tl.load(FIRST) + b).to(tl.uint32)
+    k0, k1, _, _ = tl.philox(seed, sample, 0, 0, 0)  # step 0, purpose 0 (x_T)
+    key = k0.to(tl.uint64) | (k1.to(tl.uint64) << 32)
+    tl.store(X + b.to(tl.int64) * N + j, tl.randn(key, j), mask=j < N)
+
+
+def initial_noise(x, seed, first_index=0):
+    """Fill x (B, ...) float32 contiguous IN PLACE with the start noise x_T of samples
+    first_index .. first_index + B - 1 of `seed` ((1,) int64 device tensor); returns x.
+    Graph-capturable: seed and first_index (a (1,) int64 tensor) are read on the device."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.ndim < 2 or not x.is_contiguous():
+        raise ValueError("x must be a contiguous float32 tensor (B, ...)")
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
+        raise ValueError("seed must be a (1,) int64 tensor on x's device")
+    _check_first_index(first_index, x)
+    B = x.shape[0]
+    N = x.numel() // B
+    grid = (triton.cdiv(N, BLOCK), B)
+    _initial_noise_kernel[grid](x, seed, _first_index_tensor(first_index, x.device), N, BLOCK=BLOCK,
+                                num_warps=NUM_WARPS)
     return x
 
 
@@ -195,10 +253,7 @@ def _check(x, m, coef, step, seed, first_index, clip, threshold, x0_out, flag):
     n = x.numel() // x.shape[0]
     if n >= 2**31:
         raise ValueError(f"a sample has {n} elements; the kernel and the noise stream address fewer than 2**31")
-    if isinstance(first_index, bool) or not isinstance(first_index, int) or not (
-        0 <= first_index and first_index + x.shape[0] <= 2**31 - 1
-    ):
-        raise ValueError(f"first_index must be an int with 0 <= first_index + B < 2**31, got {first_index!r}")
+    _check_first_index(first_index, x)
     if clip is not None and threshold is not None:
         raise ValueError("give clip or threshold, not both (thresholding already clips)")
     if clip is not None:

@@ -152,7 +152,7 @@ def test_triton_backend_matches_reference(tiny, eta):
     plan = dd.SamplingPlan.build(tiny.schedule, 2, eta=eta)  # the interpreter is slow: 2 steps
     x_T = dd.rng.initial_noise(4, (2, 3, 16, 16))
     eng = dd.Engine(tiny, plan, backend="triton", device="cpu")
-    got = eng(x_T, seed=4)
+    got = eng.sample(2, seed=4) if eta else eng(x_T, seed=4)  # sample(): x_T drawn in-kernel
     truth, low = _truth_and_low(tiny, plan, x_T, 4, torch.float32)
     assert_close_to_reference(got, low, truth, torch.float32, f"triton eta={eta}")
 
@@ -178,24 +178,38 @@ def test_graph_replay_matches_eager_triton_and_reference(tiny, dtype):
     truth, low = _truth_and_low(tiny, plan, x_T, 1, dtype)
     assert_close_to_reference(g, low, truth, dtype, "cuda_graph")
     assert_close_to_reference(e, low, truth, dtype, "triton eager")
-    assert (g - e).abs().max() <= 1e-5 if dtype == torch.float32 else 1e-2
+    assert (g - e).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.gpu
 def test_graph_cache_seeds_batches_and_held_results(tiny):
-    eng = dd.Engine(tiny, dd.SamplingPlan.build(tiny.schedule, 5, eta=1.0), backend="cuda_graph", device="cuda")
+    plan = dd.SamplingPlan.build(tiny.schedule, 5, eta=1.0)
+    eng = dd.Engine(tiny, plan, backend="cuda_graph", device="cuda")
     a = eng.sample(2, seed=1)
     held = a.clone()
     b = eng.sample(2, seed=2)
-    assert eng.graph_captures == 1  # a new seed replays the same graph
+    assert eng.graph_captures == 1  # a new seed replays the same graph ...
     assert (a - b).abs().max() > 1e-2  # ... and gives another sample
     assert torch.equal(a, held)  # the replay did not overwrite the result the caller holds
     c = eng.sample(2, seed=1, first_index=7)
-    assert eng.graph_captures == 1  # a new first_index does not re-capture either
-    assert torch.equal(c[0], eng.sample(1, seed=1, first_index=7)[0]) or eng.graph_captures == 2
+    assert eng.graph_captures == 1  # first_index lives in device memory too
+    eager = dd.Engine(tiny, plan, backend="triton", device="cuda").sample(2, seed=1, first_index=7)
+    torch.testing.assert_close(c, eager, rtol=0, atol=1e-5)
     eng.sample(3, seed=1)
-    assert eng.graph_captures >= 2  # a new batch size captures a new graph
-    torch.testing.assert_close(eng.sample(2, seed=1), held, rtol=0, atol=0)
+    assert eng.graph_captures == 2  # a new batch size captures a new graph
+    eng(dd.rng.initial_noise(1, (2, 3, 16, 16), device="cuda"), seed=1)
+    assert eng.graph_captures == 3  # so does a given x_T (its own start)
+    assert torch.equal(eng.sample(2, seed=1), held)  # replays are deterministic
+
+
+@pytest.mark.gpu
+def test_graph_inversion_matches_reference(tiny):
+    plan = dd.SamplingPlan.build(tiny.schedule, 8)
+    x0 = torch.rand(2, 3, 16, 16, device="cuda") * 2 - 1
+    got = dd.Engine(tiny, plan, backend="cuda_graph", device="cuda").invert(x0)
+    low = dd.Engine(tiny, plan, backend="reference", device="cuda").invert(x0)
+    truth = dd.invert(copy.deepcopy(tiny).double().cuda(), x0.double(), plan)
+    assert_close_to_reference(got, low, truth, torch.float32, "cuda_graph invert")
 
 
 @pytest.mark.gpu
@@ -208,3 +222,32 @@ def test_fp16_sampling_psnr_against_fp32():
     mse = (a - b).pow(2).mean().item()
     psnr = 10 * torch.log10(torch.tensor(4.0 / max(mse, 1e-20))).item()  # peak-to-peak range 2
     assert psnr >= 40, psnr
+
+
+# -- the graph runner's bookkeeping on CPU, with a stand-in for the CUDA graph -------------------------
+class _ReplayBody:
+    """Stands in for torch.cuda.CUDAGraph: replay() re-runs the captured body eagerly. It checks
+    the runner's cache, static buffers and copies on a CPU; the real capture is the GPU tier."""
+
+    def __init__(self, body):
+        self.replay = body
+
+
+def test_graph_runner_bookkeeping(analytic, monkeypatch):
+    from ddim_fast import engine
+
+    monkeypatch.setattr(engine._GraphRunner, "_warm_up", lambda self, body: body())
+    monkeypatch.setattr(engine._GraphRunner, "_record", lambda self, body: _ReplayBody(body))
+    plan = _plan(4, eta=1.0)
+    runner = engine._GraphRunner(copy.deepcopy(analytic), torch.device("cpu"), torch.float32, False,
+                                 fused=True, max_graphs=2)
+    ref = dd.Engine(analytic, plan, shape=SHAPE, backend="reference", device="cpu")
+    a = runner.sample(2, SHAPE, plan, seed=1, first_index=0)
+    held = a.clone()
+    b = runner.sample(2, SHAPE, plan, seed=2, first_index=3)
+    assert runner.captures == 1 and torch.equal(a, held)  # new seed / first_index: same graph
+    torch.testing.assert_close(b.clamp(-1, 1), ref.sample(2, seed=2, first_index=3), rtol=0, atol=1e-5)
+    runner.sample(3, SHAPE, plan, seed=1, first_index=0)
+    runner.run(a, plan, seed=1, noise=None, first_index=0)
+    assert runner.captures == 3 and len(runner.graphs) == 2  # new batch, new start; LRU cap of 2
+    assert torch.equal(runner.sample(2, SHAPE, plan, seed=1, first_index=0), held)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import assert_close_to_reference, poisoned_like
-from ddim_fast.kernels.ddim_step import ddim_step, ddim_step_ref, threshold_scale
+from ddim_fast.kernels.ddim_step import ddim_step, ddim_step_ref, initial_noise, threshold_scale
 
 from ddim_fast import rng
 from ddim_fast.models.analytic import GaussianEps
@@ -98,6 +98,35 @@ def test_noise_is_the_reference_stream():
     ddim_step(alone, torch.zeros_like(alone), coef, step_t, seed=seed_t, first_index=5)
     torch.testing.assert_close(alone[0], z[1], rtol=0, atol=0)
     assert z.std() > 0.9 and abs(z.mean()) < 0.05  # sanity: these are normals
+
+
+def test_first_index_from_device_memory():
+    """first_index as a (1,) int64 device tensor (what a CUDA graph replays) = the int."""
+    coef = torch.zeros(2, 6, device=DEV)
+    coef[1, 5] = 1.0
+    shape = (2, 3, 5, 4)
+    step_t = torch.tensor([1], dtype=torch.int32, device=DEV)
+    seed_t = torch.tensor([77], dtype=torch.int64, device=DEV)
+    a = ddim_step(torch.zeros(shape, device=DEV), torch.zeros(shape, device=DEV), coef, step_t, seed=seed_t,
+                  first_index=torch.tensor([9], dtype=torch.int64, device=DEV))
+    b = ddim_step(torch.zeros(shape, device=DEV), torch.zeros(shape, device=DEV), coef, step_t, seed=seed_t,
+                  first_index=9)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, rng.step_noise(77, 1, shape, first_index=9, device=DEV), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (3, 1, 33, 31)])
+def test_initial_noise_is_the_reference_x_T(shape):
+    seed = 2**33 + 5
+    x = poisoned_like(torch.empty(shape, device=DEV))
+    seed_t = torch.tensor([seed], dtype=torch.int64, device=DEV)
+    out = initial_noise(x, seed_t, torch.tensor([6], dtype=torch.int64, device=DEV))
+    assert out is x
+    torch.testing.assert_close(x, rng.initial_noise(seed, shape, first_index=6, device=DEV), rtol=2e-6, atol=2e-6)
+    one = initial_noise(torch.empty(1, *shape[1:], device=DEV), seed_t, 6 + shape[0] - 1)
+    assert torch.equal(one[0], x[-1])  # batch-invariant
+    with pytest.raises(ValueError, match="seed must be a"):
+        initial_noise(x, seed, 0)
 
 
 def test_zero_sigma_draws_nothing():
