@@ -2,8 +2,15 @@
 
 import os
 
-import pytest
-import torch
+# One intra-op thread per process unless the caller says otherwise: the suite's tensors are
+# small, the 2-core CI machine also runs subprocesses (torchrun, the interpreter), and two
+# OpenMP threads per process on a busy 2-core machine made small ops 10-30x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Triton kernels run on a CPU only in the interpreter, chosen when they are defined: set it
 # before any test module imports ddim_fast.kernels. With a GPU the real kernels run.
