@@ -1,0 +1,388 @@
+"""Tier 4: the ONNX export and the ONNX Runtime backend against the reference (CPU EP), plus the
+GPU tier (CUDA EP, IO binding), which is skipped without CUDA.
+
+Every parity check uses DESIGN.md's tolerance rule: error against a float64 reference <= 2 x the
+error of the torch reference in the same precision + atol. The expensive step, torch.onnx tracing
+the tiny UNet, happens once for the module (a shared cache folder); GaussianEps exports are cheap.
+"""
+
+import argparse
+import copy
+import math
+import sys
+
+import pytest
+import torch
+
+import ddim_fast as dd
+from ddim_fast import onnx as dox
+from ddim_fast.engine import BackendUnavailable
+from ddim_fast.models.analytic import GaussianEps
+from ddim_fast.sampling import dynamic_threshold
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
+GSHAPE = (3, 8, 8)  # GaussianEps is size-agnostic; small keeps the float64 runs cheap
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+
+
+def assert_rule(fast, ref_low, ref64, dtype=torch.float32):
+    """DESIGN.md: max |fast - ref64| <= 2 max |ref_low - ref64| + atol(dtype)."""
+    err_fast = (fast.double().cpu() - ref64.double().cpu()).abs().max().item()
+    err_low = (ref_low.double().cpu() - ref64.double().cpu()).abs().max().item()
+    assert math.isfinite(err_fast)
+    assert err_fast <= 2 * err_low + ATOL[dtype], (err_fast, err_low)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        folder = tmp_path_factory.mktemp("ddim-fast-cache")
+        mp.setenv("DDIM_FAST_CACHE", str(folder))
+        yield folder / "onnx"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    m = dd.UNet(dd.UNetConfig.tiny()).eval()
+    with torch.no_grad():  # norms and biases away from their init, so every parameter matters
+        for p in m.parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    m.schedule = SCHED
+    return m
+
+
+@pytest.fixture(scope="module")
+def gauss():
+    return GaussianEps(SCHED, mu=0.3, std=0.5)
+
+
+def _float64(model):
+    return copy.deepcopy(model).double().eval()
+
+
+# -- the eps-model ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_eps(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("eps") / "tiny.onnx"
+    return dd.export_onnx(tiny, path)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_eps_model_matches_the_reference(tiny, tiny_eps, batch):
+    runner = dox.OrtRunner(tiny_eps)
+    assert runner.inputs == ["x", "t"]
+    g = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, 3, 16, 16, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    got = runner(x=x, t=t)
+    assert got.shape == x.shape and got.dtype == torch.float32
+    with torch.no_grad():
+        ref64 = _float64(tiny)(x.double(), t)
+        ref32 = tiny(x, t)
+    assert ref64.abs().max() > 0.1
+    assert_rule(got, ref32, ref64)
+
+
+def test_eps_model_metadata_round_trip(tiny, tiny_eps):
+    meta = dox.onnx_metadata(tiny_eps)
+    assert meta["kind"] == "eps_model"
+    assert dd.UNetConfig.from_dict(meta["model_config"]) == tiny.config
+    assert torch.equal(dd.NoiseSchedule.from_dict(meta["schedule"]).betas, SCHED.betas)
+    assert meta["prediction"] == "eps" and meta["dtype"] == "fp32" and meta["version"] == dd.__version__
+    assert meta["shape"] == [3, 16, 16]
+    assert "plan" not in meta
+
+
+# -- the whole sampler --------------------------------------------------------------------------------
+PLANS = {
+    "ddim": dict(steps=6),
+    "eta": dict(steps=6, eta=0.7),
+    "sigma_hat": dict(steps=6, variance="large"),
+    "clip": dict(steps=6, clip_x0=0.6),
+    "threshold": dict(steps=6, threshold=0.9, threshold_max=1.3),
+    "v_quad": dict(steps=5, spacing="quad", prediction="v", eta=0.3),
+    "x0_clip": dict(steps=5, prediction="x0", clip_x0=(-0.5, 0.9)),
+}
+
+
+def _reference(model, plan, x, noise):
+    """(float64 reference, float32 reference) of a plan from x with explicit noise."""
+    m64 = _float64(model)
+    if plan.direction == "invert":
+        return dd.invert(m64, x.double(), plan), dd.invert(model, x, plan)
+    n64 = noise.double() if noise is not None else None
+    return dd.sample(m64, x.double(), plan, noise=n64), dd.sample(model, x, plan, noise=noise)
+
+
+@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "loop"])
+@pytest.mark.parametrize("name", list(PLANS) + ["invert", "invert_target"])
+def test_whole_sampler_matches_the_reference(name, unroll, tmp_path):
+    if name.startswith("invert"):
+        plan = dd.SamplingPlan.build(SCHED, 6).inverse("target" if name == "invert_target" else "current")
+        pred = "eps"
+    else:
+        plan = dd.SamplingPlan.build(SCHED, **PLANS[name])
+        pred = plan.prediction
+    model = GaussianEps(SCHED, mu=0.3, std=0.5, prediction=pred)
+    path = dd.export_onnx(model, tmp_path / "s.onnx", plan=plan, shape=GSHAPE, unroll=unroll)
+    meta = dox.onnx_metadata(path)
+    assert meta["plan"] == plan.describe()
+    assert meta["graph"] == ("unrolled" if unroll else "loop")
+    runner = dox.OrtRunner(path)
+    g = torch.Generator().manual_seed(1)
+    x = 1.5 * torch.randn(3, *GSHAPE, generator=g)
+    noise = torch.randn(plan.steps, *x.shape, generator=g) if plan.needs_noise else None
+    x_in = "x_T" if plan.direction == "sample" else "x0"
+    assert sorted(runner.inputs) == sorted([x_in] + (["noise"] if noise is not None else []))
+    feeds = {x_in: x} if noise is None else {x_in: x, "noise": noise}
+    got = runner(**feeds)
+    ref64, ref32 = _reference(model, plan, x, noise)
+    assert_rule(got, ref32, ref64)
+    if plan.threshold is not None or plan.clip_x0 is not None:  # the clip must really act here
+        free = dd.SamplingPlan.build(SCHED, **{k: v for k, v in PLANS[name].items()
+                                               if k not in ("clip_x0", "threshold", "threshold_max")})
+        unclipped = dd.sample(_float64(model), x.double(), free, noise=None if noise is None else noise.double())
+        assert (unclipped - ref64).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("numel,p", [(192, 0.9), (192, 0.995), (192, 1.0), (7, 0.5), (101, 0.37), (1, 0.8)])
+def test_threshold_graph_equals_dynamic_threshold(numel, p):
+    from onnx import TensorProto, helper
+
+    b = dox._Builder()
+    shape = ["B", numel, 1, 1]
+    out = dox._threshold_ops(b, "x0", p, 1.7, numel)
+    graph = helper.make_graph(b.nodes, "thr", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, shape)], initializer=b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x0 = 1.4 * torch.randn(4, numel, 1, 1, generator=torch.Generator().manual_seed(numel))
+    got = torch.from_numpy(sess.run(None, {"x0": x0.numpy()})[0])
+    want = dynamic_threshold(x0, p, 1.7)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_fp16_network_keeps_a_float32_state(tmp_path):
+    model = GaussianEps(SCHED)
+    plan = dd.SamplingPlan.build(SCHED, 5, eta=0.5)
+    path = dd.export_onnx(model, tmp_path / "h.onnx", plan=plan, dtype=torch.float16, shape=GSHAPE)
+    proto = onnx.load(str(path))
+    assert {o.type.tensor_type.elem_type for o in proto.graph.output} == {onnx.TensorProto.FLOAT}
+    casts = [a.i for n in proto.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"]
+    assert onnx.TensorProto.FLOAT16 in casts  # the network runs in fp16 inside the graph
+    assert dox.onnx_metadata(path)["dtype"] == "fp16"
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, *GSHAPE, generator=g)
+    noise = torch.randn(plan.steps, *x.shape, generator=g)
+    got = dox.OrtRunner(path)(x_T=x, noise=noise)
+    half = dox._Network(copy.deepcopy(model).half(), torch.float16)
+    ref16 = dd.sample(half, x, plan, noise=noise)
+    ref64 = dd.sample(_float64(model), x.double(), plan, noise=noise.double())
+    assert (ref16.double() - ref64).abs().max() > 1e-5  # fp16 really is in the graph's reference
+    assert_rule(got, ref16, ref64, torch.float16)
+
+
+# -- the Engine backend ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+def test_engine_onnxruntime_equals_reference(tiny, eta):
+    plan = dd.SamplingPlan.build(SCHED, 4, eta=eta)
+    fast = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu")
+    ref = dd.Engine(tiny, plan, backend="reference", device="cpu")
+    assert fast.backend == "onnxruntime"
+    got = fast.sample(3, seed=7, first_index=5)
+    want = ref.sample(3, seed=7, first_index=5)
+    x_T = dd.rng.initial_noise(7, (3, 3, 16, 16), first_index=5)
+    ref64 = dd.sample(_float64(tiny), x_T.double(), plan, seed=7, first_index=5).clamp(-1, 1)
+    assert_rule(got, want, ref64)
+    if eta > 0:  # the seed really drives the noise: another seed, another sample
+        assert (fast.sample(3, seed=8, first_index=5) - got).abs().max() > 1e-2
+        # sample k of a seed does not depend on the batch it is drawn in
+        assert_rule(fast.sample(1, seed=7, first_index=6)[0], want[1], ref64[1])
+
+
+def test_engine_explicit_noise(tiny):
+    plan = dd.SamplingPlan.build(SCHED, 3, eta=1.0)
+    fast = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu")
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(3, 2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    got = fast(x_T, noise=noise)
+    want = dd.Engine(tiny, plan, backend="reference", device="cpu")(x_T, noise=noise)
+    ref64 = dd.sample(_float64(tiny), x_T.double(), plan, noise=noise.double()).clamp(-1, 1)
+    assert_rule(got, want, ref64)
+
+
+def test_engine_inversion(tiny):
+    plan = dd.SamplingPlan.build(SCHED, 4)
+    fast = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu")
+    ref = dd.Engine(tiny, plan, backend="reference", device="cpu")
+    x0 = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    got, want = fast.invert(x0), ref.invert(x0)
+    ref64 = dd.invert(_float64(tiny), x0.double(), plan)
+    assert_rule(got, want, ref64)
+    assert set(fast._runner.paths) == {"sample", "invert"}
+    assert dox.onnx_metadata(fast._runner.paths["invert"])["plan"]["direction"] == "invert"
+
+
+def test_second_engine_hits_the_cache(tiny, cache):
+    plan = dd.SamplingPlan.build(SCHED, 5, clip_x0=1.0)
+    dd.Engine(tiny, plan, backend="onnxruntime", device="cpu")
+    before = dict(dox.stats)
+    files = sorted(cache.iterdir())
+    eng = dd.Engine(copy.deepcopy(tiny), plan, backend="onnxruntime", device="cpu")  # equal, not identical
+    assert dox.stats["torch_exports"] == before["torch_exports"]
+    assert dox.stats["sampler_builds"] == before["sampler_builds"]
+    assert dox.stats["cache_hits"] == before["cache_hits"] + 1
+    assert sorted(cache.iterdir()) == files
+    assert eng._runner.paths["sample"] in files
+    # new weights: a new key (export again); a new plan for the same weights: no new torch export
+    changed = copy.deepcopy(tiny)
+    with torch.no_grad():
+        changed.conv_out.bias.add_(1e-3)
+    assert dox.model_fingerprint(changed) != dox.model_fingerprint(tiny)
+    dd.Engine(tiny, dd.SamplingPlan.build(SCHED, 5, clip_x0=0.9), backend="onnxruntime", device="cpu")
+    assert dox.stats["torch_exports"] == before["torch_exports"]
+    assert dox.stats["sampler_builds"] == before["sampler_builds"] + 1
+
+
+def test_fingerprint_sees_plain_attributes():
+    assert dox.model_fingerprint(GaussianEps(SCHED, mu=0.3)) != dox.model_fingerprint(GaussianEps(SCHED, mu=0.4))
+    assert dox.model_fingerprint(GaussianEps(SCHED)) == dox.model_fingerprint(GaussianEps(SCHED))
+
+
+# -- validation and clear errors ---------------------------------------------------------------------
+def test_export_validation_fails_loudly_and_writes_nothing(tmp_path, monkeypatch):
+    plan = dd.SamplingPlan.build(SCHED, 5, threshold=0.8)
+    monkeypatch.setattr(dox, "_threshold_ops", lambda b, x0, *a: x0)  # a graph that forgets to threshold
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(dox.ExportValidationError, match="does not match the reference"):
+        dd.export_onnx(GaussianEps(SCHED), out, plan=plan, shape=GSHAPE)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_validate_export_rejects_another_model(tmp_path):
+    path = dd.export_onnx(GaussianEps(SCHED, mu=0.3), tmp_path / "a.onnx", shape=GSHAPE)
+    with pytest.raises(dox.ExportValidationError):
+        dox.validate_export(path, GaussianEps(SCHED, mu=0.35), None, shape=GSHAPE)
+
+
+def test_bad_export_arguments(tiny, tmp_path):
+    with pytest.raises(ValueError, match="float16"):
+        dd.export_onnx(tiny, tmp_path / "b.onnx", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="opset"):
+        dd.export_onnx(tiny, tmp_path / "b.onnx", opset=9)
+    with pytest.raises(ValueError, match="prediction='eps'"):
+        dd.export_onnx(tiny, tmp_path / "b.onnx", plan=dd.SamplingPlan.build(SCHED, 3, prediction="v"))
+    with pytest.raises(ValueError, match="shape"):
+        dd.export_onnx(GaussianEps(SCHED), tmp_path / "b.onnx")
+    with pytest.raises(ValueError, match="bfloat16"):
+        dd.Engine(tiny, dd.SamplingPlan.build(SCHED, 3), backend="onnxruntime", device="cpu", dtype=torch.bfloat16)
+
+
+def test_missing_onnxruntime_names_the_extra(tiny, tiny_eps, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    with pytest.raises(ImportError, match=r"ddim-fast\[onnx\]"):
+        dox.OrtRunner(tiny_eps)
+    with pytest.raises(ValueError, match=r"ddim-fast\[gpu\]"):
+        dox.OrtSamplerBackend(tiny, dd.SamplingPlan.build(SCHED, 3), device="cpu", dtype=torch.float32,
+                              shape=(3, 16, 16))
+    with pytest.raises(BackendUnavailable, match=r"ddim-fast\[onnx\]"):
+        dd.Engine(tiny, dd.SamplingPlan.build(SCHED, 3), backend="onnxruntime", device="cpu")
+    eng = dd.Engine(tiny, dd.SamplingPlan.build(SCHED, 3), backend="auto", device="cpu")
+    assert eng.backend == "reference" and "onnxruntime" in eng.backend_reason
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_cuda_provider_that_cannot_load(tiny_eps, monkeypatch):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA EP")
+    with pytest.raises(ValueError, match=r"no CUDAExecutionProvider.*ddim-fast\[gpu\]"):
+        dox.OrtRunner(tiny_eps, device="cuda")
+    # listed (onnxruntime-gpu installed) but its CUDA libraries do not load: ORT falls back to the CPU
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="could not load its CUDAExecutionProvider"):
+        dox.OrtRunner(tiny_eps, device="cuda")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_onnx_file(tiny_eps, tmp_path, damage):
+    data = tiny_eps.read_bytes()
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not an onnx model" * 10, "empty": b""}[damage])
+    with pytest.raises(ValueError, match=r"bad\.onnx.*damaged or truncated.*re-export"):
+        dox.OrtRunner(bad)
+    with pytest.raises(ValueError, match=r"bad\.onnx.*re-export"):
+        dox.onnx_metadata(bad)
+    with pytest.raises(FileNotFoundError, match="export"):
+        dox.OrtRunner(tmp_path / "missing.onnx")
+
+
+def test_damaged_cache_entry_is_rebuilt(tiny, cache):
+    plan = dd.SamplingPlan.build(SCHED, 2)
+    first = dox.OrtSamplerBackend(tiny, plan, device="cpu", dtype=torch.float32, shape=(3, 16, 16))
+    path = first.paths["sample"]
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="damaged cache entry"):
+        again = dox.OrtSamplerBackend(tiny, plan, device="cpu", dtype=torch.float32, shape=(3, 16, 16))
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(again.run(x, plan, seed=0, noise=None, first_index=0),
+                               first.run(x, plan, seed=0, noise=None, first_index=0))
+
+
+def test_host_noise_is_the_seeded_stream():
+    plan = dd.SamplingPlan.build(SCHED, 4, variance="large")  # no noise on the last step
+    z = dox.host_noise(plan, 11, (2, 1, 4, 4), first_index=3)
+    for i in range(3):
+        assert torch.equal(z[i], dd.rng.step_noise(11, i, (2, 1, 4, 4), first_index=3))
+    assert torch.equal(z[3], torch.zeros(2, 1, 4, 4))
+
+
+# -- the CLI hook ---------------------------------------------------------------------------------------
+def test_cli_export(tiny, tmp_path, capsys):
+    from ddim_fast.checkpoint import save_model
+
+    save_model(tmp_path / "ckpt", tiny)
+    parser = argparse.ArgumentParser()
+    dox.add_cli_arguments(parser)
+    out = tmp_path / "cli.onnx"
+    argv = ["--model", str(tmp_path / "ckpt"), "--out", str(out), "--whole-sampler", "--steps", "3",
+            "--eta", "0.5", "--graph", "loop"]
+    assert dox.cli_main(parser.parse_args(argv)) == 0
+    meta = dox.onnx_metadata(out)
+    assert meta["plan"]["steps"] == 3 and meta["plan"]["eta"] == 0.5 and meta["graph"] == "loop"
+    assert "noise" in meta["inputs"] and "wrote" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        dox.cli_main(parser.parse_args(argv))
+    with pytest.raises(ValueError, match="--whole-sampler"):
+        dox.cli_main(parser.parse_args(["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "e.onnx"),
+                                        "--steps", "3"]))
+
+
+# -- GPU tier (skipped without CUDA) ------------------------------------------------------------------
+def _cuda_ep():
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ep(), reason="needs CUDA and onnxruntime-gpu")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_ep_parity_without_host_copies(tiny, monkeypatch, cuda_graph, dtype):
+    plan = dd.SamplingPlan.build(SCHED, 4, eta=0.5)
+    backend = dox.OrtSamplerBackend(tiny, plan, device="cuda", dtype=dtype, shape=(3, 16, 16), cuda_graph=cuda_graph)
+    runner = backend.runner(plan)
+    monkeypatch.setattr(runner.session, "run", lambda *a, **k: pytest.fail("host path used on CUDA"))
+    monkeypatch.setattr(torch.Tensor, "numpy", lambda *a, **k: pytest.fail("host copy on CUDA"))
+    x_T = dd.rng.initial_noise(3, (2, 3, 16, 16), device="cuda")
+    for _ in range(2):  # the second call replays ORT's CUDA graph when enabled
+        got = backend.run(x_T, plan, seed=3, noise=None, first_index=0)
+    assert got.device.type == "cuda"
+    monkeypatch.undo()
+    ref = dd.Engine(tiny, plan, backend="reference", device="cuda", dtype=dtype)._runner.run(
+        x_T, plan, seed=3, noise=None, first_index=0)
+    ref64 = dd.sample(_float64(tiny).cuda(), x_T.double(), plan, seed=3)
+    assert_rule(got, ref, ref64, dtype)
