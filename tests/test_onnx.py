@@ -1,18 +1,19 @@
 """Tier 4: the ONNX export and the ONNX Runtime backend against the reference (CPU EP), plus the
 GPU tier (CUDA EP, IO binding), which is skipped without CUDA.
 
-Every parity check uses DESIGN.md's tolerance rule: error against a float64 reference <= 2 x the
-error of the torch reference in the same precision + atol. The expensive step, torch.onnx tracing
-the tiny UNet, happens once for the module (a shared cache folder); GaussianEps exports are cheap.
+Every parity check uses DESIGN.md's tolerance rule (conftest.assert_close_to_reference): error
+against a float64 reference <= 2 x the error of the torch reference in the same precision + atol.
+The expensive step, torch.onnx tracing the tiny UNet, happens once for the module (a shared cache
+folder); GaussianEps exports are cheap.
 """
 
 import argparse
 import copy
-import math
 import sys
 
 import pytest
 import torch
+from conftest import assert_close_to_reference
 
 import ddim_fast as dd
 from ddim_fast import onnx as dox
@@ -25,15 +26,6 @@ onnx = pytest.importorskip("onnx")
 
 SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
 GSHAPE = (3, 8, 8)  # GaussianEps is size-agnostic; small keeps the float64 runs cheap
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-2}
-
-
-def assert_rule(fast, ref_low, ref64, dtype=torch.float32):
-    """DESIGN.md: max |fast - ref64| <= 2 max |ref_low - ref64| + atol(dtype)."""
-    err_fast = (fast.double().cpu() - ref64.double().cpu()).abs().max().item()
-    err_low = (ref_low.double().cpu() - ref64.double().cpu()).abs().max().item()
-    assert math.isfinite(err_fast)
-    assert err_fast <= 2 * err_low + ATOL[dtype], (err_fast, err_low)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -85,7 +77,7 @@ def test_eps_model_matches_the_reference(tiny, tiny_eps, batch):
         ref64 = _float64(tiny)(x.double(), t)
         ref32 = tiny(x, t)
     assert ref64.abs().max() > 0.1
-    assert_rule(got, ref32, ref64)
+    assert_close_to_reference(got, ref32, ref64, torch.float32)
 
 
 def test_eps_model_metadata_round_trip(tiny, tiny_eps):
@@ -142,7 +134,7 @@ def test_whole_sampler_matches_the_reference(name, unroll, tmp_path):
     feeds = {x_in: x} if noise is None else {x_in: x, "noise": noise}
     got = runner(**feeds)
     ref64, ref32 = _reference(model, plan, x, noise)
-    assert_rule(got, ref32, ref64)
+    assert_close_to_reference(got, ref32, ref64, torch.float32)
     if plan.threshold is not None or plan.clip_x0 is not None:  # the clip must really act here
         free = dd.SamplingPlan.build(SCHED, **{k: v for k, v in PLANS[name].items()
                                                if k not in ("clip_x0", "threshold", "threshold_max")})
@@ -184,7 +176,7 @@ def test_fp16_network_keeps_a_float32_state(tmp_path):
     ref16 = dd.sample(half, x, plan, noise=noise)
     ref64 = dd.sample(_float64(model), x.double(), plan, noise=noise.double())
     assert (ref16.double() - ref64).abs().max() > 1e-5  # fp16 really is in the graph's reference
-    assert_rule(got, ref16, ref64, torch.float16)
+    assert_close_to_reference(got, ref16, ref64, torch.float16)
 
 
 # -- the Engine backend ---------------------------------------------------------------------------------
@@ -198,11 +190,11 @@ def test_engine_onnxruntime_equals_reference(tiny, eta):
     want = ref.sample(3, seed=7, first_index=5)
     x_T = dd.rng.initial_noise(7, (3, 3, 16, 16), first_index=5)
     ref64 = dd.sample(_float64(tiny), x_T.double(), plan, seed=7, first_index=5).clamp(-1, 1)
-    assert_rule(got, want, ref64)
+    assert_close_to_reference(got, want, ref64, torch.float32)
     if eta > 0:  # the seed really drives the noise: another seed, another sample
         assert (fast.sample(3, seed=8, first_index=5) - got).abs().max() > 1e-2
         # sample k of a seed does not depend on the batch it is drawn in
-        assert_rule(fast.sample(1, seed=7, first_index=6)[0], want[1], ref64[1])
+        assert_close_to_reference(fast.sample(1, seed=7, first_index=6)[0], want[1], ref64[1], torch.float32)
 
 
 def test_engine_explicit_noise(tiny):
@@ -213,7 +205,7 @@ def test_engine_explicit_noise(tiny):
     got = fast(x_T, noise=noise)
     want = dd.Engine(tiny, plan, backend="reference", device="cpu")(x_T, noise=noise)
     ref64 = dd.sample(_float64(tiny), x_T.double(), plan, noise=noise.double()).clamp(-1, 1)
-    assert_rule(got, want, ref64)
+    assert_close_to_reference(got, want, ref64, torch.float32)
 
 
 def test_engine_inversion(tiny):
@@ -223,7 +215,7 @@ def test_engine_inversion(tiny):
     x0 = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(9)) * 2 - 1
     got, want = fast.invert(x0), ref.invert(x0)
     ref64 = dd.invert(_float64(tiny), x0.double(), plan)
-    assert_rule(got, want, ref64)
+    assert_close_to_reference(got, want, ref64, torch.float32)
     assert set(fast._runner.paths) == {"sample", "invert"}
     assert dox.onnx_metadata(fast._runner.paths["invert"])["plan"]["direction"] == "invert"
 
@@ -385,4 +377,4 @@ def test_cuda_ep_parity_without_host_copies(tiny, monkeypatch, cuda_graph, dtype
     ref = dd.Engine(tiny, plan, backend="reference", device="cuda", dtype=dtype)._runner.run(
         x_T, plan, seed=3, noise=None, first_index=0)
     ref64 = dd.sample(_float64(tiny).cuda(), x_T.double(), plan, seed=3)
-    assert_rule(got, ref, ref64, dtype)
+    assert_close_to_reference(got, ref, ref64, dtype)
