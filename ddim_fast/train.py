@@ -49,11 +49,11 @@ from . import rng
 from .checkpoint import (
     EMA_FILE,
     MODEL_FILE,
-    _fsync_dir,
     atomic_save_safetensors,
     atomic_write_bytes,
     atomic_write_json,
     build_model,
+    fsync_dir,
     save_model,
 )
 from .data import TensorImages, load_dataset, num_workers_default
@@ -73,7 +73,7 @@ GRID_FILE = "samples.png"
 # Fields that must match between a run and its resume (the others may change, e.g. --steps).
 RUN_FIELDS = ("dataset", "config", "batch_size", "lr", "warmup", "lr_schedule", "optimizer", "weight_decay",
               "grad_clip", "ema_decay", "dropout", "prediction", "flip", "precision", "accum", "seed",
-              "schedule")
+              "schedule", "timesteps")
 # Purposes for the per-step keys (rng.sample_keys' 'purpose' word), distinct from the sampler's.
 _KEY_EPOCH, _KEY_BATCH, _KEY_DROPOUT = 16, 17, 18
 
@@ -465,14 +465,15 @@ class Trainer:
         tmp = ckdir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             extra = {"training": {"step": self.step, "dataset": self.cfg.dataset, "weights": "raw + ema",
-                                  **{k: v for k, v in self.cfg.run_fields().items() if k != "dataset"}}}
+                                  **{k: v for k, v in self.cfg.run_fields().items() if k != "dataset"},
+                                  "flips_applied": self.flip}}  # --flip and the data allows it
             save_model(tmp, self.model, ema_state_dict=self.ema, extra=extra)
             tensors, state = self._trainer_state()
             atomic_save_safetensors(tmp / TRAINER_FILE, tensors)
             if self.cfg.grid_size:
                 write_sample_grid(tmp / GRID_FILE, self._ema_model(), self.cfg.grid_size, seed=self.cfg.seed)
             atomic_write_json(tmp / TRAINER_JSON, state)  # last: its presence marks a complete folder
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             if final.exists():  # a re-run of the same step: set the old one aside first
                 aside = ckdir / f".{name}.old-{uuid.uuid4().hex[:8]}"
                 os.replace(final, aside)
@@ -480,7 +481,7 @@ class Trainer:
                 shutil.rmtree(aside, ignore_errors=True)
             else:
                 os.replace(tmp, final)
-            _fsync_dir(ckdir)
+            fsync_dir(ckdir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -590,6 +591,24 @@ def find_latest_checkpoint(out) -> Path | None:
             return p
     done = sorted(p for p in ckdir.glob("step-*") if (p / TRAINER_JSON).is_file()) if ckdir.is_dir() else []
     return done[-1] if done else None
+
+
+def export_ema(checkpoint, dst, *, overwrite: bool = False, extra: dict | None = None) -> Path:
+    """Write the EMA weights of a training checkpoint as a sampling-only model folder at `dst`
+    (config.json + model.safetensors holding the EMA weights, no optimizer state): half the size,
+    which is how the bundled model ships. `extra` adds keys to the "training" record."""
+    from .checkpoint import load_model
+
+    src = Path(checkpoint)
+    if (src / "checkpoints").is_dir():  # a run folder: take its latest checkpoint
+        found = find_latest_checkpoint(src)
+        if found is None:
+            raise FileNotFoundError(f"{src} holds no complete checkpoint yet; train first")
+        src = found
+    model = load_model(src, ema=True)
+    training = dict(model.checkpoint_info.get("training", {}))
+    training.update({"weights": "ema", "source": src.name, **(extra or {})})
+    return save_model(dst, model, extra={"training": training}, overwrite=overwrite)
 
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:

@@ -111,6 +111,13 @@ def test_checkpoint_layout_and_load_model(tmp_path):
     with Image.open(ck / "samples.png") as im:  # 2x2 grid of 16 px images, 1 px apart
         assert im.size == (2 * 17 + 1, 2 * 17 + 1) and im.mode == "RGB"
     assert not any(p.name.startswith(".") for p in (tmp_path / "checkpoints").iterdir())
+    # the sampling-only export (how the bundled model ships): EMA weights as model.safetensors
+    exported = T.export_ema(tmp_path, tmp_path / "export", extra={"note": "test"})
+    assert sorted(p.name for p in exported.iterdir()) == ["config.json", "model.safetensors"]
+    small = dd.load_model(exported)
+    assert all(torch.equal(a, b) for a, b in zip(small.state_dict().values(), model.state_dict().values()))
+    info = small.checkpoint_info["training"]
+    assert info["weights"] == "ema" and info["step"] == 2 and info["note"] == "test" and small.prediction == "v"
 
 
 def test_keep_prunes_old_checkpoints(tmp_path):
@@ -249,3 +256,42 @@ def test_torchrun_two_processes_gloo(tmp_path):
     single = T.train(_cfg(tmp_path / "one", steps=3, save_every=3, warmup=1, dropout=0.0), log=_quiet)
     for r in log:  # same global batches and noise: equal up to float summation order
         assert r["loss"] == pytest.approx(single.losses[r["step"]], rel=1e-4)
+
+
+# -- GPU (tier 5; skipped without CUDA) ------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_autocast_on_gpu_and_resume(tmp_path, precision):
+    kw = dict(precision=precision, device="cuda", steps=4, save_every=2, dropout=0.1)
+    full = T.train(_cfg(tmp_path / "full", **kw), log=_quiet)
+    assert all(math.isfinite(v) for v in full.losses.values())
+    T.train(_cfg(tmp_path / "split", **{**kw, "steps": 2}), log=_quiet)
+    resumed = T.train(_cfg(tmp_path / "split", **{**kw, "resume": True}), log=_quiet)
+    state = json.loads((T.find_latest_checkpoint(tmp_path / "split") / "trainer.json").read_text())
+    assert (state["scaler"] is not None) == (precision == "fp16")
+    # same device, same keyed draws: resume matches (cuDNN may pick other algorithms: allow rounding)
+    for s in (3, 4):
+        assert resumed.losses[s] == pytest.approx(full.losses[s], rel=1e-3)
+
+
+# -- the bundled model -----------------------------------------------------------------------------
+def test_bundled_digits_model_draws_recognisable_digits():
+    pytest.importorskip("sklearn")
+    from ddim_fast.metrics import digits_report, load_digits_classifier
+
+    clf = load_digits_classifier()
+    model = dd.load_model("digits")
+    assert model.config.in_channels == 1 and model.prediction == "eps"
+    assert model.checkpoint_info["training"]["weights"] == "ema"
+    report = digits_report(T.sample_images(model, 20, steps=20, seed=0), clf)
+    # NOTE measured for the shipped model, 20 samples, DDIM-20: mean confidence 0.876 / 0.958 /
+    # 0.917 / 0.943 and 9 / 9 / 10 / 9 classes for seeds 0-3 (real test digits: 0.97, 10).
+    # The issue's thresholds (> 0.8, >= 6 classes) keep a margin over seed 0's numbers.
+    assert report["mean_confidence"] > 0.8, report
+    assert report["classes"] >= 6, report
+    # The same check fails for an untrained network of the same shape (measured 0.13, 3 classes).
+    torch.manual_seed(0)
+    untrained = dd.UNet(model.config).eval()
+    untrained.schedule = model.schedule
+    bad = digits_report(T.sample_images(untrained, 20, steps=20, seed=0), clf)
+    assert bad["mean_confidence"] < 0.5, bad
