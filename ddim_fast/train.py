@@ -400,6 +400,7 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             self._trim_log()
+            self._remove_debris()
             self.log(f"training {self.model_config} ({self.model.num_parameters():,} params) on "
                      f"{self.data.name} ({len(self.data)} images, flips {'on' if self.flip else 'off'}), "
                      f"{self.dist.world} process(es) on {self.device}, global batch {cfg.batch_size} = "
@@ -454,6 +455,14 @@ class Trainer:
         keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.resumed_from]
         if len(keep) != len(lines):
             atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
+
+    def _remove_debris(self):
+        """Delete half-written checkpoint folders a killed run (SIGKILL, power loss) left behind:
+        they carry a leading dot and never a complete checkpoint's name."""
+        ckdir = self.out / "checkpoints"
+        if ckdir.is_dir():
+            for p in ckdir.glob(".*step-*"):
+                shutil.rmtree(p, ignore_errors=True)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save(self) -> Path:

@@ -146,8 +146,12 @@ def test_interrupted_checkpoint_never_replaces_the_last_good_one(tmp_path, monke
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     assert T.find_latest_checkpoint(tmp_path) == good
     monkeypatch.undo()
+    debris = tmp_path / "checkpoints" / ".step-0000004.tmp-dead"  # what a SIGKILL mid-write leaves
+    debris.mkdir()
+    (debris / "model.safetensors").write_bytes(b"half")
     res = T.train(_cfg(tmp_path, steps=4, resume=True), log=_quiet)
     assert res.resumed_from == 2 and res.step == 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
 
 
 def test_latest_falls_back_to_the_newest_complete_folder(tmp_path):
