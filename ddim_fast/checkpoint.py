@@ -60,6 +60,13 @@ def _fsync_dir(path: Path) -> None:
 fsync_dir = _fsync_dir  # public name for callers that assemble their own folders (the trainer)
 
 
+def _umask_mode(base: int) -> int:
+    """`base` under the process umask: what open()/mkdir() would have given (mkstemp gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 def _atomic_write(path, write) -> Path:
     """Call write(tmp_path) on a temporary sibling of `path`, fsync it, then os.replace it over
     `path`. On any error the temporary file is removed and `path` is untouched."""
@@ -68,6 +75,7 @@ def _atomic_write(path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _umask_mode(0o666))  # after write(): some writers replace the file
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -136,6 +144,7 @@ def save_model(path, model: UNet, *, ema_state_dict: dict | None = None, extra: 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, _umask_mode(0o777))
         atomic_write_json(tmp / CONFIG_FILE, config)
         atomic_save_safetensors(tmp / MODEL_FILE, state, meta)
         if ema_state_dict is not None:

@@ -19,8 +19,10 @@ COMMANDS = {
     "encode": ("ddim_fast.commands", "images -> x_T latents (.npz) by DDIM inversion"),
     "decode": ("ddim_fast.commands", "x_T latents (.npz) -> images"),
     "interpolate": ("ddim_fast.commands", "slerp between two seeds or latents, decoded to a strip PNG"),
+    "export": ("ddim_fast.onnx", "export the eps-model or the whole sampler to ONNX (checked in ONNX Runtime)"),
     "train": ("ddim_fast.train", "train a UNet with the DDPM objective"),
     "convert": ("ddim_fast.models.convert", "import an official ckpt.pth or a diffusers folder"),
+    "bench": ("ddim_fast.commands", "run a benchmark script from a source checkout (benchmarks/)"),
 }
 
 EPILOG = """examples:
@@ -29,8 +31,10 @@ EPILOG = """examples:
   torchrun --nproc-per-node 2 -m ddim_fast.cli sample --num 50000 --out samples/
   ddim-fast encode --input samples.npz --out latents.npz
   ddim-fast interpolate --seeds 1 2 --num 9 --out strip.png
+  ddim-fast export --whole-sampler --steps 10 --out ddim10.onnx
   ddim-fast train --dataset digits --config digits --out runs/digits --steps 2000
   ddim-fast convert ckpt.pth my-model/
+  ddim-fast bench speedup_vs_ddpm --quick
 """
 
 

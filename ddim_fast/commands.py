@@ -8,8 +8,10 @@ rank 0 writes manifest.json once every index is present.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -252,6 +254,34 @@ def run_interpolate(args):
     io.save_images(imgs, args.out, overwrite=args.overwrite, nrow=args.num, meta=_describe(args, eng, model))
     print(f"decoded {args.num} slerp frames with {eng.plan.steps} steps in {dt:.2f} s -> {args.out}")
     return 0
+
+
+# -- bench -----------------------------------------------------------------------------------------
+BENCHMARKS = {
+    "speedup_vs_ddpm": "DDPM-1000 against DDIM-S wall clock per backend (the paper's Figure 4)",
+    "paper_tables": "Tables 1 and 2 of the paper on the bundled digits model",
+    "bench_cpu_backends": "per-sample latency of the CPU backends (and diffusers, if installed)",
+    "bench_kernels": "Triton kernel bandwidth and attention against SDPA (GPU)",
+    "gpu_suite": "the GPU test tier plus every GPU timing (GPU)",
+}
+
+
+def add_bench_arguments(p):
+    p.add_argument("name", choices=sorted(BENCHMARKS), help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the script (try: NAME --help)")
+
+
+def run_bench(args):
+    import importlib
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / f"{args.name}.py").is_file():
+        raise FileNotFoundError("the benchmarks ship with the source tree, not the wheel: run from a checkout "
+                                "(git clone ...; pip install -e .)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    module = importlib.import_module(f"benchmarks.{args.name}")
+    return module.main(args.args)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

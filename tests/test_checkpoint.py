@@ -286,3 +286,23 @@ def test_device_arguments(tmp_path):
         dd.load_model(path, device="cuda", map_location="cpu")
     with pytest.raises(ValueError, match="ema must be None"):
         dd.load_model(path, ema="yes")
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """Atomic writes go through mkstemp/mkdtemp (0600/0700); the results get the usual modes."""
+    import os
+    import stat
+
+    from ddim_fast.checkpoint import atomic_write_bytes, save_model
+
+    old = os.umask(0o022)
+    try:
+        f = atomic_write_bytes(tmp_path / "a.bin", b"x")
+        m = UNet(UNetConfig.tiny())
+        m.schedule = NoiseSchedule.linear(10)
+        d = save_model(tmp_path / "ck", m)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o644
+    assert stat.S_IMODE(d.stat().st_mode) == 0o755
+    assert stat.S_IMODE((d / "model.safetensors").stat().st_mode) == 0o644
