@@ -642,35 +642,16 @@ def sample_images(model: UNet, n: int, *, steps: int = 20, seed: int = 0,
     return torch.cat(out)
 
 
-def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1):
-    """A PIL image of images (N, C, H, W) in [-1, 1] tiled in rows of `nrow`, `pad` px apart."""
-    from PIL import Image
-
-    n, c, h, w = images.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    grid = torch.zeros(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        top, left = pad + r * (h + pad), pad + k * (w + pad)
-        grid[:, top:top + h, left:left + w] = images[i]
-    arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (C, H', W')
-    arr = arr[0].numpy() if c == 1 else arr.permute(1, 2, 0).numpy()
-    return Image.fromarray(arr, mode="L" if c == 1 else "RGB")
-
-
 def write_sample_grid(path, model: UNet, n: int = 64, *, steps: int = 20, seed: int = 0, scale: int = 1):
     """Sample n images with DDIM-`steps` and write them as one PNG at `path`, atomically."""
-    import io
-
     from PIL import Image
+
+    from .images import image_grid, png_bytes
 
     im = image_grid(sample_images(model, n, steps=steps, seed=seed))
     if scale > 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, png_bytes(im))
 
 
 # -- command line ----------------------------------------------------------------------------------
