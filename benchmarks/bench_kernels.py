@@ -117,7 +117,10 @@ def bench_attention():
     return rows
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU: the Triton kernels only run in the (slow) interpreter "
               "on a CPU, which says nothing about their speed. Nothing was measured.", file=sys.stderr)

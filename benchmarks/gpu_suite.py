@@ -201,7 +201,20 @@ def goals(rows):
     return out
 
 
-def markdown(info, tests, rows, goal_rows):
+def run_kernel_benchmarks() -> dict:
+    """benchmarks/bench_kernels.py's measurements (bandwidth vs a device copy, attention vs SDPA)."""
+    from benchmarks import bench_kernels as bk
+
+    print("kernel benchmarks ...", flush=True)
+    try:
+        copy_gbs = bk.copy_bandwidth()
+        rows = bk.bench_step(copy_gbs) + bk.bench_group_norm(copy_gbs) + bk.bench_attention()
+        return {"copy_GBs": copy_gbs, "rows": rows}
+    except Exception as e:  # recorded, not hidden
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def markdown(info, tests, rows, goal_rows, kernels=None):
     lines = [f"# GPU suite: {info['gpu']} ({_dt.date.today()})", "",
              f"torch {info['torch']}, CUDA {info['cuda']}, triton {info.get('triton')}, "
              f"onnxruntime {info.get('onnxruntime')}", "",
@@ -214,6 +227,13 @@ def markdown(info, tests, rows, goal_rows):
     lines += ["", "| goal (batch 1, S=50, fp16) | measured | target | met |", "|---|---|---|---|"]
     for g in goal_rows:
         lines.append(f"| {g['goal']} | {g['measured']} | {g['target']} | {g['met']} |")
+    if kernels and "rows" in kernels:
+        from benchmarks.common import table
+
+        lines += ["", f"Kernels (device-to-device copy: {kernels['copy_GBs']:.0f} GB/s):", "",
+                  table(kernels["rows"], ["kernel", "case", "ms", "baseline_ms", "speedup", "GBs", "pct_copy"])]
+    elif kernels:
+        lines += ["", f"Kernel benchmarks FAILED: {kernels['error']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -238,10 +258,12 @@ def main(argv=None):
     suite = Suite(args.quick)
     suite.run()
     goal_rows = goals(suite.rows)
+    kernels = run_kernel_benchmarks()
     result = {"device": info, "date": str(_dt.date.today()), "tests": tests, "timings": suite.rows,
-              "goals": goal_rows, "quick": args.quick, "seconds": round(time.perf_counter() - suite.t_start, 1)}
+              "goals": goal_rows, "kernels": kernels, "quick": args.quick,
+              "seconds": round(time.perf_counter() - suite.t_start, 1)}
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    md = markdown(info, tests, suite.rows, goal_rows)
+    md = markdown(info, tests, suite.rows, goal_rows, kernels)
     (out / f"{stem}.md").write_text(md)
     print()
     print(md)
