@@ -42,9 +42,8 @@ def copy_bandwidth(nbytes=1 << 30):
 
 
 def bench_step(copy_gbs):
-    from ddim_fast.kernels.ddim_step import ddim_step
-
     from ddim_fast import SamplingPlan
+    from ddim_fast.kernels.ddim_step import ddim_step
     from ddim_fast.sampling import step as reference_step
     from ddim_fast.schedule import NoiseSchedule
 
@@ -73,7 +72,6 @@ def bench_step(copy_gbs):
 
 def bench_group_norm(copy_gbs):
     from ddim_fast.kernels.group_norm import group_norm
-
     from ddim_fast.models.ops import ReferenceOps
 
     rows = []
@@ -99,7 +97,6 @@ def bench_group_norm(copy_gbs):
 
 def bench_attention():
     from ddim_fast.kernels.attention import attention
-
     from ddim_fast.models.ops import ReferenceOps
 
     rows = []

@@ -10,8 +10,8 @@ integers); the GPU path feeds the tensor cores bf16 and is checked by the gpu te
 import pytest
 import torch
 from conftest import assert_close_to_reference, poisoned_like
-from ddim_fast.kernels.attention import attention, attention_ref
 
+from ddim_fast.kernels.attention import attention, attention_ref
 from ddim_fast.models.ops import ReferenceOps
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 from conftest import assert_close_to_reference, poisoned_like
-from ddim_fast.kernels.ddim_step import ddim_step, ddim_step_ref, initial_noise, threshold_scale
 
 from ddim_fast import rng
+from ddim_fast.kernels.ddim_step import ddim_step, ddim_step_ref, initial_noise, threshold_scale
 from ddim_fast.models.analytic import GaussianEps
 from ddim_fast.plan import SamplingPlan
 from ddim_fast.sampling import sample, step

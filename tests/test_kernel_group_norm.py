@@ -8,8 +8,8 @@ fp32 -> bf16 by truncation (the GPU rounds to nearest), which the rule's bf16 sl
 import pytest
 import torch
 from conftest import assert_close_to_reference, poisoned_like
-from ddim_fast.kernels.group_norm import group_norm, group_norm_ref
 
+from ddim_fast.kernels.group_norm import group_norm, group_norm_ref
 from ddim_fast.models.ops import ReferenceOps
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
