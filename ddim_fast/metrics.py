@@ -18,6 +18,10 @@ FD-digits: the same formula on the 128 penultimate features of `DigitsClassifier
 CNN trained on the real scikit-learn digits (train split, see data.load_digits) and shipped in
 ddim_fast/assets/digits_classifier/. Its reference statistics are those of the digits test
 split. Numbers are comparable only between runs that use this same classifier file.
+
+Standard FID (Inception-v3 pool3 features, as pytorch-fid computes it) is in ddim_fast.inception:
+`fid(images_a, images_b, load_fid_inception("pt_inception-2015-12-05-6726825d.pth"))`, with the
+weights file supplied by the user (pytorch-fid's release; it cannot be downloaded here).
 """
 
 from __future__ import annotations
