@@ -3,13 +3,15 @@
 Each sub-command lives next to the code it drives: a module that provides a sub-command has
     add_cli_arguments(parser)   fill in an argparse sub-parser
     cli_main(args) -> int       run it (returns the exit code)
-and is listed in COMMANDS. Errors a user can fix (ValueError, FileNotFoundError, ...) are
-printed as one line, without a traceback, and exit with status 2.
+and is listed in COMMANDS. Errors a user can fix (ValueError, FileNotFoundError, ...; an
+OSError from the file system, e.g. a full disk; a mistyped or unknown option) are printed as one
+line, without a traceback, and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from importlib import import_module
 
@@ -38,8 +40,15 @@ EPILOG = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (no usage block) that point at --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ddim-fast",
         description="Fast, exact DDIM sampling (Song, Meng & Ermon, ICLR 2021).",
         epilog=EPILOG,
@@ -58,23 +67,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-               NotADirectoryError, KeyError)
+USER_ERRORS = (ValueError, OSError, KeyError)  # OSError: FileNotFoundError, PermissionError, a full disk...
+
+# What to do about an OSError the file system raised (it carries an errno; ours carry a message).
+_OS_FIXES = {
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EEXIST: "something is already there: remove it or choose another path",
+    errno.EISDIR: "that is a folder: give a file name",
+    errno.EACCES: "choose a location you may write to, or fix its permissions",
+    errno.EPERM: "choose a location you may write to, or fix its permissions",
+    errno.EROFS: "the file system is read-only: choose a writable location",
+    errno.ENOSPC: "free some disk space or choose another location",
+    errno.EDQUOT: "free some disk space or choose another location",
+}
+
+
+def error_message(e: BaseException) -> str:
+    """One line for a user error: the library's own message (its lines joined by '; '), or the
+    file system's error with what to do about it."""
+    if isinstance(e, KeyError) and e.args:
+        msg = str(e.args[0])
+    elif isinstance(e, OSError) and e.errno is not None and e.strerror:
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        fix = _OS_FIXES.get(e.errno, "check the path and the disk")
+        msg = f"{e.strerror}{f': {where}' if where else ''}; {fix}"
+    else:
+        msg = str(e)
+    lines = [line.strip() for line in msg.splitlines() if line.strip()]
+    if any(line.startswith("Original Traceback") for line in lines):  # re-raised from a DataLoader worker:
+        lines = [lines[-1].partition(": ")[2] or lines[-1]]  # keep the worker's own message only
+    return "; ".join(lines)
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error, already printed on one line (2)
+        return e.code if isinstance(e.code, int) else 2
     if args.command is None:
         parser.print_help()
+        return 2
+    prog = f"ddim-fast {args.command}"
+    if extra:
+        print(f"{prog}: error: unrecognized arguments: {' '.join(extra)}; see `{prog} --help`", file=sys.stderr)
         return 2
     try:
         mod = import_module(args._module)
         run = getattr(mod, f"run_{args.command}") if args._module == "ddim_fast.commands" else mod.cli_main
         return int(run(args) or 0)
     except USER_ERRORS as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"ddim-fast {args.command}: error: {msg}", file=sys.stderr)
+        print(f"{prog}: error: {error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ddim-fast {args.command}: interrupted", file=sys.stderr)
