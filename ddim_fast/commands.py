@@ -50,7 +50,10 @@ def _add_sampler_options(p):
 def _device(arg):
     if arg == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(arg)
+    try:
+        return torch.device(arg)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown --device {arg!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 def _engine(args, *, eta=0.0, variance="ddim", clip_x0=None, device=None):
@@ -140,6 +143,7 @@ def _sample_folder(args, rank, world):
         manifest = out / "manifest.json"
         if manifest.exists() and not args.overwrite:
             raise FileExistsError(f"{out} is a finished run (manifest.json); pass --overwrite or another --out")
+        io.check_output(out, overwrite=True)  # a writable folder (a restart fills the one it finds)
         out.mkdir(parents=True, exist_ok=True)
         eng, model = _engine(args, eta=args.eta, variance=args.variance, clip_x0=args.clip_x0, device=device)
         batches = list(range(0, args.num, args.batch_size))[rank::world]
@@ -168,6 +172,8 @@ def _sample_folder(args, rank, world):
             if missing:
                 raise ValueError(f"{len(missing)} image(s) missing after sampling (first: {missing[:5]}); rerun "
                                  "the same command to fill them in")
+            for debris in out.glob(".*.png.*.tmp"):  # a killed earlier run's half-written files;
+                debris.unlink(missing_ok=True)  # safe now: every rank is past the barrier
             meta = _describe(args, eng, model) | {"seed": args.seed, "num": args.num, "world_size": world,
                                                    "files": "{index:06d}.png"}
             io.atomic_write_bytes(manifest, json.dumps(meta, indent=1).encode())
