@@ -69,11 +69,16 @@ def check_output(out, overwrite: bool) -> Path:
     """Refuse to replace what a user wrote unless asked to; check the parent is writable."""
     out = Path(out)
     kind = output_kind(out)
+    if out.exists() and (kind == "folder") != out.is_dir():
+        what = "a file, not a folder" if kind == "folder" else "a folder, not a file"
+        raise FileExistsError(f"{out} is {what}; remove it or choose another output path")
     if out.exists() and not overwrite:
         if kind != "folder" or any(out.iterdir()):
             raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
     parent = out if kind == "folder" else out.parent
     probe = parent if parent.exists() else next((p for p in parent.parents if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise NotADirectoryError(f"cannot write {out}: {probe} is a file, not a folder; choose another output path")
     if not _writable(probe):
         raise PermissionError(f"cannot write under {probe}: choose an output path in a writable folder")
     return out
@@ -126,13 +131,26 @@ def load_images(path, channels: int, resolution: int) -> tuple[torch.Tensor, lis
 
 
 def load_npz(path, key: str) -> torch.Tensor:
-    """One float array from an .npz, refusing pickled objects and damaged files clearly."""
+    """One finite float array from an .npz, refusing pickled objects and damaged files clearly."""
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no .npz file at {path}: check the path")
+    if not zipfile.is_zipfile(path):  # np.load would try to unpickle anything that is not a zip
+        with open(path, "rb") as fh:
+            pickled = fh.read(1) == b"\x80"  # the PROTO opcode that starts every modern pickle
+        if pickled:
+            raise ValueError(f"{path} is a pickle, which is never loaded (it can run code): save plain arrays "
+                             "with numpy.savez")
+        raise ValueError(f"{path} is not an .npz archive (damaged, truncated or another format): "
+                         "give the .npz that ddim-fast wrote, or recreate it with numpy.savez")
     try:
         with np.load(path, allow_pickle=False) as f:
             if key not in f.files:
                 raise ValueError(f"{path} has no {key!r} array (it has {sorted(f.files)})")
             arr = f[key]
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a readable .npz archive ({e}); the file is damaged: recreate it") from None
     except ValueError as e:
         if "pickle" in str(e).lower():
@@ -140,6 +158,8 @@ def load_npz(path, key: str) -> torch.Tensor:
         raise
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"{path}: {key!r} must be a float array, got {arr.dtype}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{path}: {key!r} holds NaN or inf values; recreate the file from finite data")
     return torch.from_numpy(arr.astype(np.float32))
 
 
@@ -156,6 +176,8 @@ def _read_image(path: Path, channels: int, resolution: int) -> torch.Tensor:
             arr = np.asarray(im, dtype=np.float32)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{path} is not a readable image ({e}); the file is damaged or not an image") from None
+    except Image.DecompressionBombError as e:  # a header claiming billions of pixels: never decoded
+        raise ValueError(f"{path} is refused: {e} Give an image of ordinary size") from None
     t = torch.from_numpy(arr / 127.5 - 1.0)
     return t[None] if channels == 1 else t.permute(2, 0, 1)
 
