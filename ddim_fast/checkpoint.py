@@ -110,6 +110,19 @@ def atomic_save_safetensors(path, tensors: dict, metadata: dict | None = None) -
     return _atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta))
 
 
+def read_safetensors(path, device="cpu") -> dict:
+    """safetensors.torch.load_file with a ValueError naming the file when it is damaged or truncated
+    (safetensors raises its own SafetensorError, which says neither which file nor what to do)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); it is damaged or truncated: "
+                         "re-save or re-download it") from None
+
+
 # -- saving -----------------------------------------------------------------------------------------
 def save_model(path, model: UNet, *, ema_state_dict: dict | None = None, extra: dict | None = None,
                overwrite: bool = False) -> Path:
@@ -316,6 +329,12 @@ def _resolve(path_or_name) -> Path:
     path = Path(path_or_name)
     if path.exists():
         return path
+    aside = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() and path.name else []
+    if aside:  # killed between _move_into_place's two renames: the old folder is whole, set aside
+        raise FileNotFoundError(
+            f"no checkpoint at {path}: a save there was interrupted, and the previous checkpoint is intact "
+            f"at {aside[-1]}; rename that folder back to {path.name} (or save again)"
+        )
     name = str(path_or_name)
     is_name = os.sep not in name and "/" not in name and not path.suffix
     if is_name and _read_own_config(ASSETS / name) is not None:
@@ -349,8 +368,6 @@ def _read_own_config(path: Path):
 
 
 def _load_own(path: Path, ema: bool | None, device) -> UNet:
-    from safetensors.torch import load_file
-
     cfg = _read_json(path / CONFIG_FILE)
     version = cfg.get("version")
     if version != VERSION:
@@ -369,7 +386,7 @@ def _load_own(path: Path, ema: bool | None, device) -> UNet:
     file = path / (EMA_FILE if use_ema else MODEL_FILE)
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing; the checkpoint is incomplete: re-save it")
-    model = build_model(config, load_file(str(file)), schedule=schedule,
+    model = build_model(config, read_safetensors(file), schedule=schedule,
                         prediction=cfg.get("prediction", "eps"), device=device, what=f"the weights in {file}")
     model.checkpoint_info = {"format": FORMAT, "path": str(path), "ema": use_ema,
                              **{k: v for k, v in cfg.items() if k not in RESERVED_KEYS}}

@@ -54,6 +54,7 @@ from .checkpoint import (
     atomic_write_json,
     build_model,
     fsync_dir,
+    read_safetensors,
     save_model,
 )
 from .data import TensorImages, load_dataset, num_workers_default
@@ -537,10 +538,11 @@ class Trainer:
                            prediction=self.cfg.prediction, device=self.device, what="the EMA weights")
 
     def _load(self, folder: Path):
-        from safetensors.torch import load_file
-
-        state = json.loads((folder / TRAINER_JSON).read_text())
-        saved, now = state["run"], self.cfg.run_fields()
+        try:
+            state = json.loads((folder / TRAINER_JSON).read_text())
+            saved, now = state["run"], self.cfg.run_fields()
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise _damaged_checkpoint(folder, e) from None
         diff = {k: (saved.get(k), now[k]) for k in RUN_FIELDS if saved.get(k) != now[k]}
         if diff:
             shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
@@ -548,10 +550,18 @@ class Trainer:
                              "give the same options (only --steps, --save-every, --log-every, --keep "
                              "may change) "
                              "or choose another --out")
+        try:
+            self._restore(folder, state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise _damaged_checkpoint(folder, e) from None
+        if self.dist.main:
+            self.log(f"resuming from step {self.step} ({folder})")
+
+    def _restore(self, folder: Path, state: dict):
         dev = str(self.device)
-        self.model.load_state_dict(load_file(str(folder / MODEL_FILE), device=dev))
-        self.ema = {k: v.float() for k, v in load_file(str(folder / EMA_FILE), device=dev).items()}
-        tensors = load_file(str(folder / TRAINER_FILE))
+        self.model.load_state_dict(read_safetensors(folder / MODEL_FILE, dev))
+        self.ema = {k: v.float() for k, v in read_safetensors(folder / EMA_FILE, dev).items()}
+        tensors = read_safetensors(folder / TRAINER_FILE)
         opt_state: dict = {}
         for key, v in tensors.items():
             if key.startswith("optimizer."):
@@ -570,8 +580,11 @@ class Trainer:
                 torch.cuda.set_rng_state_all(cuda)
         self.step = self.resumed_from = int(state["step"])
         self.last_checkpoint = folder
-        if self.dist.main:
-            self.log(f"resuming from step {self.step} ({folder})")
+
+
+def _damaged_checkpoint(folder: Path, err: Exception) -> ValueError:
+    return ValueError(f"--resume: the checkpoint {folder} is damaged ({type(err).__name__}: {err}); delete that "
+                      "folder to resume from the checkpoint before it, or start over in another --out")
 
 
 class _StepBatches:

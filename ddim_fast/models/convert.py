@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import FORMAT, build_model, detect_format, save_model
+from ..checkpoint import FORMAT, build_model, detect_format, read_safetensors, save_model
 from ..schedule import NoiseSchedule
 from .unet import UNetConfig, infer_config
 
@@ -344,9 +344,7 @@ def _diffusers_folders(folder: Path) -> tuple[Path, Path | None]:
 def _diffusers_weights(model_dir: Path) -> dict:
     st = model_dir / "diffusion_pytorch_model.safetensors"
     if st.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(st))
+        return read_safetensors(st)
     binf = model_dir / "diffusion_pytorch_model.bin"
     if binf.is_file():
         obj = safe_torch_load(binf)
