@@ -71,9 +71,13 @@ class FolderImages(torch.utils.data.Dataset):
     def __getitem__(self, i) -> torch.Tensor:
         from PIL import Image
 
-        with Image.open(self.files[i]) as im:
-            im = center_crop_resize(im.convert(self.mode), self.resolution)
-            a = np.asarray(im, dtype=np.float32)  # (H, W) or (H, W, 3), 0..255
+        try:
+            with Image.open(self.files[i]) as im:
+                im = center_crop_resize(im.convert(self.mode), self.resolution)
+                a = np.asarray(im, dtype=np.float32)  # (H, W) or (H, W, 3), 0..255
+        except (OSError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+            raise ValueError(f"{self.files[i]} is not a readable image ({e}); remove or replace it "
+                             f"in the dataset folder") from None
         if a.ndim == 2:
             a = a[:, :, None]
         return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1.0  # (C, H, W)
