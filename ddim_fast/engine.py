@@ -124,7 +124,7 @@ class Engine:
         seed = rng.check_seed(seed)
         if hasattr(self._runner, "sample"):  # triton / cuda_graph: x_T drawn in-kernel
             out = self._runner.sample(batch_size, self.shape, self.plan, seed=seed, first_index=first_index)
-            return out.clamp_(-1.0, 1.0)
+            return _finite(out, self.backend).clamp_(-1.0, 1.0)
         x_T = rng.initial_noise(seed, (batch_size, *self.shape), first_index=first_index, device=self.device)
         return self(x_T, seed=seed, first_index=first_index)
 
@@ -146,13 +146,13 @@ class Engine:
         seed = rng.check_seed(0 if seed is None else seed)
         _check_first_index(first_index, x_T.shape[0])
         out = self._runner.run(x_T, self.plan, seed=seed, noise=noise, first_index=first_index)
-        return out.clamp_(-1.0, 1.0)
+        return _finite(out, self.backend).clamp_(-1.0, 1.0)  # checked first: clamp would turn inf into +-1
 
     def invert(self, x0: torch.Tensor, *, eps_at: str = "current") -> torch.Tensor:
         """DDIM encoding of images x0 (B, C, H, W) to latents x_T (not clamped)."""
         x0 = self._check_input(x0, "x0")
         inv = self._inverse_plan(eps_at)
-        return self._runner.run(x0, inv, seed=0, noise=None, first_index=0)
+        return _finite(self._runner.run(x0, inv, seed=0, noise=None, first_index=0), self.backend)
 
     @property
     def graph_captures(self) -> int:
@@ -463,3 +463,10 @@ def _raise_if_flagged(flag, backend):
             f"the sampler state became NaN or inf ({backend} backend); run backend='reference' "
             "to find the step, and check the model's output and the schedule"
         )
+
+
+def _finite(out, backend):
+    """`out`, or NonFiniteError: every backend's result is checked (ONNX Runtime has no flag), so a
+    NaN never leaves the Engine as an image."""
+    _raise_if_flagged((~torch.isfinite(out)).any(), backend)
+    return out
