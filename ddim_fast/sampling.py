@@ -132,16 +132,23 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, w) -> torch.Tensor:
 
     The angle is taken over all elements (each latent is one vector, as in the official code).
     w: a float gives one latent; a 1-D sequence of K weights gives K latents stacked on a new
-    first dimension. Falls back to linear interpolation when z0 and z1 are (anti)parallel.
+    first dimension. Falls back to linear interpolation when z0 and z1 are (anti)parallel or one
+    is zero (no angle is defined).
     """
     if z0.shape != z1.shape:
         raise ValueError(f"slerp needs latents of one shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
+    for name, z in (("z0", z0), ("z1", z1)):
+        if not z.is_floating_point():
+            raise ValueError(f"slerp needs floating-point latents; {name} is {z.dtype}: pass {name}.float()")
+        if not torch.isfinite(z).all():
+            raise ValueError(f"slerp needs finite latents; {name} has NaN or inf values: pass finite latents")
     scalar = isinstance(w, (int, float))
     wt = torch.as_tensor(w, dtype=torch.float64, device=z0.device).reshape(-1)
     if not torch.isfinite(wt).all():
         raise ValueError("slerp weights must be finite")
     a, b = z0.double(), z1.double()
-    cos = (a * b).sum() / (a.norm() * b.norm())
+    norms = a.norm() * b.norm()
+    cos = (a * b).sum() / norms if norms > 0 else torch.ones((), dtype=torch.float64)  # 0: no angle
     theta = torch.arccos(cos.clamp(-1.0, 1.0))
     shape = (-1,) + (1,) * z0.ndim
     wt = wt.view(shape)
