@@ -147,20 +147,26 @@ def load_npz(path, key: str) -> torch.Tensor:
                          "give the .npz that ddim-fast wrote, or recreate it with numpy.savez")
     try:
         with np.load(path, allow_pickle=False) as f:
-            if key not in f.files:
-                raise ValueError(f"{path} has no {key!r} array (it has {sorted(f.files)})")
-            arr = f[key]
-    except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is not a readable .npz archive ({e}); the file is damaged: recreate it") from None
+            files = f.files
+            arr = f[key] if key in files else None
     except ValueError as e:
         if "pickle" in str(e).lower():
             raise ValueError(f"{path} holds pickled objects, which are never loaded: save plain arrays") from None
-        raise
+        raise _damaged_npz(path, e) from None
+    except Exception as e:  # numpy's header parser also raises SyntaxError, tokenize errors, zip errors...
+        raise _damaged_npz(path, e) from None
+    if arr is None:
+        raise ValueError(f"{path} has no {key!r} array (it has {sorted(files)})")
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"{path}: {key!r} must be a float array, got {arr.dtype}")
     if not np.isfinite(arr).all():
         raise ValueError(f"{path}: {key!r} holds NaN or inf values; recreate the file from finite data")
     return torch.from_numpy(arr.astype(np.float32))
+
+
+def _damaged_npz(path, err) -> ValueError:
+    return ValueError(f"{path} is not a readable .npz archive ({type(err).__name__}: {err}); the file is damaged: "
+                      "recreate it")
 
 
 def _read_image(path: Path, channels: int, resolution: int) -> torch.Tensor:
