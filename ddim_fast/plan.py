@@ -41,6 +41,7 @@ COEF_COLUMNS = ("cx", "ce", "d0", "dx", "de", "sigma")
 VARIANCES = ("ddim", "large")
 PREDICTIONS = ("eps", "x0", "v")
 EPS_AT = ("current", "target")
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _estimates(a: float, prediction: str):
@@ -277,6 +278,9 @@ def _check_clip(clip_x0):
         raise ValueError(f"clip_x0 must be None, a float c or a pair (lo, hi), got {clip_x0!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"clip_x0 needs finite lo < hi, got ({lo}, {hi})")
+    if max(abs(lo), abs(hi)) > _FLOAT32_MAX:  # torch cannot clamp a float32 state to such a bound
+        raise ValueError(f"clip_x0 bounds must lie within the float32 range (+-3.4e38), got ({lo}, {hi}); "
+                         "use clip_x0=None for no clipping")
     return (lo, hi)
 
 
@@ -290,4 +294,6 @@ def _check_threshold(threshold, threshold_max, clip_x0):
         raise ValueError(f"threshold_max must be >= 1, got {threshold_max}")
     if clip_x0 is not None:
         raise ValueError("give either clip_x0 or threshold, not both (thresholding already clips)")
+    if threshold_max > _FLOAT32_MAX:  # above every float32 value: no cap (and torch cannot clamp to it)
+        threshold_max = math.inf
     return threshold, threshold_max
