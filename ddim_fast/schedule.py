@@ -80,16 +80,20 @@ class NoiseSchedule:
 
     @classmethod
     def from_dict(cls, d: dict) -> NoiseSchedule:
+        if not isinstance(d, dict):
+            raise ValueError(f"a noise schedule is read from a dict (NoiseSchedule.to_dict()), got {type(d).__name__}")
         d = dict(d)
         kind = d.pop("kind", None)
         builders = {"linear": cls.linear, "scaled_linear": cls.scaled_linear, "cosine": cls.cosine}
-        if kind == "betas":
-            return cls.from_betas(d["betas"])
-        if kind not in builders:
+        if kind not in builders and kind != "betas":
             raise ValueError(
                 f"unknown noise schedule kind {kind!r}; expected one of {sorted(builders) + ['betas']}"
             )
-        return builders[kind](**d)
+        try:
+            return cls.from_betas(d["betas"]) if kind == "betas" else builders[kind](**d)
+        except (TypeError, KeyError) as e:  # unknown or missing keys, values of the wrong type
+            raise ValueError(f"cannot build a {kind!r} noise schedule from {repr(d)[:200]} ({type(e).__name__}: {e}); "
+                             "give the entries NoiseSchedule.to_dict() writes") from None
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.spec.items() if k not in ("kind", "betas"))
