@@ -18,7 +18,8 @@ Two layouts of the S steps are built from the same network graph:
              and timestep as constants (ORT can fold and plan every step);
   loop       one ONNX Loop whose body is the network plus the step, reading its row of the (S, 6)
              coefficient table and its timestep by the iteration number (graph size independent of S).
-`unroll=None` picks unrolled up to UNROLL_MAX_STEPS steps and the Loop above (see the NOTE there).
+`unroll=None` picks unrolled up to UNROLL_MAX_STEPS steps and the Loop above (the NOTE there has
+the measurement).
 
 Noise. ONNX has no counter-based generator (Philox), so plans with eta > 0 take an input
 `noise` (S, B, C, H, W) that the host fills with ddim_fast.rng.step_noise(seed, i, ...) for
@@ -56,10 +57,14 @@ GRAPH_VERSION = 1  # bump when the graph layout changes: part of every cache key
 EXPORT_DTYPES = {torch.float32: "fp32", torch.float16: "fp16"}
 ATOL = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 5e-2}  # DESIGN.md's tolerance rule
 META_PREFIX = "ddim_fast."
-# NOTE: measured on the 2-core CPU box, CIFAR-10 UNet, batch 1, S=10 (benchmarks/results/):
-# see bench_cpu_backends.py for the numbers; unrolled is the default up to this many steps, the
-# Loop above it, where an unrolled graph makes session creation and memory grow with S.
-UNROLL_MAX_STEPS = 100
+# NOTE: unrolled vs Loop, CIFAR-10 UNet, batch 1, ORT 1.32 CPU EP, 2-core AMD EPYC VM shared with other
+# jobs (bench_cpu_backends.py, graph rows; two runs): one sampling call takes 2.75 / 12.9 / 27.2 s
+# unrolled vs 3.08 / 14.5 / 31.3 s as a Loop at S = 10 / 50 / 100 (2 threads), and 2.59 / 12.5 s vs
+# 2.60 / 14.0 s at S = 10 / 50 (1 thread): the Loop is 0-15% slower (per-iteration subgraph overhead,
+# no cross-step memory planning). Creating the unrolled session takes 2.0-2.4 / 13-18 / 52 s
+# (superlinear in S) against 0.1-0.35 s for the Loop. Unrolled up to S=50 (session ~ one sampling
+# call, repaid within ~10 calls), the Loop above.
+UNROLL_MAX_STEPS = 50
 INSTALL_HINT = "pip install 'ddim-fast[onnx]' (CPU) or 'ddim-fast[gpu]' (CUDA, onnxruntime-gpu)"
 
 # Counts of the expensive work, for tests and logs: torch exports of a network, sampler graphs built.
@@ -113,13 +118,16 @@ def _plain(value):
 
 
 def model_fingerprint(model) -> str:
-    """sha256 of what decides a model's output: class, weights and buffers, plain attributes."""
+    """sha256 of what decides a model's output: class, parameters and buffers (non-persistent ones
+    too), and the plain attributes of every submodule (numbers, strings, configs with to_dict)."""
     h = hashlib.sha256()
     h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    for name, tensor in sorted(tensors.items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
     attrs = {}
     for mod_name, mod in model.named_modules():
         for k, v in vars(mod).items():
@@ -220,7 +228,7 @@ def _torch_export(model, dtype, opset, shape):
             )
         except Exception as e:
             raise ValueError(
-                f"torch.onnx could not export {type(model).__name__} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                f"torch.onnx could not export {type(model).__name__} ({type(e).__name__}: {_first_line(e)}); "
                 "the model's forward must be traceable by torch.export (no data-dependent Python control flow)"
             ) from e
     stats["torch_exports"] += 1
@@ -229,6 +237,11 @@ def _torch_export(model, dtype, opset, shape):
         raise ValueError(f"torch.onnx wrote opset {_opset(proto)}, not the requested {opset}; "
                          "pick an opset it supports (18 or newer) or leave opset unset")
     return proto
+
+
+def _first_line(err) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _opset(proto) -> int:
@@ -476,8 +489,7 @@ def _existing(path) -> Path:
 
 
 def _damaged(path, err) -> ValueError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return ValueError(f"{path} is not a readable ONNX model ({first}); the file is damaged or truncated: "
+    return ValueError(f"{path} is not a readable ONNX model ({_first_line(err)}); the file is damaged or truncated: "
                       "re-export it (dd.export_onnx or `ddim-fast export`)")
 
 
@@ -626,13 +638,12 @@ def validate_export(proto_or_path, model, plan: SamplingPlan | None, dtype=torch
         fast = runner(x=x, t=t)
     else:
         noise = torch.randn(plan.steps, *x.shape, generator=gen) if plan.needs_noise else None
-        f64 = lambda x, t: m64(x, t)
         if plan.direction == "invert":
-            ref64, ref_low = invert(f64, x.double(), plan), invert(low, x, plan)
+            ref64, ref_low = invert(m64, x.double(), plan), invert(low, x, plan)
             fast = runner(x0=x)
         else:
             n64 = noise.double() if noise is not None else None
-            ref64, ref_low = sample(f64, x.double(), plan, noise=n64), sample(low, x, plan, noise=noise)
+            ref64, ref_low = sample(m64, x.double(), plan, noise=n64), sample(low, x, plan, noise=noise)
             feeds = {"x_T": x} if noise is None else {"x_T": x, "noise": noise}
             fast = runner(**feeds)
     err_fast = (fast.double() - ref64).abs().max().item()
@@ -662,11 +673,15 @@ def physical_cores() -> int:
 
 
 def session_options(threads: int | None = None, *, spinning: bool = True, parallel: bool = False):
-    """CPU EP settings: intra-op threads = physical cores, sequential execution, full graph optimisation.
-    NOTE: measured in benchmarks/bench_cpu_backends.py (threads, spinning, sequential vs parallel)."""
+    """CPU EP settings: intra-op threads = physical cores (or $DDIM_FAST_ORT_THREADS), sequential
+    execution, full graph optimisation.
+    NOTE: bench_cpu_backends.py, CIFAR-10 UNet, S=10, B=1, 2-core shared VM: 2 threads 885 ms vs 1 thread
+    1575 ms; parallel execution 1932 ms (the UNet is a chain: nothing to overlap). Spinning threads won
+    (885 vs 1100 ms) in the quietest run and lost (5250 vs 3197 ms) under heavy load: left on (ORT's
+    default, for dedicated cores); spinning=False is the choice for a shared machine."""
     ort = _import_ort()
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or physical_cores()
+    so.intra_op_num_threads = threads or int(os.environ.get("DDIM_FAST_ORT_THREADS", 0) or 0) or physical_cores()
     so.inter_op_num_threads = 1 if not parallel else so.intra_op_num_threads
     so.execution_mode = ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -920,8 +935,10 @@ def cli_main(args) -> int:
     t0 = time.perf_counter()
     export_onnx(model, out, plan, dtype=dtype, opset=args.opset, validate=args.validate, unroll=unroll)
     meta = onnx_metadata(out)
-    what = "eps-model" if plan is None else f"{plan.direction} sampler, {plan.steps} steps, {meta['graph']}"
+    kind = "sampler" if plan is not None and plan.direction == "sample" else "DDIM encoder"
+    what = "eps-model" if plan is None else f"{kind}, {plan.steps} steps, {meta['graph']}"
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; {what}; {meta['dtype']}; opset {meta['opset']}"
           f"{'; validated against the reference' if args.validate else ''}) in {time.perf_counter() - t0:.1f} s")
-    print("inputs: " + "; ".join(f"{k} {v}" for k, v in meta["inputs"].items()))
+    inputs = sorted(meta["inputs"].items(), key=lambda kv: kv[0] == "noise")  # the state first
+    print("inputs: " + "; ".join(f"{k} {v}" for k, v in inputs))
     return 0

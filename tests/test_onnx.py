@@ -159,6 +159,14 @@ def test_threshold_graph_equals_dynamic_threshold(numel, p):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("opset", [18, 23])
+def test_opset_is_honoured(tmp_path, opset):
+    plan = dd.SamplingPlan.build(SCHED, 3, threshold=0.9)
+    path = dd.export_onnx(GaussianEps(SCHED), tmp_path / "o.onnx", plan=plan, shape=GSHAPE, opset=opset)
+    assert dox.onnx_metadata(path)["opset"] == opset
+    assert {o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")} == {opset}
+
+
 def test_fp16_network_keeps_a_float32_state(tmp_path):
     model = GaussianEps(SCHED)
     plan = dd.SamplingPlan.build(SCHED, 5, eta=0.5)
