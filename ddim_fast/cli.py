@@ -30,7 +30,7 @@ COMMANDS = {
 EPILOG = """examples:
   ddim-fast sample --out samples.png                       # the bundled digits model, DDIM-20
   ddim-fast sample --model ckpt.pth --steps 50 --eta 0 --num 64 --out grid.png
-  torchrun --nproc-per-node 2 -m ddim_fast.cli sample --num 50000 --out samples/
+  torchrun --nproc-per-node 2 -m ddim_fast.cli sample -n 50000 --out samples/   # not --num: see sample --help
   ddim-fast encode --input samples.npz --out latents.npz
   ddim-fast interpolate --seeds 1 2 --num 9 --out strip.png
   ddim-fast export --whole-sampler --steps 10 --out ddim10.onnx

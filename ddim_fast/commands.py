@@ -95,7 +95,9 @@ def _rank_world():
 def add_sample_arguments(p):
     _add_model_options(p)
     _add_sampler_options(p)
-    p.add_argument("--num", type=int, default=16, help="number of images")
+    p.add_argument("--num", "-n", "--num-images", dest="num", type=int, default=16,
+                   help="number of images (under torchrun write -n or --num-images: torchrun takes --num for "
+                        "an abbreviation of its own --numa-binding and stops)")
     p.add_argument("--seed", type=int, default=0, help="image k of a seed is the same at any batch size")
     p.add_argument("--out", default="samples.png", help="grid .png, .npz, or a folder (one PNG per image)")
 
