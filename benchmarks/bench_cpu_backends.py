@@ -183,6 +183,7 @@ def main(argv=None):
     batches = args.batches or ([1] if args.quick else [1, 8])
     repeats = args.repeats or (2 if args.quick else 3)
     graph_steps = args.graph_steps if args.graph_steps is not None else ([3] if args.quick else [10, 50])
+    saved_env = {k: os.environ.get(k) for k in ("DDIM_FAST_CACHE", "DDIM_FAST_ORT_THREADS")}
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["DDIM_FAST_ORT_THREADS"] = str(args.threads)  # the Engine's sessions
@@ -248,6 +249,11 @@ def main(argv=None):
         opt_times, _ = time_round_robin(opt_runners, [1], repeats)
         graph_rows = graph_scaling(ours, graph_steps, start, args.threads)
 
+    for k, v in saved_env.items():  # `ddim-fast bench` runs this in the caller's process
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     load_end = os.getloadavg()
     rows = []
     for (name, B), ts in times.items():
@@ -293,7 +299,7 @@ def main(argv=None):
         "model": "tiny" if args.quick else "cifar10", "steps": steps, "batches": batches, "repeats": repeats,
         "plan": plan.describe(), "rows": rows, "ort_settings": opt_rows, "graphs": graph_rows, "setup": setup,
         "engine_auto_vs_diffusers_b1": ratio, "engine_auto_vs_diffusers_b1_cpu_time": cpu_ratio,
-        "threads": args.threads, "argv": sys.argv[1:],
+        "threads": args.threads, "argv": list(sys.argv[1:] if argv is None else argv),
     }
     from ddim_fast.checkpoint import atomic_write_json
 
