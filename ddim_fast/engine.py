@@ -87,7 +87,7 @@ class Engine:
             raise BackendUnavailable("device='cuda' but torch sees no CUDA device; use device='cpu'")
         self.plan = plan
         self.dtype = dtype
-        self.shape = _sample_shape(model, shape)
+        self.shape = sample_shape(model, shape)
         self.channels_last = channels_last
         self.prediction = getattr(model, "prediction", plan.prediction)
         if self.prediction != plan.prediction:
@@ -233,7 +233,8 @@ def _choose_backend(backend: str, device: torch.device):
     return backend, f"requested: {backend}"
 
 
-def _sample_shape(model, shape):
+def sample_shape(model, shape=None):
+    """(C, H, W) of one sample: `shape` checked, or read from model.config (a UNet)."""
     if shape is None:
         cfg = getattr(model, "config", None)
         if cfg is None or not hasattr(cfg, "in_channels"):

@@ -515,7 +515,7 @@ def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float
 
 
 def _check_args(model, plan, dtype, opset, shape, unroll):
-    from .engine import _sample_shape
+    from .engine import sample_shape
 
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"export_onnx takes a torch.nn.Module model(x, t), got {type(model).__name__}")
@@ -533,7 +533,7 @@ def _check_args(model, plan, dtype, opset, shape, unroll):
                              f"build the plan with prediction={pred!r}")
     if unroll not in (None, True, False):
         raise ValueError(f"unroll must be None (automatic), True or False, got {unroll!r}")
-    return _sample_shape(model, shape)
+    return sample_shape(model, shape)
 
 
 def _build(model, plan, dtype, opset, shape, unroll, validate, model_fp=None):
@@ -618,10 +618,10 @@ def validate_export(proto_or_path, model, plan: SamplingPlan | None, dtype=torch
     """Run the exported graph in ONNX Runtime (CPU EP) on random inputs and compare it with the
     float64 reference (the model in float64; ddim_fast.sampling for a sampler). Raises
     ExportValidationError when the tolerance rule fails; returns the errors otherwise."""
-    from .engine import _sample_shape
+    from .engine import sample_shape
     from .sampling import invert, sample
 
-    shape = _sample_shape(model, shape)
+    shape = sample_shape(model, shape)
     # batch 3 for the network (traced at 2: checks the dynamic batch); 2 for a sampler, whose float64
     # reference costs S network calls (per-sample ops such as thresholding still see two samples)
     batch = batch or (3 if plan is None else 2)
