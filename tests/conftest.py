@@ -1,11 +1,14 @@
 """Shared test setup: the Triton interpreter on CPU, the gpu marker, DESIGN.md's tolerance rule."""
 
 import os
+import tempfile
 
 # One intra-op thread per process unless the caller says otherwise: the suite's tensors are
 # small, the 2-core CI machine also runs subprocesses (torchrun, the interpreter), and two
 # OpenMP threads per process on a busy 2-core machine made small ops 10-30x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Exports made by tests go to a throw-away cache, not the user's ~/.cache/ddim-fast.
+os.environ.setdefault("DDIM_FAST_CACHE", tempfile.mkdtemp(prefix="ddim-fast-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
