@@ -1,6 +1,8 @@
 """Shared test setup: the Triton interpreter on CPU, the gpu marker, DESIGN.md's tolerance rule."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # One intra-op thread per process unless the caller says otherwise: the suite's tensors are
@@ -8,7 +10,9 @@ import tempfile
 # OpenMP threads per process on a busy 2-core machine made small ops 10-30x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Exports made by tests go to a throw-away cache, not the user's ~/.cache/ddim-fast.
-os.environ.setdefault("DDIM_FAST_CACHE", tempfile.mkdtemp(prefix="ddim-fast-test-cache-"))
+if "DDIM_FAST_CACHE" not in os.environ:
+    os.environ["DDIM_FAST_CACHE"] = tempfile.mkdtemp(prefix="ddim-fast-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DDIM_FAST_CACHE"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
