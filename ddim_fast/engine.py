@@ -69,11 +69,14 @@ class Engine:
         shape=None,
         channels_last: bool = False,
         max_graphs: int = 4,
+        onnx_options: dict | None = None,
     ):
         """model: a UNet (or any nn.Module model(x, t)); plan: a sampling plan (eta=0 plans
         also give `invert`); device: default CUDA when available; dtype: the network's
         precision; shape: (C, H, W) of one sample, read from model.config when omitted;
-        channels_last: run the network in NHWC memory format (often faster with fp16 convs)."""
+        channels_last: run the network in NHWC memory format (often faster with fp16 convs);
+        onnx_options: keyword arguments of the onnxruntime backend (ddim_fast.onnx.OrtSamplerBackend:
+        threads, unroll, opset, cuda_graph)."""
         if not isinstance(plan, SamplingPlan) or plan.direction != "sample":
             raise ValueError("plan must be a sampling SamplingPlan (SamplingPlan.build(...)), not an inversion plan")
         if backend not in BACKENDS:
@@ -96,12 +99,16 @@ class Engine:
                 f"build the plan with prediction={self.prediction!r}"
             )
         self.backend, self.backend_reason = _choose_backend(backend, self.device)
+        if onnx_options and self.backend != "onnxruntime":
+            raise ValueError(f"onnx_options apply to the onnxruntime backend only, and this engine runs "
+                             f"{self.backend!r} ({self.backend_reason}); drop them or pick backend='onnxruntime'")
         self.config = getattr(model, "config", None)
         self.schedule = getattr(model, "schedule", None)
         if self.backend == "onnxruntime":
             from .onnx import OrtSamplerBackend
 
-            self._runner = OrtSamplerBackend(model, plan, device=self.device, dtype=dtype, shape=self.shape)
+            self._runner = OrtSamplerBackend(model, plan, device=self.device, dtype=dtype, shape=self.shape,
+                                             **(onnx_options or {}))
             return
         # cuda_graph without Triton captures the PyTorch ops and the PyTorch step instead
         fused = self.backend != "reference" and triton_status(self.device) is None

@@ -251,3 +251,8 @@ def test_graph_runner_bookkeeping(analytic, monkeypatch):
     runner.run(a, plan, seed=1, noise=None, first_index=0)
     assert runner.captures == 3 and len(runner.graphs) == 2  # new batch, new start; LRU cap of 2
     assert torch.equal(runner.sample(2, SHAPE, plan, seed=1, first_index=0), held)
+
+
+def test_onnx_options_only_with_onnxruntime(analytic):
+    with pytest.raises(ValueError, match="onnx_options apply to the onnxruntime backend only"):
+        dd.Engine(analytic, _plan(), shape=SHAPE, backend="reference", onnx_options={"threads": 1})
