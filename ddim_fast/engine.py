@@ -89,6 +89,7 @@ class Engine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable("device='cuda' but torch sees no CUDA device; use device='cpu'")
         self.plan = plan
+        self._inverse_plans = {}
         self.dtype = dtype
         self.shape = sample_shape(model, shape)
         self.channels_last = channels_last
@@ -172,10 +173,9 @@ class Engine:
 
     # -- internals ------------------------------------------------------------------------------
     def _inverse_plan(self, eps_at):
-        cache = self.__dict__.setdefault("_inverse_plans", {})
-        if eps_at not in cache:
-            cache[eps_at] = self.plan.inverse(eps_at)
-        return cache[eps_at]
+        if eps_at not in self._inverse_plans:  # one object per eps_at: graph and table caches key on it
+            self._inverse_plans[eps_at] = self.plan.inverse(eps_at)
+        return self._inverse_plans[eps_at]
 
     def _check_input(self, x, name):
         if not isinstance(x, torch.Tensor):
