@@ -1,7 +1,7 @@
 """CPU backends side by side: per-sample latency of DDIM-S sampling with the CIFAR-10 UNet.
 
-    python benchmarks/bench_cpu_backends.py            # CIFAR-10 UNet (random weights), S=10, batch 1 and 8
-    python benchmarks/bench_cpu_backends.py --quick    # smoke run: the tiny UNet, S=3, batch 1, 2 repeats
+    python -m benchmarks.bench_cpu_backends            # CIFAR-10 UNet (random weights), S=10, batch 1 and 8
+    python -m benchmarks.bench_cpu_backends --quick    # smoke run: the tiny UNet, S=3, batch 1, 2 repeats
 
 Rows (all on the same weights, measured round-robin in one process so load drifts hit all alike):
   reference        dd.Engine(backend="reference"): eager PyTorch, the truth
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import socket
 import statistics
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 import ddim_fast as dd
+from benchmarks.common import machine_info
 from ddim_fast import onnx as dox
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,20 +51,10 @@ DIFFUSERS_TINY = {**DIFFUSERS_CIFAR10, "block_out_channels": [32, 64], "sample_s
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "host": socket.gethostname(), "cpu": cpu, "physical_cores": dox.physical_cores(),
-        "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "torch": torch.__version__, "ddim_fast": dd.__version__,
-    }
-    for pkg in ("onnxruntime", "onnx", "diffusers"):
+    """benchmarks.common.machine_info plus what this benchmark's rows depend on."""
+    info = machine_info() | {"host": socket.gethostname(), "physical_cores": dox.physical_cores(),
+                             "ddim_fast": dd.__version__}
+    for pkg in ("onnx", "diffusers"):
         try:
             info[pkg] = __import__(pkg).__version__
         except ImportError:
