@@ -150,7 +150,7 @@ CASES = {
     "unknown train option": (["train", "--out", "run", "--learning-rate", "1"],
                              ["ddim-fast train: error: unrecognized arguments: --learning-rate 1"]),
     "unknown command": (["frobnicate"], ["invalid choice: 'frobnicate'", "see `ddim-fast --help`"]),
-    "malformed int": (["sample", *M, "--num", "ten"], ["argument --num: invalid int value: 'ten'"]),
+    "malformed int": (["sample", *M, "--num", "ten"], ["argument --num/-n/--num-images: invalid int value: 'ten'"]),
     "unknown choice": (["sample", *M, "--spacing", "cubic"], ["argument --spacing: invalid choice: 'cubic'"]),
     "missing required": (["decode", *M], ["the following arguments are required: --input"]),
     "missing value": (["encode", *M, "--input"], ["argument --input: expected one argument"]),
