@@ -221,11 +221,12 @@ def test_sigkill_one_rank_then_rerun_fills_the_folder(tmp_path):
     assert agent.returncode != 0
     first = sorted(p.name for p in out.glob("*.png"))
     assert not (out / "manifest.json").exists() and 0 < len(first) < N, first
+    (out / ".000005.png.k1ll3d.tmp").write_bytes(b"half a png")  # what a kill mid-write leaves (if it lands there)
 
     rerun = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted([f"{i:06d}.png" for i in range(N)] + ["manifest.json"])  # none missing, none extra
+    assert names == sorted([f"{i:06d}.png" for i in range(N)] + ["manifest.json"])  # none missing, no extra, no debris
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num"] == N and manifest["world_size"] == 2 and manifest["seed"] == 3
 
