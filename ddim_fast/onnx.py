@@ -912,8 +912,13 @@ def cli_main(args) -> int:
     from .checkpoint import load_model
 
     out = Path(args.out)
+    if out.suffix.lower() != ".onnx":
+        raise ValueError(f"--out must name an .onnx file, got {out}")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    parent = next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"cannot write {out}: {parent} is not a writable folder; choose another --out")
     sampler_opts = {k: getattr(args, k) for k in ("steps", "eta", "spacing", "variance", "clip_x0", "threshold")}
     given = [k for k, v in sampler_opts.items() if v is not None] + (["invert"] if args.invert else [])
     if not args.whole_sampler and given:
@@ -924,7 +929,9 @@ def cli_main(args) -> int:
     if args.whole_sampler:
         if model.schedule is None:
             raise ValueError(f"{args.model} carries no noise schedule; convert it with `ddim-fast convert`")
-        plan = SamplingPlan.build(model.schedule, sampler_opts["steps"] or 20, eta=sampler_opts["eta"] or 0.0,
+        steps = 20 if sampler_opts["steps"] is None else sampler_opts["steps"]
+        eta = 0.0 if sampler_opts["eta"] is None else sampler_opts["eta"]
+        plan = SamplingPlan.build(model.schedule, steps, eta=eta,
                                   spacing=sampler_opts["spacing"] or "uniform",
                                   variance=sampler_opts["variance"] or "ddim", prediction=model.prediction,
                                   clip_x0=sampler_opts["clip_x0"], threshold=sampler_opts["threshold"])

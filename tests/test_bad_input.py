@@ -499,3 +499,17 @@ def test_random_engine_sample_arguments(batch_size, seed, first_index):
     except ValueError:
         return
     assert out.shape == (batch_size, 1, 2, 2) and torch.isfinite(out).all()
+
+
+def test_export_checks_its_output_before_exporting(tmp_path, capsys):
+    from ddim_fast.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"x")
+    assert main(["export", "--out", str(blocker / "x.onnx")]) == 2
+    assert "not a writable folder" in capsys.readouterr().err
+    assert main(["export", "--out", str(tmp_path / "x.txt")]) == 2
+    assert "must name an .onnx file" in capsys.readouterr().err
+    assert main(["export", "--whole-sampler", "--steps", "0", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "steps must be an int" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
