@@ -386,3 +386,24 @@ def test_cuda_ep_parity_without_host_copies(tiny, monkeypatch, cuda_graph, dtype
         x_T, plan, seed=3, noise=None, first_index=0)
     ref64 = dd.sample(_float64(tiny).cuda(), x_T.double(), plan, seed=3)
     assert_close_to_reference(got, ref, ref64, dtype)
+
+
+def test_long_loop_exports_validate_the_body_and_the_tables(gauss, tmp_path, monkeypatch):
+    """A Loop longer than VALIDATE_LOOP_STEPS is validated on its first steps plus an exact check of
+    its tables; the exported graph still runs every step and matches the reference."""
+    monkeypatch.setattr(dox, "VALIDATE_LOOP_STEPS", 3)
+    plan = dd.SamplingPlan.build(SCHED, 12, eta=0.5)
+    path = dd.export_onnx(gauss, tmp_path / "loop.onnx", plan=plan, shape=GSHAPE, unroll=False)
+    x = dd.rng.initial_noise(0, (2, *GSHAPE))
+    noise = torch.stack([dd.rng.step_noise(1, i, x.shape) for i in range(plan.steps)])
+    got = dox.OrtRunner(path)(x_T=x, noise=noise)
+    truth = dd.sample(_float64(gauss), x.double(), plan, noise=noise.double())
+    assert_close_to_reference(got, dd.sample(gauss, x, plan, noise=noise), truth, torch.float32, "long loop")
+    proto = onnx.load(str(path))
+    dox._check_loop_tables(proto, plan)  # the written tables are the plan's
+    table = next(t for t in proto.graph.initializer if t.name.startswith("ddim/coef_table_"))
+    arr = onnx.numpy_helper.to_array(table).copy()
+    arr[7, 2] += 1e-3  # one coefficient of one late step, beyond the validated head
+    table.CopyFrom(onnx.numpy_helper.from_array(arr, table.name))
+    with pytest.raises(dox.ExportValidationError, match="tables differ"):
+        dox._check_loop_tables(proto, plan)
