@@ -62,3 +62,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def shared_tiny_unet(tmp_path_factory):
+    """A seeded tiny UNet checkpoint (schedule: linear, T=100) and an ONNX cache shared by the whole
+    session, so the ~15 s ONNX export of this model happens once rather than once per module."""
+    base = tmp_path_factory.getbasetemp()
+    ck = base / "shared-tiny-unet"
+    if not ck.exists():
+        from ddim_fast.checkpoint import save_model
+        from ddim_fast.models.unet import UNet, UNetConfig
+        from ddim_fast.schedule import NoiseSchedule
+
+        torch.manual_seed(0)
+        m = UNet(UNetConfig.tiny())
+        m.schedule = NoiseSchedule.linear(100, 1e-3, 0.05)
+        save_model(ck, m)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DDIM_FAST_CACHE", str(base / "shared-onnx-cache"))
+        yield ck

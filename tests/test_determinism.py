@@ -26,31 +26,15 @@ import torch
 from conftest import assert_close_to_reference
 
 import ddim_fast as dd
-from ddim_fast.checkpoint import save_model
 from ddim_fast.models.analytic import GaussianEps
 
 SCHED = dd.NoiseSchedule.linear(100, 1e-3, 0.05)
 GSHAPE = (3, 8, 8)
 
 
-def _tiny(seed=0):
-    torch.manual_seed(seed)
-    m = dd.UNet(dd.UNetConfig.tiny())
-    m.schedule = SCHED
-    return m
-
-
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """A tiny UNet checkpoint and an ONNX cache shared by the session (test_faults.py makes the same
-    pair), so the ~15 s ONNX export of this model happens once per session."""
-    base = tmp_path_factory.getbasetemp()
-    ck = base / "shared-tiny-unet"
-    if not ck.exists():
-        save_model(ck, _tiny(0))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DDIM_FAST_CACHE", str(base / "shared-onnx-cache"))
-        yield ck
+def shared(shared_tiny_unet):
+    return shared_tiny_unet
 
 
 def _chunks(eng, sizes, seed):

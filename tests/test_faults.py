@@ -271,16 +271,8 @@ def test_engine_triton_flags_nan(entry):
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """A tiny UNet checkpoint and an ONNX cache shared by the session (test_determinism.py makes the
-    same pair), so the ~15 s ONNX export of this model and plan happens once per session."""
-    base = tmp_path_factory.getbasetemp()
-    ck = base / "shared-tiny-unet"
-    if not ck.exists():
-        save_model(ck, _tiny(0))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DDIM_FAST_CACHE", str(base / "shared-onnx-cache"))
-        yield ck
+def shared(shared_tiny_unet):
+    return shared_tiny_unet
 
 
 def test_engine_onnxruntime_reports_nan(shared):
