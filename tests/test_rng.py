@@ -31,6 +31,22 @@ def test_philox_known_answers(key, counter, expect):
     assert tuple(int(v) for v in out) == expect
 
 
+@pytest.mark.parametrize("kshape, cshape", [((), ()), ((5, 1), (1, 37)), ((3,), (3,))])
+def test_numpy_and_torch_philox_give_the_same_integers(kshape, cshape):
+    """On the CPU `philox` runs in NumPy uint64; on other devices in torch's 16-bit limbs. Both
+    must give the same words for any uint32 input, including the extremes."""
+    g = torch.Generator().manual_seed(hash((kshape, cshape)) % 2**31)
+    key = [torch.randint(0, 2**32, kshape, generator=g, dtype=torch.int64) for _ in range(2)]
+    ctr = [torch.randint(0, 2**32, cshape, generator=g, dtype=torch.int64) for _ in range(4)]
+    if cshape:
+        ctr[0].view(-1)[0], ctr[2].view(-1)[-1] = M32, 0
+    fast, limbs = rng.philox(*key, *ctr), rng._philox_torch(*key, *ctr)
+    for a, b in zip(fast, limbs):
+        assert a.dtype == b.dtype == torch.int64 and a.shape == b.shape
+        assert torch.equal(a, b)
+        assert 0 <= int(a.min()) and int(a.max()) <= M32
+
+
 def test_batch_invariance_and_addressing():
     full = rng.step_noise(5, 3, (6, 2, 5, 5))
     for b in range(6):
