@@ -50,6 +50,17 @@ def assert_close_to_reference(fast, reference, truth, dtype, what=""):
     assert err <= bound, f"{what}: error {err:.3g} > 2 x reference error {ref_err:.3g} + atol {ATOL[dtype]:g}"
 
 
+class MarkerPayload:
+    """Unpickling this creates the file `marker`: a harmless stand-in for arbitrary code, so a
+    test can prove that a loader never executed a pickle."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def poisoned_like(t, **kw):
     """An output buffer full of NaN, so a kernel that skips an element is caught."""
     return torch.full_like(t, float("nan"), **kw)

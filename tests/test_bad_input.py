@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MarkerPayload
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -35,16 +36,6 @@ from ddim_fast.models.analytic import GaussianEps
 SCHED = dd.NoiseSchedule.linear(100, 1e-3, 0.05)  # T = 100: steps 101 is out of range
 FUZZ = settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
                                                                        HealthCheck.function_scoped_fixture])
-
-
-class Payload:
-    """Unpickling this creates a file: proof that a pickle was executed."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (Path(self.marker).touch, ())
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -75,7 +66,7 @@ def f(tmp_path_factory):
     damaged_copy("arch_ck", "config.json", json.dumps(cfg).encode())
 
     paths["evil_pth"] = root / "evil.pth"
-    paths["evil_pth"].write_bytes(pickle.dumps(Payload(paths["marker"])))
+    paths["evil_pth"].write_bytes(pickle.dumps(MarkerPayload(paths["marker"])))
     torch.save(model.state_dict(), root / "whole.pth")
     paths["truncated_pth"] = root / "truncated.pth"
     paths["truncated_pth"].write_bytes((root / "whole.pth").read_bytes()[:5000])
@@ -100,7 +91,7 @@ def f(tmp_path_factory):
     paths["truncated_npz"] = root / "truncated.npz"
     paths["truncated_npz"].write_bytes(paths["ok"].read_bytes()[:300])
     paths["evil_npz"] = root / "evil.npz"  # a pickle under an .npz name
-    paths["evil_npz"].write_bytes(pickle.dumps(Payload(paths["marker"])))
+    paths["evil_npz"].write_bytes(pickle.dumps(MarkerPayload(paths["marker"])))
 
     paths["png"] = root / "good.png"
     noisy = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import MarkerPayload
 
 import ddim_fast as dd
 from ddim_fast import cli
@@ -167,21 +168,11 @@ def test_official_wrong_architecture(tmp_path):
 
 
 # -- pickle safety ---------------------------------------------------------------------------------------
-class _Payload:
-    """Unpickling this creates a marker file: the proof that code ran."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 @pytest.mark.parametrize("container", ["torch.save", "raw pickle"])
 def test_malicious_pickle_is_refused_and_not_run(tmp_path, container):
     marker = tmp_path / "pwned"
     path = tmp_path / "ckpt.pth"
-    payload = [{"conv_in.weight": torch.zeros(1)}, _Payload(marker), 0, 0]
+    payload = [{"conv_in.weight": torch.zeros(1)}, MarkerPayload(marker), 0, 0]
     if container == "torch.save":
         torch.save(payload, path)
     else:
@@ -198,7 +189,7 @@ def test_malicious_diffusers_bin_is_refused(tmp_path):
     folder = tmp_path / "unet"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(DDPM_CIFAR10_CONFIG))
-    torch.save({"x": _Payload(tmp_path / "pwned")}, folder / "diffusion_pytorch_model.bin")
+    torch.save({"x": MarkerPayload(tmp_path / "pwned")}, folder / "diffusion_pytorch_model.bin")
     with pytest.raises(cv.UnsafeCheckpointError, match="diffusion_pytorch_model.bin"):
         dd.load_model(folder)
     assert not (tmp_path / "pwned").exists()

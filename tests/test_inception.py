@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import MarkerPayload
 from safetensors.torch import save_file
 
 from ddim_fast import inception as I
@@ -193,20 +194,10 @@ def test_bad_files(tmp_path):
         I.load_fid_inception(tmp_path / "list.pth")
 
 
-class _Payload:
-    """Unpickling this creates the file `target` (a harmless stand-in for arbitrary code)."""
-
-    def __init__(self, target):
-        self.target = str(target)
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
 def test_malicious_pickle_is_refused_and_does_not_run(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
-    torch.save({"fc.weight": torch.zeros(2), "x": _Payload(marker)}, evil)
+    torch.save({"fc.weight": torch.zeros(2), "x": MarkerPayload(marker)}, evil)
     with pytest.raises(ValueError, match=r"refusing to load .*evil\.pth.*arbitrary .*it calls \S*open\b"):
         I.load_fid_inception(evil)
     assert not marker.exists()
