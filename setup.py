@@ -1,6 +1,8 @@
 # The metadata lives in pyproject.toml. This file exists for one mapping that is clearer here:
 # the top-level folder `kernels/` is installed as `ddim_fast.kernels` (a different PyPI
-# distribution owns the top-level name `kernels`).
+# distribution owns the top-level name `kernels`). In a source checkout with no install
+# (PYTHONPATH=.), the relative symlink ddim_fast/kernels -> ../kernels gives the same name; the
+# mapping below makes wheels and editable installs copy or map the folder itself.
 from setuptools import setup
 
 setup(

@@ -1,4 +1,6 @@
-"""Fused Triton kernels, installed as `ddim_fast.kernels` (setup.py package_dir).
+"""Fused Triton kernels, imported as `ddim_fast.kernels`: installed there by setup.py's package_dir,
+and reached in a bare source checkout (PYTHONPATH=., no install) through the committed relative
+symlink ddim_fast/kernels -> ../kernels.
 
     ddim_step.py    ddim_step(x, m, coef, step, *, seed, first_index, clip, threshold, x0_out, flag)
                     the whole DDIM update in one pass, in place, noise drawn in-kernel
