@@ -13,7 +13,8 @@ bandwidth) is a failure; attention spills are reported.
     python -m ddim_fast.kernels.aot --cc 90 --kernel attention
 
 Which configurations: the step kernel in every constexpr combination (noise, clip mode, x0
-output, non-finite flag) for an fp16 model output, and the heaviest one for fp32/bf16;
+output, non-finite flag) for an fp16 model output, and the heaviest one for fp32/bf16; the
+dynamic-thresholding order statistics at each shipped model's sample size;
 GroupNorm in each tile configuration its launcher picks for the GroupNorm shapes of the DDPM
 UNets (CIFAR-10, CelebA, LSUN; batch 1 and 64) with its heaviest flags, plus every flag, layout
 and dtype on the CIFAR-10 tile; attention for every head-dim class up to 512 in every dtype,
@@ -44,7 +45,7 @@ from . import ddim_step as step_mod
 from . import group_norm as gn_mod
 
 CCS = (80, 90)
-NO_SPILL = ("ddim_step", "initial_noise", "group_norm", "group_norm_stats")  # memory-bound: a spill fails
+NO_SPILL = ("ddim_step", "initial_noise", "group_norm", "group_norm_stats", "abs_order_stats")  # a spill fails
 _TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # The DDPM UNets whose GroupNorm shapes are shipped: (ch, ch_mult, resolution, blocks, groups).
 MODELS = {
@@ -91,6 +92,20 @@ def initial_noise_configs():
     names, types = ["X", "SEED", "FIRST", "N"], ["*fp32", "*i64", "*i64", "i32"]
     return [_config("initial_noise", "x_T", step_mod._initial_noise_kernel, names, types,
                     dict(BLOCK=step_mod.BLOCK), step_mod.NUM_WARPS, aligned=("X", "N"))]
+
+
+def order_stats_configs():
+    """The dynamic-thresholding select at each shipped model's sample size (its loop bound is a
+    constant, so each size is its own compile)."""
+    names, types = ["A", "OUT", "N", "K_LO", "K_HI"], ["*fp32", "*fp32", "i32", "i32", "i32"]
+    out = []
+    for model, (_, _, resolution, _, _) in MODELS.items():
+        n = 3 * resolution * resolution
+        block, chunks, warps = step_mod.select_config(n)
+        out.append(_config("abs_order_stats", f"{model} n={n} block={block} chunks={chunks} w{warps}",
+                           step_mod._abs_order_stats_kernel, names, types, dict(BLOCK=block, CHUNKS=chunks), warps,
+                           aligned=("A", "OUT", "N")))
+    return out
 
 
 def ddpm_group_norm_shapes(ch, ch_mult, resolution, blocks, groups):
@@ -194,7 +209,8 @@ def attention_configs():
 
 def shipped_configs(kernel: str | None = None):
     """Every configuration, optionally only those of one kernel name (prefix match)."""
-    cfgs = step_configs() + initial_noise_configs() + group_norm_configs() + attention_configs()
+    cfgs = (step_configs() + initial_noise_configs() + order_stats_configs() + group_norm_configs()
+            + attention_configs())
     return [c for c in cfgs if kernel is None or c.kernel.startswith(kernel)]
 
 

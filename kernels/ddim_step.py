@@ -17,9 +17,18 @@ Clipping of the x0 estimate (a constexpr mode, so the plain path pays nothing):
   0: none;  1: fixed range (lo, hi);
   2: dynamic thresholding (Imagen): per sample s = quantile(|x0|, p) clamped to [1, s_max], then
      x0 = clamp(x0, -s, s) / s. The quantile needs the whole sample before any element can be
-     written, so the launcher computes s with torch first (no host sync): x0 is formed in fp32
-     and s is read off `torch.topk` of the upper tail only (k = n - floor(p (n-1)) values instead
-     of a full sort), interpolated exactly as `torch.quantile` does (linear, rank in fp32).
+     written, so the launcher computes s first, with no host sync and nothing that cannot be
+     captured in a CUDA graph: x0 is formed in fp32 by torch, the two order statistics that
+     torch.quantile interpolates between are found by `_abs_order_stats_kernel` (below), and
+     the interpolation is torch.lerp, exactly as torch.quantile does it (linear, rank in fp32).
+     (torch.topk / torch.sort run CUB segmented sorts, which are not known to be capture-safe.)
+
+Order statistics without sorting. Non-negative float32 values order like their int32 bit
+patterns. So the k-th smallest |a| of a sample is the largest 31-bit pattern v with
+#{u < v} <= k (u the patterns): found bit by bit from the top, one counting pass over the sample
+per bit (31 passes, one program per sample; a sample of the shipped models is 12-768 KB and is
+re-read from L1/L2), plus one pass for #{u <= v}, the next larger value and NaNs. The result
+is exact, ties included, and needs no scratch memory.
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
 BLOCK = 1024  # elements per program; NOTE: not yet tuned on a GPU (memory-bound)
 NUM_WARPS = 8  # 4 elements per thread: fp16 and fp32 loads then share one layout (no smem shuffle, see aot.py)
 M_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_BATCH = 65535  # the batch is grid axis 1, whose size CUDA caps at 2**16 - 1 (the Engine splits larger ones)
+SELECT_BLOCK = 4096  # order statistics: a row up to this size stays in registers (CIFAR-10: 3072)
+# NOTE: 16 values per thread at 8 warps; not yet timed on a GPU (see aot.py for registers)
 
 
 # -- reference -----------------------------------------------------------------------------------
@@ -108,6 +120,50 @@ def _ddim_step_kernel(
         bad = mask & ((out != out) | (tl.abs(out) == float("inf")))
         if tl.max(bad.to(tl.int32), axis=0) > 0:
             tl.store(FLAG, 1)  # benign race: every writer stores 1
+
+
+@triton.jit
+def _abs_order_stats_kernel(
+    A, OUT,  # pointers
+    N, K_LO, K_HI,  # sizes: elements per row; the two 0-based ranks, K_LO <= K_HI <= K_LO + 1
+    BLOCK: tl.constexpr, CHUNKS: tl.constexpr,  # meta: CHUNKS = cdiv(N, BLOCK) (a constant loop bound)
+):
+    """OUT[b] = (the K_LO-th and K_HI-th smallest |A[b, :]|), or NaN twice when the row has a NaN."""
+    row = A + tl.program_id(0).to(tl.int64) * N
+    offs = tl.arange(0, BLOCK)  # (BLOCK,)
+    if CHUNKS == 1:  # the whole row in registers: loaded once for all 32 passes
+        u0 = tl.load(row + offs, mask=offs < N, other=0.0).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        u0 = tl.where(offs < N, u0, 0x7FFFFFFF)  # padding: above every value (counted by neither test)
+    # 1. v = the largest pattern with #{u < v} <= K_LO, built from the top bit down: the K_LO-th value
+    v = tl.program_id(0) * 0  # int32 zero
+    bit = v + (1 << 30)
+    for _ in range(31):
+        cand = v | bit
+        if CHUNKS == 1:
+            count = tl.sum((u0 < cand).to(tl.int32), axis=0)
+        else:
+            count = v * 0
+            for c in range(CHUNKS):
+                j = c * BLOCK + offs
+                u = tl.load(row + j, mask=j < N, other=0.0).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+                count += tl.sum(((u < cand) & (j < N)).to(tl.int32), axis=0)
+        v = tl.where(count <= K_LO, cand, v)
+        bit = bit >> 1
+    # 2. #{u <= v}, the next larger pattern and the NaNs, in one more pass
+    n_le = v * 0
+    n_nan = v * 0
+    nxt = v * 0 + 0x7FFFFFFF
+    for c in range(CHUNKS):
+        j = c * BLOCK + offs
+        valid = j < N
+        u = tl.load(row + j, mask=valid, other=0.0).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        n_le += tl.sum((valid & (u <= v)).to(tl.int32), axis=0)
+        n_nan += tl.sum((valid & (u > 0x7F800000)).to(tl.int32), axis=0)
+        nxt = tl.minimum(nxt, tl.min(tl.where(valid & (u > v), u, 0x7FFFFFFF), axis=0))
+    hi = tl.where(n_le > K_HI, v, nxt)  # the K_HI-th value is v itself when v fills that rank too
+    out = OUT + tl.program_id(0).to(tl.int64) * 2
+    tl.store(out, tl.where(n_nan > 0, float("nan"), v.to(tl.float32, bitcast=True)))  # NaN in, NaN out
+    tl.store(out + 1, tl.where(n_nan > 0, float("nan"), hi.to(tl.float32, bitcast=True)))  # (torch.quantile)
 
 
 # -- launcher ------------------------------------------------------------------------------------
@@ -209,8 +265,8 @@ def initial_noise(x, seed, first_index=0):
 def threshold_scale(x, m, coef, step, p, s_max=math.inf):
     """Per-sample s = quantile(|x0|, p) clamped to [1, s_max], x0 = cx x + ce m: (B,) float32.
 
-    Matches torch.quantile's linear interpolation (rank p (n-1) in float32) using only the
-    top k = n - floor(rank) values of each sample.
+    Matches torch.quantile's linear interpolation (rank p (n-1) in float32) between the two
+    order statistics it needs, found by abs_order_stats: no sort, no host sync, capturable.
     """
     B = x.shape[0]
     n = x.numel() // B
@@ -219,10 +275,36 @@ def threshold_scale(x, m, coef, step, p, s_max=math.inf):
     rank = torch.tensor(p, dtype=torch.float32) * (n - 1)  # host scalar, as torch.quantile
     below, above = math.floor(rank.item()), math.ceil(rank.item())
     weight = float(rank - below)
-    top = torch.topk(a, n - below, dim=1, largest=True, sorted=True).values  # (B, k) descending
-    k = n - below
-    s = torch.lerp(top[:, k - 1], top[:, k - 1 - (above - below)], weight)  # (B,)
+    pair = abs_order_stats(a, below, above)  # (B, 2): the values of rank `below` and `above`
+    s = torch.lerp(pair[:, 0], pair[:, 1], weight)  # (B,)
     return s.clamp_(1.0, s_max).contiguous()
+
+
+def abs_order_stats(a, k_lo, k_hi):
+    """(B, 2) float32: the k_lo-th and k_hi-th smallest (0-based) of |a[b]| for each row of
+    a (B, n) float32 contiguous, with k_lo <= k_hi <= min(k_lo + 1, n - 1); NaN for a row holding
+    NaN (as torch.quantile). Exact (ties included), one program per row, graph-capturable."""
+    if not isinstance(a, torch.Tensor) or a.dtype != torch.float32 or a.ndim != 2 or not a.is_contiguous():
+        raise ValueError("a must be a contiguous float32 tensor (B, n)")
+    if a.device.type != "cuda" and isinstance(_abs_order_stats_kernel, triton.runtime.JITFunction):
+        raise ValueError(f"abs_order_stats needs a CUDA tensor (got {a.device}); on CPU set TRITON_INTERPRET=1 "
+                         "before the kernels are imported")
+    B, n = a.shape
+    if B < 1 or n < 1 or n >= 2**31:
+        raise ValueError(f"a must have 1 <= B and 1 <= n < 2**31, got {tuple(a.shape)}")
+    if not (0 <= k_lo <= k_hi <= min(k_lo + 1, n - 1)):
+        raise ValueError(f"ranks must satisfy 0 <= k_lo <= k_hi <= min(k_lo + 1, n - 1), got {k_lo}, {k_hi} "
+                         f"for n={n}")
+    out = torch.empty((B, 2), dtype=torch.float32, device=a.device)
+    block, chunks, warps = select_config(n)
+    _abs_order_stats_kernel[(B,)](a, out, n, int(k_lo), int(k_hi), BLOCK=block, CHUNKS=chunks, num_warps=warps)
+    return out
+
+
+def select_config(n):
+    """(BLOCK, CHUNKS, num_warps) of _abs_order_stats_kernel for rows of n elements."""
+    block = min(SELECT_BLOCK, max(16, triton.next_power_of_2(n)))
+    return block, triton.cdiv(n, block), 4 if block <= 1024 else 8
 
 
 def _check(x, m, coef, step, seed, first_index, clip, threshold, x0_out, flag):

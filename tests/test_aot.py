@@ -40,7 +40,7 @@ def test_every_config_compiles_for_sm80_and_sm90(aot):
         by_config.setdefault((r["kernel"], r["config"]), set()).add(r["cc"])
     assert all(ccs == {80, 90} for ccs in by_config.values())
     kernels = {k for k, _ in by_config}
-    assert kernels == {"ddim_step", "initial_noise", "group_norm", "group_norm_stats", "attention"}
+    assert kernels == {"ddim_step", "initial_noise", "abs_order_stats", "group_norm", "group_norm_stats", "attention"}
     # the step kernel ships every constexpr combination: noise x clip mode x x0 output x flag
     step_labels = {c for k, c in by_config if k == "ddim_step" and c.endswith("m=fp16")}
     assert len(step_labels) == 2 * 3 * 2 * 2

@@ -10,7 +10,8 @@ import torch
 from conftest import assert_close_to_reference, poisoned_like
 
 from ddim_fast import rng
-from ddim_fast.kernels.ddim_step import ddim_step, ddim_step_ref, initial_noise, threshold_scale
+from ddim_fast.kernels import ddim_step as step_mod
+from ddim_fast.kernels.ddim_step import abs_order_stats, ddim_step, ddim_step_ref, initial_noise, threshold_scale
 from ddim_fast.models.analytic import GaussianEps
 from ddim_fast.plan import SamplingPlan
 from ddim_fast.sampling import sample, step
@@ -179,7 +180,7 @@ def test_nonfinite_flag_is_set_and_sticky():
 @pytest.mark.parametrize("n", [1, 2, 37, 1100])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.995, 1.0])
 def test_threshold_scale_is_torch_quantile(n, p):
-    """topk over the upper tail reproduces torch.quantile (linear interpolation) exactly."""
+    """The two order statistics and torch.lerp reproduce torch.quantile (linear interpolation) exactly."""
     g = torch.Generator().manual_seed(n)
     x = (3 * torch.randn(3, n, generator=g)).to(DEV)
     m = torch.randn(3, n, generator=g).to(DEV, torch.float16)
@@ -189,6 +190,69 @@ def test_threshold_scale_is_torch_quantile(n, p):
     x0 = 0.8 * x - 0.6 * m.float()
     want = torch.quantile(x0.abs(), p, dim=1).clamp(1.0, 2.5)
     torch.testing.assert_close(s, want, rtol=0, atol=0)
+
+
+def _rows_with_hard_cases(n, seed):
+    """(6, n) float32 rows: random; heavy ties; one value repeated everywhere; neighbouring floats
+    (1 ulp apart) around every rank; signs, -0.0 and inf (the select is over |a|); huge/tiny."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(n, generator=g)]
+    rows.append(torch.randint(0, 3, (n,), generator=g).float() * 0.25)  # values 0, 0.25, 0.5: ties
+    rows.append(torch.full((n,), 1.5))
+    base = torch.full((n,), 1.0).view(torch.int32) + torch.randint(0, 3, (n,), generator=g, dtype=torch.int32)
+    rows.append(base.view(torch.float32))  # 1.0 and its next two floats: ranks fall between 1-ulp steps
+    r = torch.randn(n, generator=g)
+    r[:: 3] = -0.0
+    r[1:: 5] = float("inf")
+    rows.append(-r.abs() if n % 2 else r)
+    rows.append(torch.randn(n, generator=g) * torch.tensor(10.0).pow(torch.randint(-30, 30, (n,), generator=g)))
+    return torch.stack(rows).to(DEV)  # (6, n)
+
+
+# block None: the row in registers (one chunk); 16: the chunked passes, a partial last chunk
+@pytest.mark.parametrize("n,block", [(1, None), (2, None), (5, None), (37, None), (300, None), (21, 16)])
+def test_abs_order_stats_are_exact_order_statistics(n, block, monkeypatch):
+    """The select kernel against a sort of |a|: every kind of rank pair torch.quantile asks for."""
+    if block is not None:
+        monkeypatch.setattr(step_mod, "SELECT_BLOCK", block)
+        assert step_mod.select_config(n)[:2] == (16, 2)
+    a = _rows_with_hard_cases(n, seed=n)
+    want = a.abs().sort(dim=1).values  # (6, n)
+    ranks = {0, n // 2, n - 1} if block else {0, n // 3, n // 2, max(n - 2, 0), n - 1}
+    for k in sorted(ranks):
+        k2 = min(k + 1, n - 1)
+        got = abs_order_stats(a, k, k2)
+        assert torch.equal(got[:, 0], want[:, k]) and torch.equal(got[:, 1], want[:, k2]), (n, k, got)
+
+
+@pytest.mark.parametrize("p", [0.0001, 0.37, 0.5, 0.995, 1.0])
+def test_threshold_scale_on_hard_rows_is_torch_quantile(p):
+    """Through threshold_scale (x0 = x, so |x0| = |a|): ties, 1-ulp neighbours at the rank, inf."""
+    a = _rows_with_hard_cases(29, seed=3)
+    coef = torch.tensor([[1.0, 0, 0, 0, 0, 0]], device=DEV)
+    s = threshold_scale(a, torch.zeros_like(a), coef, torch.zeros(1, dtype=torch.int32, device=DEV), p)
+    want = torch.quantile(a.abs(), p, dim=1).clamp(1.0, math.inf)  # inf at the rank: NaN in both (lerp)
+    torch.testing.assert_close(s, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_abs_order_stats_propagate_nan_like_torch_quantile():
+    a = torch.randn(3, 40, generator=torch.Generator().manual_seed(0)).to(DEV)
+    a[1, 17] = float("nan")
+    got = abs_order_stats(a, 20, 21)
+    want = torch.quantile(a.abs(), 20.5 / 39, dim=1)
+    assert got[1].isnan().all() and want[1].isnan()
+    assert torch.isfinite(got[[0, 2]]).all()
+
+
+def test_abs_order_stats_bad_inputs():
+    a = torch.zeros(2, 5, device=DEV)
+    for call, words in [(lambda: abs_order_stats(a.double(), 0, 0), "float32"),
+                        (lambda: abs_order_stats(a.t(), 0, 0), "contiguous"),
+                        (lambda: abs_order_stats(a, 3, 2), "ranks"),
+                        (lambda: abs_order_stats(a, 1, 3), "ranks"),
+                        (lambda: abs_order_stats(a, 4, 5), "ranks")]:
+        with pytest.raises(ValueError, match=words):
+            call()
 
 
 def test_sampling_loop_matches_reference_sampler():
