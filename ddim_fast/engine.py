@@ -33,10 +33,19 @@ batch size, image shape, dtype or plan (a new Engine) captures again; a new seed
 first_index does not (they live in (1,) device tensors). Replays copy the result out, so a
 result the caller holds is never overwritten by the next replay. These costs are stated from
 the mechanism; benchmarks/gpu_suite.py reports the measured first-call times.
+
+Settings and limits. The Engine leaves torch's cuDNN and TF32 settings as the caller set them
+(torch.backends.cudnn.enabled / deterministic / allow_tf32, torch.backends.cuda.matmul);
+graph warm-up only turns on cuDNN's algorithm search (cudnn.benchmark) for its own duration,
+and not at all when the caller asked for determinism. A batch larger than the fused kernels'
+grid limit (MAX_BATCH = 65535 samples) is run in near-equal chunks (the same images: noise is
+keyed by the global sample index); GroupNorm inputs of 2**31 elements or more are split over
+the batch by the triton ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -131,7 +140,8 @@ class Engine:
         _check_first_index(first_index, batch_size)
         seed = rng.check_seed(seed)
         if hasattr(self._runner, "sample"):  # triton / cuda_graph: x_T drawn in-kernel
-            out = self._runner.sample(batch_size, self.shape, self.plan, seed=seed, first_index=first_index)
+            out = _in_chunks(batch_size, self.max_batch, lambda lo, hi: self._runner.sample(
+                hi - lo, self.shape, self.plan, seed=seed, first_index=first_index + lo))
             return _finite(out, self.backend).clamp_(-1.0, 1.0)
         x_T = rng.initial_noise(seed, (batch_size, *self.shape), first_index=first_index, device=self.device)
         return self(x_T, seed=seed, first_index=first_index)
@@ -153,14 +163,24 @@ class Engine:
             noise = noise.to(self.device, torch.float32)
         seed = rng.check_seed(0 if seed is None else seed)
         _check_first_index(first_index, x_T.shape[0])
-        out = self._runner.run(x_T, self.plan, seed=seed, noise=noise, first_index=first_index)
+        out = _in_chunks(x_T.shape[0], self.max_batch, lambda lo, hi: self._runner.run(
+            x_T[lo:hi], self.plan, seed=seed, noise=None if noise is None else noise[:, lo:hi].contiguous(),
+            first_index=first_index + lo))
         return _finite(out, self.backend).clamp_(-1.0, 1.0)  # checked first: clamp would turn inf into +-1
 
     def invert(self, x0: torch.Tensor, *, eps_at: str = "current") -> torch.Tensor:
         """DDIM encoding of images x0 (B, C, H, W) to latents x_T (not clamped)."""
         x0 = self._check_input(x0, "x0")
         inv = self._inverse_plan(eps_at)
-        return _finite(self._runner.run(x0, inv, seed=0, noise=None, first_index=0), self.backend)
+        out = _in_chunks(x0.shape[0], self.max_batch,
+                         lambda lo, hi: self._runner.run(x0[lo:hi], inv, seed=0, noise=None, first_index=0))
+        return _finite(out, self.backend)
+
+    @property
+    def max_batch(self) -> int | None:
+        """The largest batch one launch of this backend's kernels takes (None: no limit); larger
+        batches are run in near-equal chunks of at most this many samples."""
+        return getattr(self._runner, "max_batch", None)
 
     @property
     def graph_captures(self) -> int:
@@ -260,6 +280,39 @@ def _check_first_index(first_index, batch):
         raise ValueError(f"first_index must be an int with 0 <= first_index + B < 2**31, got {first_index!r}")
 
 
+def batch_chunks(n: int, limit: int | None) -> list[tuple[int, int]]:
+    """[(lo, hi), ...] covering range(n) in the fewest near-equal chunks of at most `limit`
+    (equal sizes let a CUDA graph serve every chunk but possibly the last)."""
+    if limit is None or n <= limit:
+        return [(0, n)]
+    count = -(-n // limit)
+    size = -(-n // count)
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def _in_chunks(n, limit, run):
+    """run(lo, hi) over batch_chunks(n, limit), concatenated along the batch."""
+    chunks = batch_chunks(n, limit)
+    if len(chunks) == 1:
+        return run(0, n)
+    return torch.cat([run(lo, hi) for lo, hi in chunks])
+
+
+@contextlib.contextmanager
+def cudnn_algorithm_search():
+    """cuDNN's algorithm search (cudnn.benchmark) on for the duration, unless the caller asked for
+    determinism; every other cuDNN / TF32 setting (enabled, deterministic, allow_tf32) stays the
+    caller's. (torch.backends.cudnn.flags() would reset the ones it is not given to its defaults.)"""
+    cudnn = torch.backends.cudnn
+    before = cudnn.benchmark
+    if not (cudnn.deterministic or torch.are_deterministic_algorithms_enabled()):
+        cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        cudnn.benchmark = before
+
+
 def _prepare_model(model, device, dtype, channels_last, ops):
     net = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
     if channels_last:
@@ -301,8 +354,13 @@ class _TritonRunner:
     """Fused ops in the UNet, the fused step kernel (in-kernel noise), eager launches."""
 
     def __init__(self, net, device, dtype, channels_last, fused=True):
+        self.max_batch = None  # the PyTorch step has no grid limit
         if fused:
-            from .kernels.ddim_step import ddim_step, initial_noise
+            from .kernels import attention as _attention
+            from .kernels import ddim_step as _step
+
+            ddim_step, initial_noise = _step.ddim_step, _step.initial_noise
+            self.max_batch = min(_step.MAX_BATCH, _attention.MAX_BATCH)  # the batch is a grid axis
         else:
             ddim_step, initial_noise = _torch_step, None
         self.ddim_step, self.initial_noise = ddim_step, initial_noise
@@ -432,7 +490,7 @@ class _GraphRunner(_TritonRunner):
         """Run once on a side stream: Triton JIT, cuDNN algorithm search, allocator growth."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), torch.backends.cudnn.flags(enabled=True, benchmark=True):
+        with torch.cuda.stream(side), cudnn_algorithm_search():
             body()
         torch.cuda.current_stream(self.device).wait_stream(side)
 

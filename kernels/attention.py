@@ -29,6 +29,7 @@ import triton.language as tl
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
+MAX_BATCH = 65535  # the batch is grid axis 2, whose size CUDA caps at 2**16 - 1
 
 
 # -- reference -----------------------------------------------------------------------------------
@@ -185,6 +186,9 @@ def _check(q, k, v, out):
         raise ValueError(f"q must have B, C, N >= 1, got {tuple(q.shape)}")
     if C > 512:
         raise ValueError(f"head_dim C={C} is above the supported 512; use the reference ops")
+    if B > MAX_BATCH:
+        raise ValueError(f"a batch of {B} is more than one launch takes: the batch is a CUDA grid axis of at most "
+                         f"{MAX_BATCH} programs; run it in chunks of at most {MAX_BATCH}")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
         raise ValueError("out must be a (B, C, N) tensor of q's dtype on q's device")
     return B, C, N

@@ -208,6 +208,12 @@ def ddim_step(x, m, coef, step, *, seed=None, first_index=0, clip=None, threshol
     return x
 
 
+def _check_batch(B):
+    if B > MAX_BATCH:
+        raise ValueError(f"a batch of {B} samples is more than one launch takes: the batch is a CUDA grid axis of "
+                         f"at most {MAX_BATCH} programs; run it in chunks of at most {MAX_BATCH} (Engine does this)")
+
+
 def _first_index_tensor(first_index, device):
     if isinstance(first_index, torch.Tensor):
         return first_index
@@ -254,6 +260,7 @@ def initial_noise(x, seed, first_index=0):
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
         raise ValueError("seed must be a (1,) int64 tensor on x's device")
     _check_first_index(first_index, x)
+    _check_batch(x.shape[0])
     B = x.shape[0]
     N = x.numel() // B
     grid = (triton.cdiv(N, BLOCK), B)
@@ -332,6 +339,7 @@ def _check(x, m, coef, step, seed, first_index, clip, threshold, x0_out, flag):
         raise ValueError("step must be a (1,) int32 tensor on x's device (the step index lives on the device)")
     if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device):
         raise ValueError("seed must be None (no noise) or a (1,) int64 tensor on x's device")
+    _check_batch(x.shape[0])
     n = x.numel() // x.shape[0]
     if n >= 2**31:
         raise ValueError(f"a sample has {n} elements; the kernel and the noise stream address fewer than 2**31")

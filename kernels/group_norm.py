@@ -31,6 +31,7 @@ SINGLE_MAX = 8192  # largest group (pow2-padded) kept in registers; NOTE: not ye
 TILE = 2048  # elements per tile when looping over a group; NOTE: not yet tuned on a GPU
 PROGRAMS_PER_SM = 4  # split large groups until about this many programs per SM
 MAX_SPLIT = 128  # most programs per group (MODE 2 merges this many partials, masked)
+MAX_NUMEL = 2**31 - 1  # most elements of x in one launch (kept within int32 offsets); split the batch above
 
 
 # -- reference -----------------------------------------------------------------------------------
@@ -251,6 +252,9 @@ def _check(x, weight, bias, num_groups, add, out, split, tile):
             f"x must be a (B, C, H, W) float32/float16/bfloat16 tensor, got "
             f"{getattr(x, 'shape', type(x))} {getattr(x, 'dtype', '')}"
         )
+    if x.numel() > MAX_NUMEL:  # before the device check, so a meta tensor can test it
+        raise ValueError(f"x {tuple(x.shape)} has {x.numel()} elements, more than one launch takes ({MAX_NUMEL}); "
+                         f"run the batch in chunks (ddim_fast's triton ops do this)")
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         raise ValueError("x must be NCHW-contiguous or channels_last; pass x.contiguous()")
     if x.device.type != "cuda" and isinstance(_group_norm_kernel, triton.runtime.JITFunction):
@@ -281,6 +285,4 @@ def _check(x, weight, bias, num_groups, add, out, split, tile):
         raise ValueError(f"split must be None or an int in [1, {MAX_SPLIT}], got {split!r}")
     if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 16 or tile & (tile - 1)):
         raise ValueError(f"tile must be None or a power of two >= 16, got {tile!r}")
-    if x.numel() >= 2**31:
-        raise ValueError("x has 2**31 elements or more; split the batch")
     return B, C, H, W, C // num_groups

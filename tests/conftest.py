@@ -61,6 +61,21 @@ class MarkerPayload:
         return (open, (self.marker, "w"))
 
 
+@pytest.fixture
+def exact_cuda():
+    """For GPU tests that hold an fp32 path to the fp32 rule or compare two runs of one network:
+    no TF32 (cuDNN and cuBLAS: TF32 is not fp32) and cuDNN in deterministic mode, so every run
+    picks the same algorithms (the Engine then skips its algorithm search too). Restored after."""
+    b = torch.backends
+    saved = (b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic, b.cudnn.benchmark)
+    b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = False
+    b.cudnn.deterministic, b.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic, b.cudnn.benchmark = saved
+
+
 def poisoned_like(t, **kw):
     """An output buffer full of NaN, so a kernel that skips an element is caught."""
     return torch.full_like(t, float("nan"), **kw)

@@ -7,7 +7,7 @@ import torch
 from conftest import assert_close_to_reference
 
 import ddim_fast as dd
-from ddim_fast.engine import BackendUnavailable
+from ddim_fast.engine import BackendUnavailable, batch_chunks
 from ddim_fast.models.analytic import GaussianEps
 
 SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
@@ -141,7 +141,8 @@ def test_bf16_network_keeps_an_fp32_state(tiny):
 
 # -- triton (interpreter on CPU) against the reference ---------------------------------------------------
 def _truth_and_low(model, plan, x_T, seed, dtype):
-    truth = dd.sample(copy.deepcopy(model).double(), x_T.double(), plan, seed=seed).clamp(-1, 1)
+    """The float64 truth and the reference in `dtype`, both on x_T's device (the model may be on the CPU)."""
+    truth = dd.sample(copy.deepcopy(model).double().to(x_T.device), x_T.double(), plan, seed=seed).clamp(-1, 1)
     low = dd.Engine(model, plan, backend="reference", dtype=dtype, device=x_T.device)(x_T, seed=seed)
     return truth, low
 
@@ -166,10 +167,87 @@ def test_triton_backend_inverts_like_reference(analytic):
     assert_close_to_reference(got, low, truth, torch.float32, "triton invert")
 
 
+# -- batches above the kernels' grid limit ---------------------------------------------------------------
+def test_batch_chunks_are_near_equal_and_cover_the_batch():
+    assert batch_chunks(5, None) == [(0, 5)] and batch_chunks(5, 5) == [(0, 5)]
+    assert batch_chunks(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert batch_chunks(70000, 65535) == [(0, 35000), (35000, 70000)]  # one graph serves both halves
+    for n in range(1, 30):
+        for limit in range(1, 9):
+            chunks = batch_chunks(n, limit)
+            assert chunks[0][0] == 0 and chunks[-1][1] == n and len(chunks) == -(-n // limit)
+            assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
+            sizes = [hi - lo for lo, hi in chunks]
+            assert max(sizes) <= limit and all(s == sizes[0] for s in sizes[:-1]) and 0 < sizes[-1] <= sizes[0]
+
+
+def test_engine_runs_batches_above_the_kernel_limit_in_chunks(analytic, monkeypatch):
+    """With the step kernel's limit lowered to 2 samples (its launcher refuses 3), every entry point
+    of the triton backend still takes 5 samples: in chunks, with the same images as one batch."""
+    from ddim_fast.kernels import ddim_step as step_mod
+
+    monkeypatch.setattr(step_mod, "MAX_BATCH", 2)
+    plan = _plan(4, eta=0.6)
+    eng = dd.Engine(analytic, plan, shape=SHAPE, backend="triton", device="cpu")
+    ref = dd.Engine(analytic, plan, shape=SHAPE, backend="reference", device="cpu")
+    assert eng.max_batch == 2 and ref.max_batch is None
+    x_T = dd.rng.initial_noise(3, (5, *SHAPE), first_index=1)
+    truth = dd.sample(copy.deepcopy(analytic).double(), x_T.double(), plan, seed=3, first_index=1).clamp(-1, 1)
+    got = eng.sample(5, seed=3, first_index=1)
+    assert_close_to_reference(got, ref.sample(5, seed=3, first_index=1), truth, torch.float32, "sample in chunks")
+    torch.testing.assert_close(eng(x_T, seed=3, first_index=1), got, rtol=0, atol=1e-6)
+    noise = torch.randn(4, 5, *SHAPE, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(eng(x_T, noise=noise), ref(x_T, noise=noise), rtol=0, atol=1e-5)
+    inv_plan = _plan(4)
+    x0 = 0.3 + 0.2 * torch.randn(5, *SHAPE, generator=torch.Generator().manual_seed(1))
+    inv = dd.Engine(analytic, inv_plan, shape=SHAPE, backend="triton", device="cpu").invert(x0)
+    want = dd.Engine(analytic, inv_plan, shape=SHAPE, backend="reference", device="cpu").invert(x0)
+    torch.testing.assert_close(inv, want, rtol=0, atol=1e-5)
+
+
+# -- cuDNN / TF32 settings are the caller's ----------------------------------------------------------------
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_graph_warm_up_leaves_cudnn_and_tf32_settings_alone(analytic, monkeypatch, deterministic):
+    """Warm-up turns on cuDNN's algorithm search for itself only (not at all under determinism);
+    TF32, deterministic and enabled stay what the caller set (cudnn.flags() reset them)."""
+    import contextlib
+
+    from ddim_fast import engine
+
+    b = torch.backends
+    saved = (b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic, b.cudnn.benchmark)
+    b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic, b.cudnn.benchmark = (
+        False, True, deterministic, False)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    seen = {}
+
+    def body():
+        seen.update(benchmark=b.cudnn.benchmark, conv_tf32=b.cudnn.allow_tf32, matmul_tf32=b.cuda.matmul.allow_tf32,
+                    deterministic=b.cudnn.deterministic, enabled=b.cudnn.enabled)
+
+    runner = engine._GraphRunner(copy.deepcopy(analytic), torch.device("cpu"), torch.float32, False, fused=False,
+                                 max_graphs=1)
+    try:
+        runner._warm_up(body)
+        after = (b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic)
+    finally:
+        b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic, b.cudnn.benchmark = saved
+    assert seen == dict(benchmark=not deterministic, conv_tf32=False, matmul_tf32=True, deterministic=deterministic,
+                        enabled=b.cudnn.enabled)
+    assert after == (False, False, True, deterministic)  # benchmark restored, the rest never touched
+
+
 # -- GPU tier ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_graph_replay_matches_eager_triton_and_reference(tiny, dtype):
+def test_graph_replay_matches_eager_triton_and_reference(tiny, dtype, exact_cuda):
     plan = dd.SamplingPlan.build(tiny.schedule, 10, eta=0.5)
     x_T = dd.rng.initial_noise(1, (3, 3, 16, 16), device="cuda")
     graph = dd.Engine(tiny, plan, backend="cuda_graph", device="cuda", dtype=dtype)
@@ -178,11 +256,35 @@ def test_graph_replay_matches_eager_triton_and_reference(tiny, dtype):
     truth, low = _truth_and_low(tiny, plan, x_T, 1, dtype)
     assert_close_to_reference(g, low, truth, dtype, "cuda_graph")
     assert_close_to_reference(e, low, truth, dtype, "triton eager")
-    assert (g - e).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-2)
+    assert (g - e).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-2)  # same kernels, same algorithms
+    assert torch.equal(graph(x_T, seed=1), g) and graph.graph_captures == 1  # a replay repeats itself
 
 
 @pytest.mark.gpu
-def test_graph_cache_seeds_batches_and_held_results(tiny):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_graph_captures_dynamic_thresholding(tiny, dtype, exact_cuda):
+    """A threshold plan (a per-sample quantile of |x0| every step, from the order-statistics
+    kernel: no sort in the graph) captured and replayed: equal to the eager triton run, within the
+    rule of the reference, and the thresholding really bites (s > 1 on the early steps)."""
+    plan = dd.SamplingPlan.build(tiny.schedule, 8, eta=0.5, threshold=0.9, threshold_max=1.5)
+    x_T = dd.rng.initial_noise(5, (3, 3, 16, 16), device="cuda")
+    graph = dd.Engine(tiny, plan, backend="cuda_graph", device="cuda", dtype=dtype)
+    eager = dd.Engine(tiny, plan, backend="triton", device="cuda", dtype=dtype)
+    g, e = graph(x_T, seed=2), eager(x_T, seed=2)
+    truth, low = _truth_and_low(tiny, plan, x_T, 2, dtype)
+    assert_close_to_reference(g, low, truth, dtype, "cuda_graph threshold")
+    assert_close_to_reference(e, low, truth, dtype, "triton threshold")
+    assert (g - e).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-2)
+    unclipped = dd.sample(copy.deepcopy(tiny).double().cuda(), x_T.double(),
+                          dd.SamplingPlan.build(tiny.schedule, 8, eta=0.5), seed=2).clamp(-1, 1)
+    assert (unclipped - truth).abs().max() > 1e-2  # the threshold changed the result
+    b = graph.sample(3, seed=7)  # the graph started from the seed (x_T drawn in it)
+    assert graph.graph_captures == 2 and torch.equal(graph.sample(3, seed=7), b)
+    assert (b - eager.sample(3, seed=7)).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.gpu
+def test_graph_cache_seeds_batches_and_held_results(tiny, exact_cuda):
     plan = dd.SamplingPlan.build(tiny.schedule, 5, eta=1.0)
     eng = dd.Engine(tiny, plan, backend="cuda_graph", device="cuda")
     a = eng.sample(2, seed=1)
@@ -203,7 +305,7 @@ def test_graph_cache_seeds_batches_and_held_results(tiny):
 
 
 @pytest.mark.gpu
-def test_graph_inversion_matches_reference(tiny):
+def test_graph_inversion_matches_reference(tiny, exact_cuda):
     plan = dd.SamplingPlan.build(tiny.schedule, 8)
     x0 = torch.rand(2, 3, 16, 16, device="cuda") * 2 - 1
     got = dd.Engine(tiny, plan, backend="cuda_graph", device="cuda").invert(x0)
@@ -213,8 +315,9 @@ def test_graph_inversion_matches_reference(tiny):
 
 
 @pytest.mark.gpu
-def test_fp16_sampling_psnr_against_fp32():
-    """fp16 network, fp32 state: within 40 dB PSNR of fp32 after 50 steps (the bundled model)."""
+def test_fp16_sampling_psnr_against_fp32(exact_cuda):
+    """fp16 network, fp32 state: within 40 dB PSNR of fp32 (TF32 off) after 50 steps (the bundled
+    model). NOTE: the reference backend on the CPU gives 67.9 dB for fp16 (45.5 for bf16)."""
     model = dd.load_model("digits")
     plan = dd.SamplingPlan.build(model.schedule, 50, prediction=model.prediction)
     a = dd.Engine(model, plan, backend="cuda_graph", device="cuda", dtype=torch.float32).sample(16, seed=0)
@@ -251,6 +354,30 @@ def test_graph_runner_bookkeeping(analytic, monkeypatch):
     runner.run(a, plan, seed=1, noise=None, first_index=0)
     assert runner.captures == 3 and len(runner.graphs) == 2  # new batch, new start; LRU cap of 2
     assert torch.equal(runner.sample(2, SHAPE, plan, seed=1, first_index=0), held)
+
+
+def test_graph_engine_with_chunks_and_thresholding_on_cpu(analytic, monkeypatch):
+    """The cuda_graph Engine on a CPU (capture replaced by replaying the body, as the GPU suite's
+    dry run does): a threshold plan runs through the captured body, 5 samples above a limit of 2
+    run as 2 + 2 + 1 with one graph for both 2s, and the result is the reference's."""
+    from ddim_fast import engine
+    from ddim_fast.kernels import ddim_step as step_mod
+
+    monkeypatch.setattr(step_mod, "MAX_BATCH", 2)
+    monkeypatch.setattr(engine, "_choose_backend", lambda backend, device: ("cuda_graph", "test: replayed body"))
+    monkeypatch.setattr(engine._GraphRunner, "_warm_up", lambda self, body: body())
+    monkeypatch.setattr(engine._GraphRunner, "_record", lambda self, body: _ReplayBody(body))
+    plan = _plan(4, eta=0.5, threshold=0.8, threshold_max=1.3)
+    eng = dd.Engine(GaussianEps(SCHED, mu=0.8, std=1.5), plan, shape=SHAPE, device="cpu")  # wide: s > 1
+    got = eng.sample(5, seed=4)
+    assert eng.graph_captures == 2 and eng.max_batch == 2
+    model = GaussianEps(SCHED, mu=0.8, std=1.5)
+    x_T = dd.rng.initial_noise(4, (5, *SHAPE))
+    low = dd.sample(model, x_T, plan, seed=4).clamp(-1, 1)
+    truth = dd.sample(model.double(), x_T.double(), plan, seed=4).clamp(-1, 1)
+    assert_close_to_reference(got, low, truth, torch.float32, "graph body, threshold, chunks")
+    plain = dd.sample(model.double(), x_T.double(), _plan(4, eta=0.5), seed=4).clamp(-1, 1)
+    assert (plain - truth).abs().max() > 1e-2  # the thresholding bit
 
 
 def test_onnx_options_only_with_onnxruntime(analytic):

@@ -72,6 +72,7 @@ def test_bad_inputs_name_the_fix():
         (lambda: attention(q[:, :, :0], q[:, :, :0], q[:, :, :0]), ">= 1"),
         (lambda: attention(*(torch.zeros(1, 520, 4, device=DEV),) * 3), "512"),
         (lambda: attention(q, q, q, out=q.half()), "out"),
+        (lambda: attention(*(torch.zeros(65536, 1, 1, device=DEV),) * 3), "at most 65535 programs"),
     ]
     for call, words in cases:
         with pytest.raises(ValueError, match=words):
@@ -139,5 +140,6 @@ def test_attention_on_gpu_at_model_sizes(C, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_tiny_unet_on_gpu(dtype):
+def test_tiny_unet_on_gpu(dtype, exact_cuda):
+    """The CPU test on the device, bf16 included; fp32 convolutions in fp32 (TF32 off)."""
     test_tiny_unet_triton_ops_equal_reference_ops(dtype)

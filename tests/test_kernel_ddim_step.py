@@ -128,6 +128,8 @@ def test_initial_noise_is_the_reference_x_T(shape):
     assert torch.equal(one[0], x[-1])  # batch-invariant
     with pytest.raises(ValueError, match="seed must be a"):
         initial_noise(x, seed, 0)
+    with pytest.raises(ValueError, match="at most 65535 programs"):  # 256 KB: the check, not the memory
+        initial_noise(torch.empty(65536, 1, device=DEV), seed_t, 0)
 
 
 def test_zero_sigma_draws_nothing():
@@ -291,6 +293,7 @@ def test_bad_inputs_name_the_fix():
         (dict(clip=(-1, 1), threshold=(0.9, 2.0)), "not both"),
         (dict(x0_out=torch.zeros(2, 3, 4, 4, device=DEV).half()), "x0_out"),
         (dict(flag=torch.zeros(1, dtype=torch.int64, device=DEV)), "flag"),
+        (dict(x=torch.zeros(65536, 1, device=DEV), m=torch.zeros(65536, 1, device=DEV)), "at most 65535 programs"),
     ]
     for change, words in cases:
         args = dict(x=x, m=torch.zeros_like(x), coef=coef, step=st)

@@ -95,6 +95,42 @@ def test_bad_inputs_name_the_fix():
             call()
 
 
+def test_launches_above_the_element_limit_are_refused_before_launch():
+    """LSUN-256's largest GroupNorm input at batch 256 (2**32 elements): a meta tensor, nothing
+    allocated; one sample fewer than the limit's batch still passes the check."""
+    from ddim_fast.kernels import group_norm as gn
+
+    def meta(*shape):
+        return torch.empty(shape, device="meta", dtype=torch.float16)
+
+    w = torch.empty(256, device="meta")
+    with pytest.raises(ValueError, match=r"more than one launch takes \(2147483647\); run the batch in chunks"):
+        group_norm(meta(256, 256, 256, 256), w, w, 32)
+    assert gn.MAX_NUMEL // (256 * 256 * 256) == 127  # what the triton ops' batch chunks hold
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_ops_split_the_batch_above_the_element_limit(monkeypatch, channels_last):
+    """With the limit lowered to 2.5 samples the ops run 5 samples as 2 + 2 + 1, each launch within the
+    limit (the kernel itself refuses more), and give the unsplit result."""
+    from ddim_fast.kernels import group_norm as gn
+    from ddim_fast.models.triton_ops import TritonOps
+
+    x, w, b, add = _inputs((5, 6, 3, 3), 2, torch.float32, channels_last, seed=7)
+    monkeypatch.setattr(gn, "MAX_NUMEL", 135)  # 54 elements per sample
+    launched = []
+    real = gn.group_norm
+    monkeypatch.setattr(gn, "group_norm", lambda x, *a, **k: launched.append(x.shape[0]) or real(x, *a, **k))
+    with pytest.raises(ValueError, match="more than one launch takes"):
+        real(x, w, b, 2, 1e-6, add=add, silu=True)
+    got = TritonOps.group_norm(x, w, b, 2, 1e-6, add=add, silu=True)
+    assert launched == [2, 2, 1]
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    ref = group_norm_ref(x, w, b, 2, 1e-6, add=add, silu=True)
+    truth = group_norm_ref(x.double(), w.double(), b.double(), 2, 1e-6, add=add.double(), silu=True)
+    assert_close_to_reference(got, ref, truth, torch.float32, "split batch")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 128, 256, 256), (64, 256, 32, 32), (4, 512, 16, 16)])

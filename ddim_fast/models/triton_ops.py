@@ -9,6 +9,7 @@ message that says so. The reference path never imports this module.
 
 from __future__ import annotations
 
+import torch
 import triton
 
 from ..kernels import attention as _attention
@@ -40,9 +41,19 @@ class TritonOps:
     @staticmethod
     def group_norm(x, weight, bias, num_groups, eps, *, add=None, silu=False):
         """x (B, C, H, W) NCHW or channels_last, fp32/fp16/bf16; add (B, C) or None. Returns x's
-        dtype, shape and memory format (ddim_fast.kernels.group_norm.group_norm)."""
+        dtype, shape and memory format (ddim_fast.kernels.group_norm.group_norm). A tensor above
+        the kernel's MAX_NUMEL (LSUN-256 at batch 128 and up) runs in batch chunks that fit."""
         _require_device(x, "group_norm")
-        return _group_norm.group_norm(x, weight, bias, num_groups, eps, add=add, silu=silu)
+        per_sample = max(x[:1].numel(), 1)
+        step = max(_group_norm.MAX_NUMEL // per_sample, 1)  # a sample above the limit is refused by the kernel
+        if x.shape[0] <= step:
+            return _group_norm.group_norm(x, weight, bias, num_groups, eps, add=add, silu=silu)
+        out = torch.empty_like(x)  # x's memory format; every batch slice keeps x's strides
+        for lo in range(0, x.shape[0], step):
+            hi = min(lo + step, x.shape[0])
+            _group_norm.group_norm(x[lo:hi], weight, bias, num_groups, eps, add=None if add is None else add[lo:hi],
+                                   silu=silu, out=out[lo:hi])
+        return out
 
     @staticmethod
     def attention(q, k, v):
