@@ -44,6 +44,7 @@ the analytic Gaussian denoiser at 3x8x8 with T = 20, S in (2, 3), batch 1-2.
 from __future__ import annotations
 
 import argparse
+import codecs
 import datetime as _dt
 import gc
 import importlib.util
@@ -295,20 +296,26 @@ _CHILDREN = set()  # process ids of running children, killed by the watchdog
 
 
 def stream_process(cmd, timeout_s, log=None, prefix="  | ", env=None):
-    """Run cmd (its own process group), echo its output line by line (and into `log`), kill the
-    group after timeout_s. Returns (returncode, timed_out, lines, seconds)."""
+    """Run cmd (its own process group), echo its output as it comes, partial lines included (and
+    into `log`), kill the group after timeout_s. Returns (returncode, timed_out, lines, seconds)."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            start_new_session=True, env=env)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=env)
     _CHILDREN.add(proc.pid)
-    lines = []
+    received = []
 
-    def pump():
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            print(prefix + line.rstrip("\n"), flush=True)
+    def pump():  # raw reads: a test's name shows before it finishes, so a hang shows where it hangs
+        decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+        at_line_start = True
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            text = decode(chunk)
+            received.append(text)
+            for piece in text.splitlines(keepends=True):
+                sys.stdout.write((prefix if at_line_start else "") + piece)
+                at_line_start = piece.endswith("\n")
+            sys.stdout.flush()
             if log is not None:
-                log.write(line)
+                log.write(text)
                 log.flush()
 
     reader = threading.Thread(target=pump, daemon=True)
@@ -323,7 +330,9 @@ def stream_process(cmd, timeout_s, log=None, prefix="  | ", env=None):
     finally:
         _CHILDREN.discard(proc.pid)
     reader.join(timeout=10)
-    return proc.returncode, timed_out, lines, time.monotonic() - t0
+    if received and not received[-1].endswith("\n"):
+        print(flush=True)
+    return proc.returncode, timed_out, "".join(received).splitlines(), time.monotonic() - t0
 
 
 def _kill_group(pid):
@@ -338,7 +347,7 @@ _SUMMARY = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|
 
 def run_tests(paths, timeout_s, log_path: Path) -> dict:
     """`pytest -m gpu` on `paths` with a timeout (and a per-test one when pytest-timeout is there)."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs", "--durations=15",
+    cmd = [sys.executable, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs", "--durations=15",
            *paths]
     per_test = None
     if importlib.util.find_spec("pytest_timeout") is not None:
