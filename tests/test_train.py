@@ -67,7 +67,7 @@ def test_global_batch_draws_and_flips(tmp_path):
     tr = T.Trainer(_cfg(tmp_path, dataset="synthetic:16"), log=_quiet)
     tr._batches = tr._loader()
     tr.step = 3
-    x0, eps, t = tr._global_batch()
+    x0, eps, t, y = tr._global_batch()
     idx = T.batch_indices(3, 8, 16, seed=0)
     g = torch.Generator().manual_seed(T.derived_seed(0, 3, T._KEY_BATCH))
     assert torch.equal(t, torch.randint(0, 1000, (8,), generator=g))
@@ -76,6 +76,7 @@ def test_global_batch_draws_and_flips(tmp_path):
     assert 0 < flip.sum() < 8
     raw = tr.data.images[idx]
     assert torch.equal(x0, torch.where(flip.view(-1, 1, 1, 1), raw.flip(-1), raw))
+    assert y is None  # unconditional: no labels drawn
     digits = T.Trainer(_cfg(tmp_path / "d", dataset="digits", config="digits"), log=_quiet)
     assert digits.flip is False  # flipped digits are not digits
 
