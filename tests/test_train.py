@@ -415,3 +415,26 @@ def test_bundled_digits_model_draws_recognisable_digits():
     untrained.schedule = model.schedule
     bad = digits_report(T.sample_images(untrained, 20, steps=20, seed=0), clf)
     assert bad["mean_confidence"] < 0.5, bad
+
+
+def test_bundled_digits_cond_model_draws_the_requested_digits():
+    pytest.importorskip("sklearn")
+    from ddim_fast.metrics import load_digits_classifier
+
+    clf = load_digits_classifier()
+    model = dd.load_model("digits-cond")
+    assert model.config == dd.UNetConfig(**{**dd.UNetConfig.digits().to_dict(), "num_classes": 10})
+    info = model.checkpoint_info["training"]
+    assert info["weights"] == "ema" and info["class_dropout_applied"] == 0.1 and info["step"] == 4000
+    y = torch.tensor([3] * 10 + [7] * 10)
+    # The same 20 starting noises with the labels as asked and swapped (3 <-> 7): each image can match
+    # at most one of the two, so a model that ignored its labels would score a + b <= 1.
+    a = (clf.predict(T.sample_images(model, 20, steps=10, seed=0, class_labels=y))[1] == y).float().mean()
+    b = (clf.predict(T.sample_images(model, 20, steps=10, seed=0, class_labels=10 - y))[1] == 10 - y).float().mean()
+    # NOTE measured for the shipped model, DDIM-10, seeds 0-5: as asked 1.0 / 1.0 / 0.95 / 1.0 / 1.0 /
+    # 1.0, swapped 0.95 / 1.0 / 0.9 / 0.9 / 1.0 / 1.0; over 200 samples per class at DDIM-20 the
+    # classifier agrees 98.5% for 3 and 7 (97.9% over all ten). 0.8 (16 of 20) keeps a margin.
+    assert a >= 0.8 and b >= 0.8, (a, b)
+    # the null label (class_labels=None) is the unconditional branch: not tied to the asked classes
+    null = clf.predict(T.sample_images(model, 20, steps=10, seed=0))[1]
+    assert (null == y).float().mean() < 0.5  # measured 0.2
