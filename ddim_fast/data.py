@@ -7,6 +7,10 @@
                     is not that digit any more (flip_ok = False).
     folder:PATH     every image file under PATH (recursive), read with Pillow, center-cropped
                     to a square and resized. Flipped at random during training (flip_ok = True).
+                    Labelled when every image sits in a sub-folder of PATH (PATH/CLASS/...,
+                    torchvision's ImageFolder layout): the label is the index of CLASS among
+                    the sorted names of the sub-folders that hold images. Any image directly
+                    in PATH: no labels.
     cifar10:PATH    the CIFAR-10 "python version" batches in PATH (the cifar-10-batches-py
                     folder or its parent). The files are pickles, so they are read with a
                     restricted unpickler that only rebuilds numpy arrays and plain containers;
@@ -14,7 +18,8 @@
     synthetic[:N]   N (default 256) deterministic smooth random images, for tests.
 
 Every dataset has `flip_ok` (whether a horizontal flip keeps an image in the data
-distribution), `name`, and `labels` (a LongTensor, or None when the data has no labels).
+distribution), `name`, `labels` (a LongTensor (N,), or None when the data has no labels) and
+`classes` (the name of each label, or None): what the trainer's class-conditional models learn.
 scikit-learn is an optional dependency (the "train" extra); it is imported only for `digits`.
 """
 
@@ -34,16 +39,19 @@ SPLITS = ("train", "test", "all")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DIGITS_TEST_FRACTION = 0.2  # held out for the classifier's accuracy and for FD-digits
 DIGITS_SPLIT_SEED = 0  # fixed: the split is part of the data, not of a run
+DIGITS_CLASSES = tuple(str(i) for i in range(10))
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 class TensorImages(torch.utils.data.Dataset):
     """A dataset held in memory: images (N, C, H, W) float32 in [-1, 1]."""
 
-    def __init__(self, images: torch.Tensor, *, name: str, flip_ok: bool, labels=None):
+    def __init__(self, images: torch.Tensor, *, name: str, flip_ok: bool, labels=None, classes=None):
         if images.ndim != 4 or images.shape[0] == 0:
             raise ValueError(f"images must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}")
         self.images = images.float().contiguous()  # (N, C, H, W)
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        self.classes = None if labels is None or classes is None else tuple(classes)
         self.name = name
         self.flip_ok = flip_ok
 
@@ -57,13 +65,15 @@ class TensorImages(torch.utils.data.Dataset):
 class FolderImages(torch.utils.data.Dataset):
     """Image files decoded on access (center crop + resize), so a large folder costs no memory."""
 
-    def __init__(self, files: list[Path], resolution: int, channels: int, *, name: str):
+    def __init__(self, files: list[Path], resolution: int, channels: int, *, name: str, labels=None,
+                 classes=None):
         self.files = files
         self.resolution = resolution
         self.mode = "RGB" if channels == 3 else "L"
         self.name = name
         self.flip_ok = True
-        self.labels = None
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)  # (N,)
+        self.classes = None if labels is None or classes is None else tuple(classes)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -100,7 +110,8 @@ def load_dataset(spec: str, resolution: int, channels: int, *, split: str = "tra
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         images, labels = load_digits(resolution, split=split)
-        return TensorImages(_to_channels(images, channels), name="digits", flip_ok=False, labels=labels)
+        return TensorImages(_to_channels(images, channels), name="digits", flip_ok=False, labels=labels,
+                            classes=DIGITS_CLASSES)
     if kind == "synthetic":
         n = _parse_count(arg, spec)
         return TensorImages(synthetic_images(n, resolution, channels), name=spec, flip_ok=True)
@@ -111,7 +122,8 @@ def load_dataset(spec: str, resolution: int, channels: int, *, split: str = "tra
     if kind == "cifar10" and arg:
         images, labels = load_cifar10(arg, split=split)
         images = _resize(images, resolution)
-        return TensorImages(_to_channels(images, channels), name="cifar10", flip_ok=True, labels=labels)
+        return TensorImages(_to_channels(images, channels), name="cifar10", flip_ok=True, labels=labels,
+                            classes=CIFAR10_CLASSES)
     if kind in ("folder", "cifar10"):
         raise ValueError(f"dataset spec {spec!r} needs a path: write {kind}:PATH")
     raise ValueError(f"unknown dataset spec {spec!r}; use {SPECS}")
@@ -188,7 +200,14 @@ def _folder(path: str, resolution: int, channels: int) -> FolderImages:
             f"no images in {str(root)!r} (looked for {', '.join(IMAGE_EXTENSIONS)} recursively); "
             "point folder:PATH at a folder that holds image files"
         )
-    return FolderImages(files, resolution, channels, name=f"folder:{root}")
+    # One sub-folder per class when no image sits directly in the root (ImageFolder's layout).
+    tops = [f.relative_to(root).parts for f in files]
+    labels = classes = None
+    if all(len(parts) > 1 for parts in tops):
+        classes = sorted({parts[0] for parts in tops})
+        index = {c: i for i, c in enumerate(classes)}
+        labels = [index[parts[0]] for parts in tops]
+    return FolderImages(files, resolution, channels, name=f"folder:{root}", labels=labels, classes=classes)
 
 
 def center_crop_resize(im, resolution: int):

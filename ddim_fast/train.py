@@ -9,9 +9,15 @@ and eps ~ N(0, I),
 with target eps (default), x0, or v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (Salimans & Ho 2022); the
 choice is recorded as the checkpoint's `prediction`, which the samplers read.
 
+Class-conditional models (--num-classes N, or num_classes in a --config JSON) learn
+f_theta(x_t, t, y) on the dataset's labels y; each label is replaced by the null label N with
+probability --class-dropout (default 0.1), so the same network also learns the unconditional
+model that classifier-free guidance needs (Ho & Salimans 2022).
+
 Randomness. Every random draw of step s is a pure function of (seed, s): the data order is a
 permutation per epoch keyed by (seed, epoch); t, eps and the flips of the whole global batch come
-from a generator keyed by (seed, s); dropout re-seeds the global generator with (seed, s, rank).
+from a generator keyed by (seed, s); the class-dropout decisions of the global batch from another
+keyed by (seed, s); dropout re-seeds the global generator with (seed, s, rank).
 So a resumed run (step s restored from a checkpoint) draws exactly what the uninterrupted run
 drew, and 1 or N processes see the same global batch. The global RNG states are also saved in
 each checkpoint and restored, for any other code that draws from them.
@@ -74,9 +80,10 @@ GRID_FILE = "samples.png"
 # Fields that must match between a run and its resume (the others may change, e.g. --steps).
 RUN_FIELDS = ("dataset", "config", "batch_size", "lr", "warmup", "lr_schedule", "optimizer", "weight_decay",
               "grad_clip", "ema_decay", "dropout", "prediction", "flip", "precision", "accum", "seed",
-              "schedule", "timesteps")
+              "schedule", "timesteps", "num_classes", "class_dropout")
 # Purposes for the per-step keys (rng.sample_keys' 'purpose' word), distinct from the sampler's.
-_KEY_EPOCH, _KEY_BATCH, _KEY_DROPOUT = 16, 17, 18
+_KEY_EPOCH, _KEY_BATCH, _KEY_DROPOUT, _KEY_CLASS = 16, 17, 18, 19
+DEFAULT_CLASS_DROPOUT = 0.1  # classifier-free guidance paper's p_uncond = 0.1 or 0.2; 0.1 keeps more conditional steps
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (DDPM: 1.0); 0 disables clipping
     ema_decay: float = 0.9999  # DDPM; warmed up as min(decay, (1+n)/(10+n)) so short runs work
     dropout: float | None = None  # None: the preset's own dropout
+    num_classes: int | None = None  # class-conditional on the dataset's labels 0..N-1; None: the config's own
+    class_dropout: float | None = None  # P(label -> null label); None: DEFAULT_CLASS_DROPOUT if conditional
     prediction: str = "eps"  # the regression target: eps (Eq. 10), x0 or v
     flip: bool = True  # random horizontal flips where the dataset allows them (never for digits)
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler, GPU only)
@@ -124,6 +133,9 @@ class TrainConfig:
             (self.grad_clip >= 0, "grad-clip must be >= 0 (0 disables it)"),
             (0.0 <= self.ema_decay < 1.0, "ema-decay must be in [0, 1)"),
             (self.dropout is None or 0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (self.num_classes is None or (isinstance(self.num_classes, int) and self.num_classes >= 1),
+             "num-classes must be a positive int"),
+            (self.class_dropout is None or 0.0 <= self.class_dropout <= 1.0, "class-dropout must be in [0, 1]"),
             (self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
             (self.accum >= 1, "accum must be >= 1"),
@@ -140,7 +152,11 @@ class TrainConfig:
                 raise ValueError(f"{msg}; fix the training option")
 
     def run_fields(self) -> dict:
-        return {k: getattr(self, k) for k in RUN_FIELDS}
+        d = {k: getattr(self, k) for k in RUN_FIELDS}
+        for k in ("num_classes", "class_dropout"):  # left out when unset: unconditional runs record what they did
+            if d[k] is None:
+                del d[k]
+        return d
 
 
 @dataclass
@@ -197,6 +213,13 @@ def derived_seed(seed: int, counter: int, purpose: int, index: int = 0) -> int:
     return (int(k1[0]) << 32 | int(k0[0])) & rng.SEED_MAX
 
 
+def class_dropout_mask(seed: int, step: int, batch_size: int, p: float, device="cpu") -> torch.Tensor:
+    """(B,) bool: which labels of optimizer step `step`'s global batch become the null label, each
+    independently with probability p. A pure function of its arguments, like batch_indices."""
+    g = torch.Generator(device).manual_seed(derived_seed(seed, step, _KEY_CLASS))
+    return torch.rand(batch_size, generator=g, device=device) < p  # (B,)
+
+
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
     """Dataset indices of the global batch of optimizer step `step` (0-based): positions
     [step*B, (step+1)*B) of the endless stream perm_0 + perm_1 + ..., perm_e a permutation of
@@ -226,6 +249,8 @@ def _model_config(cfg: TrainConfig) -> UNetConfig:
                          "or a .json file of UNetConfig fields")
     if cfg.dropout is not None:
         mc = dataclasses.replace(mc, dropout=float(cfg.dropout))
+    if cfg.num_classes is not None:
+        mc = dataclasses.replace(mc, num_classes=cfg.num_classes)
     return mc
 
 
@@ -286,6 +311,7 @@ class Trainer:
         mc = self.model_config
         self.data = load_dataset(cfg.dataset, mc.resolution, mc.in_channels)
         self.flip = cfg.flip and self.data.flip_ok
+        self.class_dropout = _class_dropout(cfg, mc, self.data)  # None: an unconditional model
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = UNet(mc).to(self.device)
@@ -337,7 +363,8 @@ class Trainer:
                                                collate_fn=torch.stack, pin_memory=self.device.type == "cuda")
 
     def _global_batch(self):
-        """x0, eps, t for this rank's share of step `self.step`'s global batch."""
+        """x0, eps, t, y for this rank's share of step `self.step`'s global batch; y (the labels,
+        some replaced by the null label) is None for an unconditional model."""
         cfg, mc, B = self.cfg, self.model_config, self.cfg.batch_size
         x0 = next(self._batches).to(self.device, non_blocking=True)  # (share, C, H, W)
         lo, hi = self._share().start, self._share().stop
@@ -348,7 +375,12 @@ class Trainer:
         flip = (torch.rand(B, generator=g, device=self.device) < 0.5)[lo:hi]
         if self.flip:
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
-        return x0, eps, t
+        y = None
+        if self.class_dropout is not None:
+            y = self.data.labels[self._step_indices(self.step)].to(self.device)  # (share,)
+            drop = class_dropout_mask(cfg.seed, self.step, B, self.class_dropout, self.device)[lo:hi]
+            y = torch.where(drop, mc.num_classes, y)  # the null label
+        return x0, eps, t, y
 
     def train_step(self) -> tuple[float, float]:
         cfg = self.cfg
@@ -357,7 +389,7 @@ class Trainer:
             group["lr"] = lr
         torch.manual_seed(derived_seed(cfg.seed, self.step, _KEY_DROPOUT, self.dist.rank))  # dropout
         self.model.train()
-        x0, eps, t = self._global_batch()
+        x0, eps, t, y = self._global_batch()
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
         total = torch.zeros((), device=self.device)
         for k in range(cfg.accum):
@@ -366,7 +398,7 @@ class Trainer:
             last = k == cfg.accum - 1
             with (self.net.no_sync() if self.dist.world > 1 and not last else contextlib.nullcontext()):
                 with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    pred = self.net(x_t, t[s])
+                    pred = self.net(x_t, t[s]) if y is None else self.net(x_t, t[s], class_labels=y[s])
                 loss = F.mse_loss(pred.float(), target)  # Eq. 10, averaged over pixels and batch
                 (self.scaler.scale(loss / cfg.accum) if self.scaler else loss / cfg.accum).backward()
             total += loss.detach() / cfg.accum
@@ -477,6 +509,9 @@ class Trainer:
             extra = {"training": {"step": self.step, "dataset": self.cfg.dataset, "weights": "raw + ema",
                                   **{k: v for k, v in self.cfg.run_fields().items() if k != "dataset"},
                                   "flips_applied": self.flip}}  # --flip and the data allows it
+            if self.class_dropout is not None:
+                extra["training"].update(class_dropout_applied=self.class_dropout,
+                                         classes=list(self.data.classes or range(self.model_config.num_classes)))
             save_model(tmp, self.model, ema_state_dict=self.ema, extra=extra)
             tensors, state = self._trainer_state()
             atomic_save_safetensors(tmp / TRAINER_FILE, tensors)
@@ -543,7 +578,7 @@ class Trainer:
             saved, now = state["run"], self.cfg.run_fields()
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise _damaged_checkpoint(folder, e) from None
-        diff = {k: (saved.get(k), now[k]) for k in RUN_FIELDS if saved.get(k) != now[k]}
+        diff = {k: (saved.get(k), now.get(k)) for k in RUN_FIELDS if saved.get(k) != now.get(k)}
         if diff:
             shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"--resume: the options differ from the run in {self.out} ({shown}); "
@@ -580,6 +615,27 @@ class Trainer:
                 torch.cuda.set_rng_state_all(cuda)
         self.step = self.resumed_from = int(state["step"])
         self.last_checkpoint = folder
+
+
+def _class_dropout(cfg: TrainConfig, mc: UNetConfig, data) -> float | None:
+    """The class-dropout probability of a conditional run (None for an unconditional one), after
+    checking that the dataset has labels, all of them below num_classes."""
+    n = mc.num_classes
+    if n is None:
+        if cfg.class_dropout is not None:
+            raise ValueError("--class-dropout needs a class-conditional model; add --num-classes N "
+                             "(or num_classes in the --config JSON), or drop --class-dropout")
+        return None
+    labels = getattr(data, "labels", None)
+    if labels is None:
+        raise ValueError(f"a class-conditional model (num_classes={n}) needs labels, and {data.name} has none; "
+                         "use digits, cifar10:PATH or folder:PATH with one sub-folder per class "
+                         "(PATH/CLASS/image.png), or train without --num-classes")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= n:
+        raise ValueError(f"{data.name} has labels {lo}..{hi}, outside 0..{n - 1} of num_classes={n}; "
+                         f"use --num-classes {max(hi + 1, 1)} (or more)")
+    return DEFAULT_CLASS_DROPOUT if cfg.class_dropout is None else float(cfg.class_dropout)
 
 
 def _damaged_checkpoint(folder: Path, err: Exception) -> ValueError:
@@ -641,9 +697,15 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
 # -- sample grids ----------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_images(model: UNet, n: int, *, steps: int = 20, seed: int = 0,
-                  batch_size: int = 256) -> torch.Tensor:
-    """n DDIM (eta = 0) samples of `model` with `steps` uniform steps, in [-1, 1]: (n, C, R, R)."""
+                  batch_size: int = 256, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """n DDIM (eta = 0) samples of `model` with `steps` uniform steps, in [-1, 1]: (n, C, R, R).
+    class_labels (n,): the label of each sample, for a class-conditional model (no guidance)."""
     c = model.config
+    if class_labels is not None:
+        class_labels = torch.as_tensor(class_labels)
+        if class_labels.shape != (n,):
+            raise ValueError(f"class_labels must have shape ({n},), one label per sample, "
+                             f"got {tuple(class_labels.shape)}")
     plan = SamplingPlan.build(model.schedule, steps=steps, eta=0.0, prediction=model.prediction)
     dev = next(model.parameters()).device
     out = []
@@ -651,17 +713,24 @@ def sample_images(model: UNet, n: int, *, steps: int = 20, seed: int = 0,
         b = min(batch_size, n - lo)
         shape = (b, c.in_channels, c.resolution, c.resolution)
         x_T = rng.initial_noise(seed, shape, first_index=lo, device=dev)  # sample i keyed by (seed, i)
-        out.append(sample(model, x_T, plan).clamp(-1.0, 1.0).cpu())
+        net = model
+        if class_labels is not None:
+            y = class_labels[lo:lo + b].to(dev)
+            net = lambda x, t, y=y: model(x, t, class_labels=y)
+        out.append(sample(net, x_T, plan).clamp(-1.0, 1.0).cpu())
     return torch.cat(out)
 
 
 def write_sample_grid(path, model: UNet, n: int = 64, *, steps: int = 20, seed: int = 0, scale: int = 1):
-    """Sample n images with DDIM-`steps` and write them as one PNG at `path`, atomically."""
+    """Sample n images with DDIM-`steps` and write them as one PNG at `path`, atomically. A
+    class-conditional model draws class i % num_classes for sample i (no guidance)."""
     from PIL import Image
 
     from .images import image_grid, png_bytes
 
-    im = image_grid(sample_images(model, n, steps=steps, seed=seed))
+    k = model.config.num_classes
+    labels = None if k is None else torch.arange(n) % k
+    im = image_grid(sample_images(model, n, steps=steps, seed=seed, class_labels=labels))
     if scale > 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     atomic_write_bytes(path, png_bytes(im))
@@ -685,6 +754,12 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm; 0 disables")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay)
     p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="train a class-conditional model on the dataset's labels 0..N-1 (N+1 embeddings: N is "
+                        "the null label)")
+    p.add_argument("--class-dropout", type=float, default=None,
+                   help=f"probability of replacing a label by the null label (default {DEFAULT_CLASS_DROPOUT} "
+                        "for a class-conditional model)")
     p.add_argument("--prediction", choices=PREDICTIONS, default=d.prediction, help="regression target")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="no random horizontal flips (digits are never flipped)")

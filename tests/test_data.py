@@ -101,6 +101,32 @@ def test_folder_errors(tmp_path):
         D.load_dataset("folder:", 16, 3)
 
 
+def test_folder_labels_come_from_class_sub_folders(tmp_path):
+    # ImageFolder's layout: the label is the index of the sub-folder among the sorted names
+    for cls, n in (("dog", 2), ("cat", 1), ("zebra", 1)):
+        for i in range(n):
+            _png(tmp_path / "pics" / cls / f"{i}.png", np.full((6, 6), 10 * n + i, np.uint8))
+    _png(tmp_path / "pics" / "dog" / "deep" / "x.png", np.zeros((6, 6), np.uint8))  # nested: still a dog
+    (tmp_path / "pics" / "empty").mkdir()  # holds no image: no class
+    ds = D.load_dataset(f"folder:{tmp_path / 'pics'}", 4, 1)
+    assert ds.classes == ("cat", "dog", "zebra")
+    got = {str(f.relative_to(tmp_path / "pics")): int(y) for f, y in zip(ds.files, ds.labels)}
+    assert got == {"cat/0.png": 0, "dog/0.png": 1, "dog/1.png": 1, "dog/deep/x.png": 1, "zebra/0.png": 2}
+    assert ds.labels.dtype == torch.long
+    # one image directly in the root: an unlabelled folder, as before
+    _png(tmp_path / "pics" / "loose.png", np.zeros((6, 6), np.uint8))
+    flat = D.load_dataset(f"folder:{tmp_path / 'pics'}", 4, 1)
+    assert flat.labels is None and flat.classes is None and len(flat) == 6
+
+
+def test_labelled_datasets_name_their_classes():
+    pytest.importorskip("sklearn")
+    ds = D.load_dataset("digits", 8, 1)
+    assert ds.classes == tuple("0123456789") and ds.labels.min() == 0 and ds.labels.max() == 9
+    syn = D.load_dataset("synthetic:4", 8, 1)
+    assert syn.labels is None and syn.classes is None
+
+
 # -- cifar10 ---------------------------------------------------------------------------------------
 def _cifar_batch(n, seed, protocol=2, py2_names=False):
     rs = np.random.RandomState(seed)

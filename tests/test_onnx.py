@@ -90,6 +90,43 @@ def test_eps_model_metadata_round_trip(tiny, tiny_eps):
     assert "plan" not in meta
 
 
+def test_conditional_unet_export(tmp_path):
+    """export_onnx exports model(x, t): for a class-conditional UNet that is its null-label
+    (unconditional) branch, inputs unchanged. A graph that takes the labels as a third input (what a
+    guided export builds on) exports through torch.onnx too and runs in ONNX Runtime."""
+    torch.manual_seed(1)
+    m = dd.UNet(dd.UNetConfig(**{**dd.UNetConfig.tiny().to_dict(), "num_classes": 4})).eval()
+    m.schedule = SCHED
+    g = torch.Generator().manual_seed(2)
+    x, t, y = torch.randn(3, 3, 16, 16, generator=g), torch.tensor([5, 500, 950]), torch.tensor([0, 3, 4])
+    runner = dox.OrtRunner(dd.export_onnx(m, tmp_path / "null.onnx"))
+    assert runner.inputs == ["x", "t"]
+    assert dox.onnx_metadata(tmp_path / "null.onnx")["model_config"]["num_classes"] == 4
+    with torch.no_grad():
+        null32, null64 = m(x, t), _float64(m)(x.double(), t)
+        cond32 = m(x, t, class_labels=y)
+        cond64 = _float64(m)(x.double(), t, class_labels=y)
+    assert_close_to_reference(runner(x=x, t=t), null32, null64, torch.float32)
+
+    class WithLabels(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t, class_labels):
+            return self.net(x, t, class_labels=class_labels)
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with dox._quiet_exporter(), torch.no_grad():
+        prog = torch.onnx.export(WithLabels(m), (x[:2], t[:2], y[:2]), None, dynamo=True,
+                                 input_names=["x", "t", "class_labels"], output_names=["prediction"],
+                                 dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "class_labels": {0: batch}})
+    sess = ort.InferenceSession(prog.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"x": x.numpy(), "t": t.numpy(), "class_labels": y.numpy()})[0])
+    assert_close_to_reference(got, cond32, cond64, torch.float32)
+    assert (got - null32)[:2].abs().max() > 1e-3  # labels 0 and 3 are not the null label 4
+
+
 # -- the whole sampler --------------------------------------------------------------------------------
 PLANS = {
     "ddim": dict(steps=6),

@@ -360,6 +360,136 @@ def test_infer_config_without_a_preset():
         infer_config({"foo.weight": torch.zeros(1)})
 
 
+# -- class conditioning -------------------------------------------------------------------------------------
+COND = UNetConfig(**{**UNetConfig.tiny().to_dict(), "num_classes": 5})
+
+
+@pytest.fixture(scope="module")
+def cond():
+    torch.manual_seed(0)
+    return randomize(UNet(COND), seed=3).eval()
+
+
+def test_conditional_config_and_parameters():
+    d = COND.to_dict()
+    assert d["num_classes"] == 5 and UNetConfig.from_dict(json.loads(json.dumps(d))) == COND
+    assert "num_classes" not in UNetConfig.tiny().to_dict()  # unconditional files are unchanged
+    temb_ch = 4 * COND.ch
+    assert meta_unet(COND).num_parameters() == PARAM_COUNTS["tiny"] + 6 * temb_ch  # N + 1 rows (null label)
+    assert tuple(meta_unet(COND).state_dict()["label_emb.weight"].shape) == (6, temb_ch)
+    assert not any(k.startswith("label_emb") for k in meta_unet(UNetConfig.tiny()).state_dict())
+    # registered last: the shared weights initialise exactly as the unconditional model's
+    torch.manual_seed(4)
+    a = UNet(UNetConfig.tiny()).state_dict()
+    torch.manual_seed(4)
+    b = UNet(COND).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and set(b) - set(a) == {"label_emb.weight"}
+    for bad in (0, -1, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="num_classes .*must be a positive int"):
+            UNetConfig(num_classes=bad)
+
+
+def test_label_embedding_is_added_after_the_time_mlp(cond):
+    """The placement diffusers' UNet2DModel uses (emb = time_embedding(t) + class_embedding(y)):
+    the conditional network equals the unconditional one with label_emb(y) added to the output of
+    temb.dense[1], which is what makes a later importer a key rename."""
+    plain = UNet(UNetConfig.tiny()).eval()
+    plain.load_state_dict({k: v for k, v in cond.state_dict().items() if k != "label_emb.weight"})
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([3, 400, 999]), torch.tensor([0, 4, 5])
+    hook = plain.temb.dense[1].register_forward_hook(lambda mod, inp, out: out + cond.label_emb(y))
+    with torch.no_grad():
+        want = plain(x, t)
+        hook.remove()
+        got = cond(x, t, class_labels=y)
+        official = official_forward(plain, x, t)  # no labels: the time embedding alone
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (got - official).abs().max() > 1e-2  # the labels change the output
+
+
+def test_class_label_forms(cond):
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([10, 10, 10])
+    with torch.no_grad():
+        null = cond(x, t, class_labels=torch.full((3,), 5))
+        assert torch.equal(cond(x, t), null)  # None: all-null, the unconditional branch
+        three = cond(x, t, class_labels=torch.tensor([3, 3, 3]))
+        for y in (3, torch.tensor(3), torch.tensor([3]), torch.tensor([3, 3, 3], dtype=torch.int32)):
+            assert torch.equal(cond(x, t, class_labels=y), three)
+        mixed = cond(x, t, class_labels=torch.tensor([0, 3, 5]))
+    torch.testing.assert_close(mixed[1], three[1], rtol=0, atol=1e-5)  # per-sample labels, batch-invariant
+    torch.testing.assert_close(mixed[2], null[2], rtol=0, atol=1e-5)
+    assert not torch.allclose(mixed[0], three[0], atol=1e-3)
+
+
+def test_class_labels_bad_input(cond, tiny):
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    for y, match in ((torch.tensor([0, 6]), r"class_labels must be in \[0, 5\] \(labels 0..4, 5 the null label\), "
+                                            "got values from 0 to 6"),
+                     (torch.tensor([-1, 2]), r"must be in \[0, 5\].*from -1 to 2"),
+                     (torch.tensor([1, 2, 3]), r"a scalar or a \(B,\) tensor of labels with B = 2, got shape \(3,\)"),
+                     (torch.zeros(2, 1, dtype=torch.long), "B = 2, got shape \\(2, 1\\)"),
+                     (torch.tensor([1.0, 2.0]), "must be an integer tensor"),
+                     (torch.tensor([True, False]), "must be an integer tensor")):
+        with pytest.raises(ValueError, match=match):
+            cond(x, t, class_labels=y)
+    with pytest.raises(ValueError, match="class_labels given to an unconditional model"):
+        tiny(x, t, class_labels=torch.tensor([0, 1]))
+
+
+def test_infer_config_and_describe_conditional_weights():
+    sd = meta_unet(COND).state_dict()
+    assert infer_config(sd) == COND
+    assert describe_weights(sd).endswith("num_classes=5: that is UNetConfig.tiny() with num_classes=5")
+    digits10 = UNetConfig(**{**UNetConfig.digits().to_dict(), "num_classes": 10})
+    assert infer_config(meta_unet(digits10).state_dict()) == digits10
+    other = UNetConfig(resolution=64, ch=64, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(16,),
+                       num_classes=3)
+    assert infer_config(meta_unet(other).state_dict()) == other
+    with pytest.raises(ValueError, match="label_emb.weight has 1 row"):
+        infer_config({**sd, "label_emb.weight": torch.zeros(1, 128)})
+
+
+def test_conditional_checkpoint_round_trip(cond, tmp_path):
+    from ddim_fast.checkpoint import check_state_dict, load_model, save_model
+    from ddim_fast.schedule import NoiseSchedule
+
+    cond.schedule = NoiseSchedule.linear()
+    path = save_model(tmp_path / "c", cond)
+    assert json.loads((path / "config.json").read_text())["model"]["num_classes"] == 5
+    back = load_model(path)
+    assert back.config == COND
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([5, 50]), torch.tensor([1, 4])
+    with torch.no_grad():
+        assert torch.equal(back(x, t, class_labels=y), cond(x, t, class_labels=y))
+    with pytest.raises(ValueError, match=r"unexpected \(1\): label_emb.weight(.|\n)*num_classes=5"):
+        check_state_dict(UNetConfig.tiny(), cond.state_dict())
+    with pytest.raises(ValueError, match=r"missing \(1\): label_emb.weight"):
+        check_state_dict(COND, UNet(UNetConfig.tiny()).state_dict())
+
+
+def test_conditional_forward_traces_with_torch_export(cond):
+    """torch.export (under torch.onnx's dynamo exporter too) needs no data-dependent branching:
+    the label range check is skipped while tracing. Labels are an input with the batch dimension."""
+
+    class WithLabels(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x, t, y):
+            return self.m(x, t, class_labels=y)
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 5])
+    with torch.no_grad():
+        prog = torch.export.export(WithLabels(cond), (x, t, y),
+                                   dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "y": {0: batch}})
+        x3, t3, y3 = torch.randn(3, 3, 8, 8), torch.tensor([7, 70, 700]), torch.tensor([4, 2, 5])
+        torch.testing.assert_close(prog.module()(x3, t3, y3), cond(x3, t3, class_labels=y3), rtol=0, atol=1e-5)
+        null = torch.export.export(cond, (x, t))  # model(x, t) alone: the null-label branch
+        torch.testing.assert_close(null.module()(x, t), cond(x, t, class_labels=torch.full((2,), 5)),
+                                   rtol=0, atol=1e-5)
+
+
 # -- on a GPU (tier 5; skipped without CUDA) ----------------------------------------------------------------
 @pytest.mark.gpu
 def test_cuda_forward_matches_the_cpu_reference(tiny, tmp_path):

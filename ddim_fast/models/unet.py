@@ -7,6 +7,13 @@ up.{i}.attn.{j}, up.{i}.upsample.conv, norm_out, conv_out), so an official check
 stripping the DataParallel 'module.' prefix.
 
     eps = UNet(UNetConfig.cifar10())(x, t)      # x (B, 3, 32, 32), t (B,) training timesteps
+    eps = UNet(UNetConfig(num_classes=10))(x, t, class_labels=y)   # y (B,) in [0, 10]; 10 = null
+
+Class conditioning (num_classes=N): a label embedding `label_emb` (N + 1 rows, 4ch wide) is added
+to the time embedding after its MLP, where diffusers' UNet2DModel adds its class embedding
+(`emb = emb + class_emb`) and guided-diffusion its `label_emb`. Row N is the null label: the
+unconditional branch of classifier-free guidance, which the trainer teaches by replacing labels
+with N at random (--class-dropout). `class_labels=None` means all-null.
 
 The fusable operations (GroupNorm with the time-embedding add and SiLU; the attention core) go
 through `self.ops` (see ops.py), so `model.set_ops("triton")` swaps in fused kernels without
@@ -21,7 +28,7 @@ Where this differs from the official code, it is only in how things are computed
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -47,6 +54,7 @@ class UNetConfig:
     resamp_with_conv: bool = True  # strided conv down / conv after nearest up (else avg-pool / none)
     num_groups: int = 32  # GroupNorm(32) in every official model
     norm_eps: float = 1e-6  # the official Normalize(); torch's own default is 1e-5
+    num_classes: int | None = None  # class-conditional on labels 0..N-1 (+ null label N); None: unconditional
 
     def __post_init__(self):
         # Lists (from JSON or YAML) become tuples, so configs hash and compare.
@@ -93,6 +101,8 @@ class UNetConfig:
         eps = self.norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
             raise ValueError(f"norm_eps must be a positive float, got {self.norm_eps!r}")
+        if self.num_classes is not None:
+            _check_positive_int("num_classes (None for an unconditional model)", self.num_classes)
 
     @property
     def level_resolutions(self) -> tuple:
@@ -109,6 +119,8 @@ class UNetConfig:
         d = asdict(self)
         d["ch_mult"] = list(self.ch_mult)
         d["attn_resolutions"] = list(self.attn_resolutions)
+        if self.num_classes is None:  # unconditional files stay as before (and readable by older versions)
+            del d["num_classes"]
         return d
 
     @classmethod
@@ -336,6 +348,12 @@ class UNet(nn.Module):
         self.norm_out = _norm(block_in, cfg)
         self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
 
+        # 6. Class labels (num_classes=N): one embedding row per label plus the null label N, added
+        #    to the time embedding. Registered last, so the other weights draw the same random
+        #    initialisation as the unconditional model's under the same seed.
+        if cfg.num_classes is not None:
+            self.label_emb = nn.Embedding(cfg.num_classes + 1, temb_ch)
+
     # -- the seam ----------------------------------------------------------------------------
     def set_ops(self, name_or_ops) -> UNet:
         """Use `name_or_ops` ("reference", "triton" or an object with group_norm and attention)
@@ -352,14 +370,21 @@ class UNet(nn.Module):
         return self
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) timesteps; class_labels (B,) ints in [0, N] for a model with
+        num_classes=N (N is the null label; None means all-null), never for an unconditional one."""
         cfg = self.config
         levels = len(cfg.ch_mult)
         t = self._timesteps(x, t)  # (B,)
 
-        # 1. Timestep embedding.
+        # 1. Timestep embedding (+ the label embedding: diffusers' `emb = emb + class_emb`).
         temb = timestep_embedding(t, cfg.ch).to(self.temb.dense[0].weight.dtype)  # (B, ch)
         temb = self.temb.dense[1](F.silu(self.temb.dense[0](temb)))  # (B, 4ch)
+        if cfg.num_classes is not None:
+            temb = temb + self.label_emb(self._class_labels(x, class_labels))  # (B, 4ch)
+        elif class_labels is not None:
+            raise ValueError("class_labels given to an unconditional model (num_classes=None); drop them, "
+                             "or use a class-conditional model, e.g. UNetConfig(..., num_classes=10)")
 
         # 2. Down path, keeping every feature map for the skips.
         hs = [self.conv_in(x)]  # (B, ch, R, R)
@@ -412,6 +437,28 @@ class UNet(nn.Module):
             )
         return t.to(x.device).reshape(-1).expand(x.shape[0])
 
+    def _class_labels(self, x: torch.Tensor, y) -> torch.Tensor:
+        """(B,) long labels for a conditional model: None -> all null (N); a scalar or (1,) is
+        broadcast like t. Values outside [0, N] are refused, except while the forward is traced
+        (torch.export / ONNX / torch.compile) or captured in a CUDA graph, where a data-dependent
+        check cannot run; there an out-of-range label fails in the embedding lookup instead."""
+        n, batch = self.config.num_classes, x.shape[0]
+        if y is None:
+            return torch.full((batch,), n, dtype=torch.long, device=x.device)  # the null label
+        if not isinstance(y, torch.Tensor):
+            y = torch.tensor(y)
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ValueError(f"class_labels must be an integer tensor (e.g. torch.long), got {y.dtype}")
+        if y.ndim > 1 or (y.ndim == 1 and y.shape[0] not in (1, batch)):
+            raise ValueError(f"class_labels must be a scalar or a (B,) tensor of labels with B = {batch}, "
+                             f"got shape {tuple(y.shape)}")
+        traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        capturing = y.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not (traced or capturing) and y.numel() and bool(((y < 0) | (y > n)).any()):
+            raise ValueError(f"class_labels must be in [0, {n}] (labels 0..{n - 1}, {n} the null label), "
+                             f"got values from {int(y.min())} to {int(y.max())}")
+        return y.to(device=x.device, dtype=torch.long).reshape(-1).expand(batch)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -429,8 +476,8 @@ def infer_config(state_dict: dict, resolution: int | None = None) -> UNetConfig:
     Raises ValueError when the weights are not a DDPM UNet in the official key layout.
     """
     arch = _shape_facts(state_dict)
-    for name in PRESETS:
-        preset = UNetConfig.preset(name)
+    for name in PRESETS:  # presets are unconditional: a conditional one differs only in num_classes
+        preset = replace(UNetConfig.preset(name), num_classes=arch["num_classes"])
         if _facts_of(preset) == arch and resolution in (None, preset.resolution):
             return preset
     if resolution is None:
@@ -447,7 +494,7 @@ def infer_config(state_dict: dict, resolution: int | None = None) -> UNetConfig:
         in_channels=arch["in_channels"], out_channels=arch["out_channels"], resolution=resolution,
         ch=arch["ch"], ch_mult=arch["ch_mult"], num_res_blocks=arch["num_res_blocks"],
         attn_resolutions=tuple(levels[i] for i in arch["attn_levels"]),
-        resamp_with_conv=arch["resamp_with_conv"], num_groups=groups,
+        resamp_with_conv=arch["resamp_with_conv"], num_groups=groups, num_classes=arch["num_classes"],
     )
 
 
@@ -460,9 +507,12 @@ def describe_weights(state_dict: dict) -> str:
     text = (f"the weights look like in_channels={arch['in_channels']}, out_channels={arch['out_channels']}, "
             f"ch={arch['ch']}, ch_mult={arch['ch_mult']}, num_res_blocks={arch['num_res_blocks']}, "
             f"attention at level(s) {list(arch['attn_levels'])}, resamp_with_conv={arch['resamp_with_conv']}")
-    fits = [n for n in PRESETS if _facts_of(UNetConfig.preset(n)) == arch]
+    n = arch["num_classes"]
+    if n is not None:
+        text += f", num_classes={n}"
+    fits = [p for p in PRESETS if _facts_of(replace(UNetConfig.preset(p), num_classes=n)) == arch]
     if fits:
-        return text + f": that is UNetConfig.{fits[0]}()"
+        return text + f": that is UNetConfig.{fits[0]}()" + (f" with num_classes={n}" if n is not None else "")
     try:
         return text + f": e.g. {infer_config(state_dict)}"
     except ValueError:
@@ -472,7 +522,7 @@ def describe_weights(state_dict: dict) -> str:
 def _facts_of(cfg: UNetConfig) -> dict:
     return {"in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "ch": cfg.ch,
             "ch_mult": cfg.ch_mult, "num_res_blocks": cfg.num_res_blocks, "attn_levels": cfg.attn_levels,
-            "resamp_with_conv": cfg.resamp_with_conv or len(cfg.ch_mult) == 1}
+            "resamp_with_conv": cfg.resamp_with_conv or len(cfg.ch_mult) == 1, "num_classes": cfg.num_classes}
 
 
 def _shape_facts(sd: dict) -> dict:
@@ -495,6 +545,12 @@ def _shape_facts(sd: dict) -> dict:
         width = sd[key].shape[0] if key in sd else 0
         ch_mult.append(width // ch if width % ch == 0 else width / ch)
     attn = tuple(i for i in range(levels) if f"down.{i}.attn.0.q.weight" in sd)
+    labels = sd.get("label_emb.weight")  # (N + 1, 4ch): N labels and the null label
+    num_classes = int(labels.shape[0]) - 1 if labels is not None else None
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"label_emb.weight has {labels.shape[0]} row(s); a class-conditional UNet has N + 1 "
+                         "(N labels and the null label), so these weights are damaged")
     return {"in_channels": int(in_channels), "out_channels": int(out_channels), "ch": int(ch),
             "ch_mult": tuple(ch_mult), "num_res_blocks": len(blocks), "attn_levels": attn,
-            "resamp_with_conv": levels == 1 or "down.0.downsample.conv.weight" in sd}
+            "resamp_with_conv": levels == 1 or "down.0.downsample.conv.weight" in sd,
+            "num_classes": num_classes}
