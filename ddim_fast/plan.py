@@ -307,7 +307,7 @@ def _warn_far_start(ac: torch.Tensor, ts: torch.Tensor, spacing) -> None:
         f"{what} starts at timestep {first} of T={T}: the sampler starts from pure noise where the forward "
         f"process still keeps {kept:.2f} of the image (sqrt(alpha_bar); timestep {T - 1} keeps {kept_end:.3f}), "
         f"so samples will be poor. Use spacing='trailing' or 'linspace' (both start at {T - 1})"
-        + (", or a number of steps that divides T" if spacing in ("uniform", "leading") else ""),
+        + (", or a number of steps that divides T" if spacing in ("uniform", "leading") and T % len(ts) else ""),
         UserWarning,
         stacklevel=3,
     )
