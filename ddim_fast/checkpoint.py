@@ -22,6 +22,7 @@ keys and the configuration the weights would fit.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .models.unet import UNet, UNetConfig, describe_weights
+from .plan import check_sampler_defaults
 from .schedule import NoiseSchedule
 
 FORMAT = "ddim-fast"
@@ -38,7 +40,7 @@ VERSION = 1
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
-RESERVED_KEYS = ("format", "version", "model", "schedule", "prediction")
+RESERVED_KEYS = ("format", "version", "model", "schedule", "prediction", "sampler")
 PREDICTIONS = ("eps", "x0", "v")
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -152,6 +154,9 @@ def save_model(path, model: UNet, *, ema_state_dict: dict | None = None, extra: 
         check_state_dict(model.config, ema_state_dict, what="the EMA weights")
     config = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
               "schedule": model.schedule.to_dict(), "prediction": model.prediction, **extra}
+    sampler = check_sampler_defaults(getattr(model, "sampler_defaults", None))
+    if sampler:  # the sampler settings it came with (a diffusers scheduler config), for SamplingPlan.for_model
+        config["sampler"] = {k: (None if v == math.inf else v) for k, v in sampler.items()}
     meta = {"format": "pt", "producer": FORMAT}
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -388,6 +393,7 @@ def _load_own(path: Path, ema: bool | None, device) -> UNet:
         raise FileNotFoundError(f"{file} is missing; the checkpoint is incomplete: re-save it")
     model = build_model(config, read_safetensors(file), schedule=schedule,
                         prediction=cfg.get("prediction", "eps"), device=device, what=f"the weights in {file}")
+    model.sampler_defaults = check_sampler_defaults(cfg.get("sampler")) or None
     model.checkpoint_info = {"format": FORMAT, "path": str(path), "ema": use_ema,
                              **{k: v for k, v in cfg.items() if k not in RESERVED_KEYS}}
     return model

@@ -29,10 +29,11 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # -- shared options ----------------------------------------------------------------------------
 def _add_model_options(p, *, steps=20):
-    p.add_argument("--model", default="digits", help="checkpoint folder, official ckpt.pth, diffusers folder "
-                   "or bundled name (default: digits)")
-    p.add_argument("--steps", type=int, default=steps, help="sampling steps S (default: %(default)s)")
-    p.add_argument("--spacing", default="uniform", choices=SPACINGS, help="timestep sub-sequence")
+    p.add_argument("--model", default="digits", help="checkpoint folder, training run folder (its latest "
+                   "checkpoint), official ckpt.pth, diffusers folder or bundled name")
+    p.add_argument("--steps", type=int, default=steps, help="sampling steps S")
+    p.add_argument("--spacing", default=None, choices=SPACINGS,
+                   help="timestep sub-sequence (default: the model's own, e.g. a diffusers scheduler's, else uniform)")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="network precision")
@@ -41,10 +42,26 @@ def _add_model_options(p, *, steps=20):
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def clip_arg(text):
+    """argparse type of --clip-x0: C > 0, or 'none' (no clipping, also over a model's own default)."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        c = float(text)
+    except ValueError:
+        c = float("nan")
+    if not (c > 0 and c != float("inf")):
+        raise argparse.ArgumentTypeError(f"--clip-x0 takes C > 0 (clip x0 to [-C, C]) or 'none', got {text!r}")
+    return c
+
+
 def _add_sampler_options(p):
     p.add_argument("--eta", type=float, default=0.0, help="0 = DDIM (deterministic), 1 = DDPM")
-    p.add_argument("--variance", default="ddim", choices=VARIANCES, help="'large' = the paper's sigma-hat")
-    p.add_argument("--clip-x0", type=float, default=None, metavar="C", help="clip the x0 estimate to [-C, C]")
+    p.add_argument("--variance", default="ddim", choices=VARIANCES,
+                   help="'large' = the paper's sigma-hat (with --clip-x0 1: the official code's ddpm_noisy)")
+    p.add_argument("--clip-x0", type=clip_arg, default=argparse.SUPPRESS, metavar="C",
+                   help="clip the x0 estimate to [-C, C], or 'none' (default: the model's own setting, e.g. a "
+                        "diffusers scheduler's clip_sample, else none)")
 
 
 def _device(arg):
@@ -56,18 +73,44 @@ def _device(arg):
         raise ValueError(f"unknown --device {arg!r}; use auto, cpu, cuda or cuda:N") from None
 
 
-def _engine(args, *, eta=0.0, variance="ddim", clip_x0=None, device=None):
-    model = load_model(args.model)
+def plan_for(args, model, **sampler):
+    """The plan of a command: the model's own sampler settings (SamplingPlan.for_model), overridden by
+    the options given on the command line (--spacing, --clip-x0) and `sampler` (eta, variance)."""
     if model.schedule is None:
         raise ValueError(f"{args.model} carries no noise schedule; convert it with `ddim-fast convert`")
     if model.prediction not in PREDICTIONS:
         raise ValueError(f"{args.model} has an unknown prediction type {model.prediction!r}")
-    plan = SamplingPlan.build(model.schedule, args.steps, eta=eta, spacing=args.spacing, variance=variance,
-                              prediction=model.prediction, clip_x0=clip_x0)
+    given = {}
+    if getattr(args, "spacing", None) is not None:
+        given["spacing"] = args.spacing
+    if hasattr(args, "clip_x0"):  # absent unless given (argparse.SUPPRESS); 'none' gives None
+        given["clip_x0"] = args.clip_x0
+    return SamplingPlan.for_model(model, args.steps, **given, **sampler)
+
+
+def _engine(args, *, eta=0.0, variance="ddim", device=None, model=None):
+    model = model if model is not None else _load(args)
+    plan = plan_for(args, model, eta=eta, variance=variance)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     eng = Engine(model, plan, backend=args.backend, device=device or _device(args.device), dtype=DTYPES[args.dtype])
     return eng, model
+
+
+def _load(args):
+    """load_model(--model), saying which checkpoint a training run folder gave and which sampler
+    settings the model brings (a diffusers scheduler config)."""
+    model = load_model(args.model)
+    info = getattr(model, "checkpoint_info", {}) or {}
+    if info.get("run"):
+        print(f"{args.model} is a training run: loading its latest checkpoint {info['path']} "
+              f"({'EMA' if info.get('ema') else 'raw'} weights)")
+    own = {k: v for k, v in (getattr(model, "sampler_defaults", None) or {}).items() if k != "from"}
+    if own:
+        shown = ", ".join(f"{k}={v}" for k, v in own.items() if v is not None and not (k == "steps_offset" and v == 0))
+        print(f"sampler settings from the model's scheduler config: {shown or 'the defaults'}"
+              " (override with --spacing / --clip-x0)")
+    return model
 
 
 def _describe(args, eng, model):
@@ -110,7 +153,7 @@ def run_sample(args):
     if world > 1 or kind == "folder":
         return _sample_folder(args, rank, world)
     io.check_output(args.out, args.overwrite)
-    eng, model = _engine(args, eta=args.eta, variance=args.variance, clip_x0=args.clip_x0)
+    eng, model = _engine(args, eta=args.eta, variance=args.variance)
     print(f"model {args.model} ({_params(model)}), {eng.plan.steps} steps eta={eng.plan.eta} "
           f"[{eng.plan.variance}], backend {eng.backend} ({eng.backend_reason}), device {eng.device}")
     t0, out = time.perf_counter(), []
@@ -147,7 +190,7 @@ def _sample_folder(args, rank, world):
             raise FileExistsError(f"{out} is a finished run (manifest.json); pass --overwrite or another --out")
         io.check_output(out, overwrite=True)  # a writable folder (a restart fills the one it finds)
         out.mkdir(parents=True, exist_ok=True)
-        eng, model = _engine(args, eta=args.eta, variance=args.variance, clip_x0=args.clip_x0, device=device)
+        eng, model = _engine(args, eta=args.eta, variance=args.variance, device=device)
         batches = list(range(0, args.num, args.batch_size))[rank::world]
         todo = [lo for lo in batches if not all((out / f"{i:06d}.png").exists()
                                                for i in range(lo, min(lo + args.batch_size, args.num)))]

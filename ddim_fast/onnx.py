@@ -922,6 +922,9 @@ def host_noise(plan: SamplingPlan, seed: int, shape, *, first_index: int = 0, de
 
 # == 10. the `ddim-fast export` command =============================================================
 def add_cli_arguments(p):
+    import argparse
+
+    from .commands import clip_arg
     from .plan import VARIANCES
     from .schedule import SPACINGS
 
@@ -933,9 +936,11 @@ def add_cli_arguments(p):
     p.add_argument("--invert", action="store_true", help="with --whole-sampler: export the DDIM encoder x0 -> x_T")
     p.add_argument("--steps", type=int, default=None, help="sampling steps S (default: 20)")
     p.add_argument("--eta", type=float, default=None, help="0 = DDIM (default), 1 = DDPM; > 0 adds a noise input")
-    p.add_argument("--spacing", default=None, choices=SPACINGS, help="timestep sub-sequence (default: uniform)")
+    p.add_argument("--spacing", default=None, choices=SPACINGS,
+                   help="timestep sub-sequence (default: the model's own, e.g. a diffusers scheduler's, else uniform)")
     p.add_argument("--variance", default=None, choices=VARIANCES, help="'large' = the paper's sigma-hat")
-    p.add_argument("--clip-x0", type=float, default=None, metavar="C", help="clip the x0 estimate to [-C, C]")
+    p.add_argument("--clip-x0", type=clip_arg, default=argparse.SUPPRESS, metavar="C",
+                   help="clip the x0 estimate to [-C, C], or 'none' (default: the model's own setting, else none)")
     p.add_argument("--threshold", type=float, default=None, metavar="P", help="dynamic thresholding quantile")
     p.add_argument("--graph", default="auto", choices=("auto", "unrolled", "loop"), help="layout of the S steps")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="network precision")
@@ -958,8 +963,9 @@ def cli_main(args) -> int:
     parent = next((p for p in out.parents if p.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ValueError(f"cannot write {out}: {parent} is not a writable folder; choose another --out")
-    sampler_opts = {k: getattr(args, k) for k in ("steps", "eta", "spacing", "variance", "clip_x0", "threshold")}
-    given = [k for k, v in sampler_opts.items() if v is not None] + (["invert"] if args.invert else [])
+    sampler_opts = {k: getattr(args, k, None) for k in ("steps", "eta", "spacing", "variance", "clip_x0", "threshold")}
+    given = [k for k, v in sampler_opts.items() if v is not None or (k == "clip_x0" and hasattr(args, k))]
+    given += ["invert"] if args.invert else []
     if not args.whole_sampler and given:
         raise ValueError(f"--{given[0].replace('_', '-')} only applies to --whole-sampler; add --whole-sampler "
                          "or drop it")
@@ -970,10 +976,8 @@ def cli_main(args) -> int:
             raise ValueError(f"{args.model} carries no noise schedule; convert it with `ddim-fast convert`")
         steps = 20 if sampler_opts["steps"] is None else sampler_opts["steps"]
         eta = 0.0 if sampler_opts["eta"] is None else sampler_opts["eta"]
-        plan = SamplingPlan.build(model.schedule, steps, eta=eta,
-                                  spacing=sampler_opts["spacing"] or "uniform",
-                                  variance=sampler_opts["variance"] or "ddim", prediction=model.prediction,
-                                  clip_x0=sampler_opts["clip_x0"], threshold=sampler_opts["threshold"])
+        overrides = {k: sampler_opts[k] for k in given if k in ("spacing", "clip_x0", "threshold")}
+        plan = SamplingPlan.for_model(model, steps, eta=eta, variance=sampler_opts["variance"] or "ddim", **overrides)
         if args.invert:
             plan = plan.inverse()
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]

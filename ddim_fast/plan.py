@@ -182,6 +182,34 @@ class SamplingPlan:
             threshold_max=threshold_max,
         )
 
+    @classmethod
+    def for_model(cls, model, steps: int | None = None, **overrides) -> SamplingPlan:
+        """The plan `model` is meant to be sampled with: its schedule and prediction type, plus the
+        sampler settings it came with (`model.sampler_defaults`, e.g. from a diffusers pipeline's
+        scheduler config: spacing, steps_offset, clip_x0, threshold, final_alpha), then `overrides`
+        (any keyword of `build`, None included). Overriding spacing drops a default steps_offset
+        that only "leading" takes; overriding clip_x0 drops a default threshold and vice versa.
+        Defaults that came from diffusers warn when this plan's step targets differ from
+        DDIMScheduler's (it steps from t to t - T // S, this plan to the next timestep of its list)."""
+        schedule = getattr(model, "schedule", None)
+        if not isinstance(schedule, NoiseSchedule):
+            raise ValueError(f"{type(model).__name__} carries no noise schedule (model.schedule); build the plan "
+                             "with SamplingPlan.build(schedule, ...) or load the model with dd.load_model")
+        defaults = check_sampler_defaults(getattr(model, "sampler_defaults", None))
+        origin = defaults.pop("from", None)
+        if "spacing" in overrides and overrides["spacing"] != "leading" and "steps_offset" not in overrides:
+            defaults.pop("steps_offset", None)
+        if "clip_x0" in overrides:
+            defaults.pop("threshold", None)
+            defaults.pop("threshold_max", None)
+        if "threshold" in overrides:
+            defaults.pop("clip_x0", None)
+        kw = {"prediction": getattr(model, "prediction", "eps"), **defaults, **overrides}
+        plan = cls.build(schedule, steps, **kw)
+        if origin == "diffusers":
+            _warn_diffusers_targets(plan)
+        return plan
+
     def inverse(self, eps_at: str = "current") -> SamplingPlan:
         """The DDIM encoder matching this sampler: the eta=0 ODE run from x0 up to x_T.
 
@@ -281,6 +309,41 @@ class SamplingPlan:
         d = self.describe()
         d["timesteps"] = f"[{d['timesteps'][0]}..{d['timesteps'][-1]}]"
         return "SamplingPlan(" + ", ".join(f"{k}={v}" for k, v in d.items() if v is not None) + ")"
+
+
+SAMPLER_DEFAULT_KEYS = ("spacing", "steps_offset", "clip_x0", "threshold", "threshold_max", "final_alpha")
+
+
+def check_sampler_defaults(defaults) -> dict:
+    """A copy of a model's `sampler_defaults` (None -> {}), refusing keys `build` does not take."""
+    if defaults is None:
+        return {}
+    if not isinstance(defaults, dict):
+        raise ValueError(f"sampler defaults must be a dict of SamplingPlan.build settings, "
+                         f"got {type(defaults).__name__}")
+    unknown = sorted(set(defaults) - set(SAMPLER_DEFAULT_KEYS) - {"from"})
+    if unknown:
+        raise ValueError(f"unknown sampler default(s) {unknown}; the known ones are {list(SAMPLER_DEFAULT_KEYS)}")
+    out = dict(defaults)
+    if out.get("threshold_max", 0) is None:
+        out["threshold_max"] = math.inf
+    return out
+
+
+def _warn_diffusers_targets(plan: SamplingPlan) -> None:
+    """DDIMScheduler steps from t to t - T // S (alpha_bar of the final step below 0); this plan
+    steps to the next timestep of its own list. Say so where the two differ."""
+    ts, S = plan.timesteps.tolist(), plan.steps
+    theirs = [t - plan.T // S for t in ts]
+    ours = ts[1:] + [-1]
+    differ = [(t, a, b) for t, a, b in zip(ts, theirs, ours) if (a < 0) != (b < 0) or (a >= 0 and a != b)]
+    if differ:
+        t, a, b = differ[0]
+        warnings.warn(
+            f"with these timesteps diffusers' DDIMScheduler would differ from this plan at {len(differ)} step(s): "
+            f"it steps from t to t - T // S (from {t} to {a if a >= 0 else 'the end'}), this plan to the next "
+            f"timestep of its list ({b if b >= 0 else 'the end'}). Choose steps that divide T to match it",
+            UserWarning, stacklevel=3)
 
 
 def _check_final_alpha(final_alpha, a_last: float, t_last: int) -> float:

@@ -131,7 +131,7 @@ def assert_one_line_error(rc, err, command, *fragments):
         assert fragment in err, (fragment, err)
 
 
-M = ["--model", "{tiny}", "--backend", "reference", "--steps", "3", "--no-progress"]
+M = ["--model", "{tiny}", "--backend", "reference", "--steps", "4", "--no-progress"]
 
 # (argv, the fragments the one-line error must contain)
 CASES = {
@@ -156,7 +156,11 @@ CASES = {
     "nan eta": (["sample", *M, "--eta", "nan", "--out", "x.png"], ["eta must be finite and >= 0"]),
     "batch size 0": (["sample", *M, "--batch-size", "0", "--out", "x.png"], ["--batch-size must be >= 1, got 0"]),
     "negative seed": (["sample", *M, "--seed", "-1", "--out", "x.png"], ["seed must be an int in [0, 2**63)"]),
-    "empty clip range": (["sample", *M, "--clip-x0", "0", "--out", "x.png"], ["clip_x0 needs finite lo < hi"]),
+    "empty clip range": (["sample", *M, "--clip-x0", "0", "--out", "x.png"],
+                         ["argument --clip-x0: --clip-x0 takes C > 0 (clip x0 to [-C, C]) or 'none', got '0'"]),
+    "negative clip": (["sample", *M, "--clip-x0", "-1", "--out", "x.png"], ["--clip-x0 takes C > 0", "got '-1'"]),
+    "negative export clip": (["export", "--whole-sampler", "--clip-x0", "-1", "--out", "x.onnx"],
+                             ["--clip-x0 takes C > 0"]),
     "sigma-hat with eta": (["sample", *M, "--variance", "large", "--eta", "0.5", "--out", "x.png"],
                            ["variance='large' (sigma-hat) fixes its own noise; leave eta at 0 or 1"]),
     "unknown device": (["sample", *M, "--device", "tpu9", "--out", "x.png"],

@@ -280,6 +280,7 @@ class UNet(nn.Module):
         self.config = config
         self.schedule = None
         self.prediction = "eps"
+        self.sampler_defaults = None  # SamplingPlan.build settings the model came with (SamplingPlan.for_model)
         self.ops = ReferenceOps()
         cfg, ch = config, config.ch
         temb_ch = 4 * ch
