@@ -12,6 +12,7 @@ never leaves a half-written checkpoint at the destination and never destroys a g
 
 `load_model(path_or_name)` reads, by what it finds:
     a ddim-fast folder                  (config.json with "format": "ddim-fast")
+    a training run folder               (`ddim-fast train --out`: its latest complete checkpoint)
     a bundled name                      (a folder ddim_fast/assets/<name>/, e.g. "digits")
     an official DDIM `ckpt.pth`         (see models/convert.py; read with weights_only=True)
     a diffusers UNet2DModel folder      (or a pipeline folder with unet/ and scheduler/)
@@ -40,6 +41,7 @@ VERSION = 1
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
+TRAINER_JSON = "trainer.json"  # written last into a training checkpoint: its presence marks a complete one
 RESERVED_KEYS = ("format", "version", "model", "schedule", "prediction", "sampler")
 PREDICTIONS = ("eps", "x0", "v")
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -267,7 +269,8 @@ def build_model(config: UNetConfig, state_dict: dict, *, schedule=None, predicti
 # -- loading ----------------------------------------------------------------------------------------
 def load_model(path_or_name, *, ema: bool | None = None, device="cpu", map_location=None) -> UNet:
     """A ready UNet (eval mode, `.config`, `.schedule` and `.prediction` set) from a ddim-fast folder,
-    a bundled model name, an official DDIM ckpt.pth or a diffusers folder.
+    a training run folder (its latest complete checkpoint; `checkpoint_info["run"]` names the run and
+    ["path"] the checkpoint), a bundled model name, an official DDIM ckpt.pth or a diffusers folder.
 
     ema: None = the EMA weights if the checkpoint has them; True = require them; False = the raw
     weights. (Official files: EMA preferred as well; diffusers folders hold one set of weights.)
@@ -287,6 +290,14 @@ def load_model(path_or_name, *, ema: bool | None = None, device="cpu", map_locat
     elif path.is_file() and path.name.startswith("diffusion_pytorch_model."):
         path = path.parent
     kind = detect_format(path)
+    if kind == "run":
+        found = find_latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"{path} is a training run folder without a complete checkpoint yet; train "
+                                    "until the first --save-every step, or give a checkpoint folder")
+        model = _load_own(found, ema, device)
+        model.checkpoint_info["run"] = str(path)
+        return model
     if kind == FORMAT:
         return _load_own(path, ema, device)
     from .models import convert  # the importers; kept out of the own-format path
@@ -299,8 +310,12 @@ def load_model(path_or_name, *, ema: bool | None = None, device="cpu", map_locat
 
 
 def detect_format(path) -> str:
-    """"ddim-fast", "official" or "diffusers" for an existing path; ValueError otherwise."""
+    """"ddim-fast", "run" (a training run folder), "official" or "diffusers" for an existing path;
+    ValueError otherwise."""
     path = Path(path)
+    if path.is_dir() and not (path / CONFIG_FILE).exists() and ((path / "checkpoints").is_dir()
+                                                                 or (path / "latest").is_file()):
+        return "run"
     if path.is_dir():
         cfg = _read_json(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else None
         if isinstance(cfg, dict) and cfg.get("format") == FORMAT:
@@ -311,7 +326,8 @@ def detect_format(path) -> str:
             return "diffusers"
         raise ValueError(
             f"{path} is a folder but not a model: expected a ddim-fast checkpoint (config.json with "
-            '"format": "ddim-fast"), a diffusers UNet2DModel folder or a diffusers pipeline folder'
+            '"format": "ddim-fast"), a training run folder (checkpoints/), a diffusers UNet2DModel folder '
+            "or a diffusers pipeline folder"
         )
     if path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
         return "official"
@@ -321,6 +337,20 @@ def detect_format(path) -> str:
         f"cannot tell the format of {path}: expected a folder (ddim-fast or diffusers) or an official "
         "DDIM checkpoint file (.pth, .pt, .ckpt)"
     )
+
+
+def find_latest_checkpoint(out) -> Path | None:
+    """The newest complete checkpoint folder in a training run folder: the one `latest` names if it
+    is complete, else the highest complete checkpoints/step-*; None when there is none."""
+    out = Path(out)
+    ckdir = out / "checkpoints"
+    pointer = out / "latest"
+    if pointer.is_file():
+        p = ckdir / pointer.read_text().strip()
+        if (p / TRAINER_JSON).is_file():
+            return p
+    done = sorted(p for p in ckdir.glob("step-*") if (p / TRAINER_JSON).is_file()) if ckdir.is_dir() else []
+    return done[-1] if done else None
 
 
 def bundled_names() -> list[str]:

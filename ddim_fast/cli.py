@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+import warnings
 from importlib import import_module
 
 # name -> (module, one-line help)
@@ -113,6 +114,8 @@ def main(argv=None) -> int:
     if extra:
         print(f"{prog}: error: unrecognized arguments: {' '.join(extra)}; see `{prog} --help`", file=sys.stderr)
         return 2
+    show = warnings.formatwarning  # warnings become one line: "ddim-fast CMD: warning: ..."
+    warnings.formatwarning = lambda message, *_a, **_k: f"{prog}: warning: {message}\n"
     try:
         mod = import_module(args._module)
         run = getattr(mod, f"run_{args.command}") if args._module == "ddim_fast.commands" else mod.cli_main
@@ -120,9 +123,11 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         print(f"{prog}: error: {error_message(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"ddim-fast {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command may say how to resume (KeyboardInterrupt("rerun ..."))
+        print(f"{prog}: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = show
 
 
 if __name__ == "__main__":

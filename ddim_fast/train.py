@@ -49,10 +49,12 @@ from . import rng
 from .checkpoint import (
     EMA_FILE,
     MODEL_FILE,
+    TRAINER_JSON,
     atomic_save_safetensors,
     atomic_write_bytes,
     atomic_write_json,
     build_model,
+    find_latest_checkpoint,
     fsync_dir,
     read_safetensors,
     save_model,
@@ -69,7 +71,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine")
 LR_SCHEDULES = ("constant", "cosine")
 TRAINER_FILE = "trainer.safetensors"
-TRAINER_JSON = "trainer.json"
 GRID_FILE = "samples.png"
 # Fields that must match between a run and its resume (the others may change, e.g. --steps).
 RUN_FIELDS = ("dataset", "config", "batch_size", "lr", "warmup", "lr_schedule", "optimizer", "weight_decay",
@@ -599,20 +600,6 @@ class _StepBatches:
     def __iter__(self):
         for step in range(self.start, self.stop):
             yield self.trainer._step_indices(step).tolist()
-
-
-def find_latest_checkpoint(out) -> Path | None:
-    """The newest complete checkpoint folder in a run folder: the one `latest` names if it is
-    complete, else the highest complete checkpoints/step-*; None when there is none."""
-    out = Path(out)
-    ckdir = out / "checkpoints"
-    pointer = out / "latest"
-    if pointer.is_file():
-        p = ckdir / pointer.read_text().strip()
-        if (p / TRAINER_JSON).is_file():
-            return p
-    done = sorted(p for p in ckdir.glob("step-*") if (p / TRAINER_JSON).is_file()) if ckdir.is_dir() else []
-    return done[-1] if done else None
 
 
 def export_ema(checkpoint, dst, *, overwrite: bool = False, extra: dict | None = None) -> Path:

@@ -115,3 +115,36 @@ def test_errors_are_one_line(model_dir, tmp_path, monkeypatch, capsys, argv, mes
 def test_unknown_model_name_lists_the_bundled_ones(capsys):
     assert _run("sample", "--model", "no-such-model", "--no-progress") == 2
     assert "bundled" in capsys.readouterr().err
+
+
+# -- issue 17 ---------------------------------------------------------------------------------------------
+def _fake_run(root, steps=(2, 4)):
+    """A training run folder as `ddim-fast train` leaves it: checkpoints/step-N (weights, EMA, trainer.json)
+    and `latest`. Each checkpoint's weights differ, so the test sees which one was loaded."""
+    emas = {}
+    for step in steps:
+        torch.manual_seed(step)
+        m = dd.UNet(dd.UNetConfig.tiny())
+        m.schedule = dd.NoiseSchedule.linear(100, 1e-3, 0.05)
+        ema = {k: v + 0.01 * step for k, v in m.state_dict().items()}
+        folder = save_model(root / "checkpoints" / f"step-{step:07d}", m, ema_state_dict=ema)
+        (folder / "trainer.json").write_text(json.dumps({"step": step}))
+        emas[step] = ema
+    (root / "latest").write_text(f"step-{steps[-1]:07d}\n")
+    return emas
+
+
+def test_a_training_run_folder_loads_its_latest_checkpoints_ema(tmp_path, capsys):
+    emas = _fake_run(tmp_path / "run")
+    m = dd.load_model(tmp_path / "run")
+    assert all(torch.equal(m.state_dict()[k], emas[4][k]) for k in emas[4])
+    assert m.checkpoint_info["run"] == str(tmp_path / "run") and m.checkpoint_info["ema"] is True
+    assert m.checkpoint_info["path"].endswith("step-0000004")
+    assert _run("sample", "--model", tmp_path / "run", "--backend", "reference", "--steps", 4, "--no-progress",
+                "--num", 1, "--out", tmp_path / "x.npz") == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'run'} is a training run: loading its latest checkpoint" in out and "step-0000004" in out
+    assert "(EMA weights)" in out
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    assert _run("sample", "--model", tmp_path / "empty", "--out", tmp_path / "y.npz") == 2
+    assert "training run folder without a complete checkpoint yet" in capsys.readouterr().err

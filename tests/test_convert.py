@@ -3,6 +3,7 @@ folders (diffusers is optional), pickle safety, and the `ddim-fast convert` comm
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import pickle
@@ -17,6 +18,9 @@ from ddim_fast import cli
 from ddim_fast.models import convert as cv
 from ddim_fast.models.unet import UNet, UNetConfig
 from ddim_fast.schedule import NoiseSchedule
+
+# Loading an official file without its YAML guesses the image size and says so (tested below).
+pytestmark = pytest.mark.filterwarnings("ignore:.*the weights do not determine the image size")
 
 # The official code always uses GroupNorm(32): the tiny preset's shapes with 32 groups.
 OFFICIAL_CFG = UNetConfig(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
@@ -109,7 +113,7 @@ def test_official_bare_state_dict(tmp_path):
     raw = random_weights(OFFICIAL_CFG, 5).state_dict()
     torch.save(raw, tmp_path / "model-790000.ckpt")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a bare dict is not "missing" its EMA: no warning
+        warnings.filterwarnings("error", message=".*EMA")  # a bare dict is not "missing" its EMA: no warning
         m = dd.load_model(tmp_path / "model-790000.ckpt")
     assert same_weights(m.state_dict(), raw)
     assert m.checkpoint_info["layout"].startswith("bare state dict")
@@ -551,3 +555,25 @@ def test_diffusers_default_unet_is_refused_with_every_reason_at_once():
                  "sample_size=None"):
         assert name in msg, (name, msg)
     assert "differs from the DDPM UNet in 5 setting(s)" in msg
+
+
+def test_convert_without_config_says_the_image_size_is_a_guess(tmp_path, monkeypatch, capsys):
+    """Attention at the first level of an 8x8 model: the DDPM convention (attention at 16x16) guesses 16."""
+    cfg = UNetConfig(resolution=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
+    path = write_official(tmp_path / "ckpt.pth", random_weights(cfg, 6).state_dict(), None)
+    with pytest.warns(UserWarning, match=r"do not determine the image size; guessed 16x16 from the DDPM convention"):
+        assert cv.load_official(path, ema=False).config.resolution == 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = cv.load_official(path, ema=False, resolution=8).config
+    assert dataclasses.replace(got, dropout=0.0) == cfg  # dropout: not in the weights, and off in eval mode
+    assert run_cli(["convert", str(path), str(tmp_path / "guessed")], monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ddim-fast convert: warning: ") and "--resolution N" in err
+    assert json.loads((tmp_path / "guessed" / "config.json").read_text())["source"]["resolution"] == "guessed"
+    assert run_cli(["convert", str(path), str(tmp_path / "given"), "--resolution", "8"], monkeypatch) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert dataclasses.replace(dd.load_model(tmp_path / "given").config, dropout=0.0) == cfg
+    assert run_cli(["convert", str(path), str(tmp_path / "both"), "--resolution", "8", "--config", "c.yml"],
+                   monkeypatch) == 2
+    assert "not both" in capsys.readouterr().err

@@ -145,29 +145,48 @@ def _official_schedule(diff: dict) -> NoiseSchedule:
     raise ValueError(f"unknown official beta_schedule {kind!r}; expected linear, quad, const, jsd or sigmoid")
 
 
-def load_official(path, *, ema: bool = True, config=None):
+def load_official(path, *, ema: bool = True, config=None, resolution: int | None = None):
     """A UNet (eval mode) from an official DDIM ckpt.pth.
 
-    ema:    True prefers the EMA weights (a warning if the file has none); False takes the raw ones.
-    config: None infers the architecture from the weights' shapes (a preset when one matches; see
-            infer_config); else the official YAML file (path or parsed dict) or a UNetConfig.
+    ema:        True prefers the EMA weights (a warning if the file has none); False takes the raw ones.
+    config:     None infers the architecture from the weights' shapes (see infer_config); else the
+                official YAML file (path or parsed dict) or a UNetConfig.
+    resolution: the image size, which the weights do not determine; without it (and without config)
+                it is guessed and a warning says so.
     """
     raw, ema_sd, info = read_official(path)
     use_ema = bool(ema) and ema_sd is not None
     if ema and ema_sd is None and info["layout"].startswith("list"):
         warnings.warn(f"{path} has no EMA weights; loading the raw training weights", stacklevel=2)
     weights = ema_sd if use_ema else raw
-    unet, schedule = _official_config(config, weights)
+    unet, schedule = _official_config(config, weights, resolution, path)
     model = build_model(unet, weights, schedule=schedule, prediction="eps",
                         what=f"the {'EMA' if use_ema else 'model'} weights in {path}")
     model.checkpoint_info = {**info, "ema": use_ema, "has_ema": ema_sd is not None}
     return model
 
 
-def _official_config(config, weights):
+def _official_config(config, weights, resolution=None, path="the checkpoint"):
+    if config is not None and resolution is not None:
+        raise ValueError("give the official config or a resolution, not both (the config has data.image_size)")
+    if resolution is not None and (not is_int(resolution) or resolution < 1):
+        raise ValueError(f"resolution must be a positive int (the image size), got {resolution!r}")
     if config is None:
         # The official Normalize() is always GroupNorm(32, eps=1e-6), whatever preset the shapes match.
-        unet = replace(infer_config(weights), num_groups=32, norm_eps=1e-6)
+        try:
+            unet = replace(infer_config(weights, None if resolution is None else int(resolution)), num_groups=32,
+                           norm_eps=1e-6)
+        except ValueError as e:
+            raise ValueError(f"{e}. The weights fix the channels, ch_mult, blocks and attention levels; "
+                             "the image size is not in them: give --resolution N (resolution=N) or the official "
+                             "YAML (--config)") from None
+        if resolution is None:
+            why = ("the DDPM convention that self-attention sits at 16x16" if 16 in unet.attn_resolutions
+                   else "the bundled preset with the same shapes")
+            warnings.warn(
+                f"{path}: the weights do not determine the image size; guessed {unet.resolution}x{unet.resolution} "
+                f"from {why}. If the model was trained at another size, give it: --resolution N "
+                "(resolution=N), or the official YAML with --config", stacklevel=3)
         return unet, NoiseSchedule.from_dict(OFFICIAL_SCHEDULE)
     if isinstance(config, UNetConfig):
         return config, NoiseSchedule.from_dict(OFFICIAL_SCHEDULE)
@@ -442,7 +461,8 @@ def load_diffusers(folder):
 
 
 # -- convert -----------------------------------------------------------------------------------------
-def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False) -> dict:
+def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False,
+            resolution: int | None = None) -> dict:
     """Import `src` (an official ckpt.pth or a diffusers folder) and write it as a ddim-fast
     checkpoint folder at `dst`. With ema=True an official file's EMA weights are kept as
     ema.safetensors beside the raw ones (load_model then prefers them); ema=False keeps only the
@@ -453,9 +473,14 @@ def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False)
     kind = detect_format(src)
     if kind == FORMAT:
         raise ValueError(f"{src} is already a ddim-fast checkpoint; nothing to convert (copy the folder)")
+    if kind == "run":
+        raise ValueError(f"{src} is a ddim-fast training run; nothing to convert: use it as it is (--model {src} "
+                         "loads its latest checkpoint) or copy one of its checkpoints/step-* folders")
     if kind == "official":
         raw, ema_sd, info = read_official(src)
-        unet, schedule = _official_config(config, raw)
+        unet, schedule = _official_config(config, raw, resolution, src)
+        if config is None:
+            info["resolution"] = "given" if resolution is not None else "guessed"
         model = build_model(unet, raw, schedule=schedule, what=f"the model weights in {src}")
         keep_ema = ema_sd if ema else None
         if keep_ema is not None:
@@ -463,9 +488,9 @@ def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False)
 
             check_state_dict(unet, keep_ema, what=f"the EMA weights in {src}")
     else:
-        if config is not None:
-            raise ValueError("config= applies to official checkpoints only; "
-                             "a diffusers folder has its own config.json")
+        if config is not None or resolution is not None:
+            raise ValueError(f"{'config' if config is not None else 'resolution'}= applies to official checkpoints "
+                             "only; a diffusers folder has its own config.json")
         model, keep_ema = load_diffusers(src), None
         info = model.checkpoint_info
     source = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool)) or v is None}
@@ -484,13 +509,17 @@ def add_cli_arguments(parser) -> None:
                              "(default: keep the EMA weights too)")
     parser.add_argument("--config", metavar="YAML", default=None,
                         help="the official config (e.g. configs/cifar10.yml); "
-                             "default: inferred from the weights")
+                             "default: inferred from the weights, the image size guessed (and said)")
+    parser.add_argument("--resolution", type=int, default=None, metavar="N",
+                        help="the image size of an official checkpoint converted without --config "
+                             "(the weights do not determine it)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing ddim-fast checkpoint at DST")
 
 
 def cli_main(args) -> int:
-    s = convert(args.src, args.dst, ema=not args.no_ema, config=args.config, overwrite=args.overwrite)
+    s = convert(args.src, args.dst, ema=not args.no_ema, config=args.config, overwrite=args.overwrite,
+                resolution=args.resolution)
     weights = "raw + EMA weights (EMA is loaded by default)" if s["ema"] else "one set of weights"
     print(f"loaded {s['format']} checkpoint {args.src}: {s['params'] / 1e6:.1f}M parameters, {weights}")
     print(f"  {s['config']}")
