@@ -557,6 +557,7 @@ def test_diffusers_default_unet_is_refused_with_every_reason_at_once():
     assert "differs from the DDPM UNet in 5 setting(s)" in msg
 
 
+@pytest.mark.filterwarnings("always:.*the weights do not determine the image size")
 def test_convert_without_config_says_the_image_size_is_a_guess(tmp_path, monkeypatch, capsys):
     """Attention at the first level of an 8x8 model: the DDPM convention (attention at 16x16) guesses 16."""
     cfg = UNetConfig(resolution=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
