@@ -114,20 +114,18 @@ def main(argv=None) -> int:
     if extra:
         print(f"{prog}: error: unrecognized arguments: {' '.join(extra)}; see `{prog} --help`", file=sys.stderr)
         return 2
-    show = warnings.formatwarning  # warnings become one line: "ddim-fast CMD: warning: ..."
-    warnings.formatwarning = lambda message, *_a, **_k: f"{prog}: warning: {message}\n"
-    try:
-        mod = import_module(args._module)
-        run = getattr(mod, f"run_{args.command}") if args._module == "ddim_fast.commands" else mod.cli_main
-        return int(run(args) or 0)
-    except USER_ERRORS as e:
-        print(f"{prog}: error: {error_message(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:  # a command may say how to resume (KeyboardInterrupt("rerun ..."))
-        print(f"{prog}: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
-        return 130
-    finally:
-        warnings.formatwarning = show
+    with warnings.catch_warnings():  # warnings print as one line each: "ddim-fast CMD: warning: ..."
+        warnings.showwarning = lambda message, *_a, **_k: print(f"{prog}: warning: {message}", file=sys.stderr)
+        try:
+            mod = import_module(args._module)
+            run = getattr(mod, f"run_{args.command}") if args._module == "ddim_fast.commands" else mod.cli_main
+            return int(run(args) or 0)
+        except USER_ERRORS as e:
+            print(f"{prog}: error: {error_message(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:  # a command may say how to resume: KeyboardInterrupt("rerun ...")
+            print(f"{prog}: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":
