@@ -75,7 +75,10 @@ def _atomic_write(path, write) -> Path:
     """Call write(tmp_path) on a temporary sibling of `path`, fsync it, then os.replace it over
     `path`. On any error the temporary file is removed and `path` is untouched."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # name the user's file, not the temporary sibling it could not create
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     try:
         write(tmp)

@@ -220,7 +220,8 @@ def test_sigkill_one_rank_then_rerun_fills_the_folder(tmp_path):
             agent.wait()
     assert agent.returncode != 0
     first = sorted(p.name for p in out.glob("*.png"))
-    assert not (out / "manifest.json").exists() and 0 < len(first) < N, first
+    assert 0 < len(first) < N, first
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False  # the settings, recorded up front
     (out / ".000005.png.k1ll3d.tmp").write_bytes(b"half a png")  # what a kill mid-write leaves (if it lands there)
 
     rerun = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)

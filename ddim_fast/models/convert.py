@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import FORMAT, build_model, detect_format, read_safetensors, save_model
+from ..checkpoint import FORMAT, _check_destination, build_model, detect_format, read_safetensors, save_model
 from ..checks import is_int
 from ..schedule import NoiseSchedule
 from .unet import UNetConfig, infer_config
@@ -470,6 +470,7 @@ def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False,
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise FileNotFoundError(f"no checkpoint at {src}: check the path")
+    _check_destination(dst, overwrite)  # before any reading: the output is checked first
     kind = detect_format(src)
     if kind == FORMAT:
         raise ValueError(f"{src} is already a ddim-fast checkpoint; nothing to convert (copy the folder)")
