@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import machine_info, result_path, table, write_json
+from ddim_fast.checks import require
 
 
 def _bench(fn):
@@ -122,6 +123,7 @@ def main(argv=None) -> int:
         print("bench_kernels needs a CUDA GPU: the Triton kernels only run in the (slow) interpreter "
               "on a CPU, which says nothing about their speed. Nothing was measured.", file=sys.stderr)
         return 1
+    require("triton", "gpu", "bench_kernels")
     info = machine_info()
     copy_gbs = copy_bandwidth()
     rows = bench_step(copy_gbs) + bench_group_norm(copy_gbs) + bench_attention()

@@ -28,6 +28,7 @@ import torch
 
 import ddim_fast as dd
 from benchmarks.common import machine_info, result_path, write_json
+from ddim_fast.checks import require
 from ddim_fast.data import load_digits
 from ddim_fast.metrics import fd_digits, load_digits_classifier
 
@@ -106,6 +107,7 @@ def main(argv=None):
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--quick", action="store_true", help="S in {10, 50}, n=200: a smoke run")
     args = ap.parse_args(argv)
+    require("sklearn", "train", "Table 2 (the digits test split)")
     info = machine_info()
     steps = (10, 50) if args.quick else STEPS
     recon_steps = (10, 50) if args.quick else RECON_STEPS

@@ -35,10 +35,11 @@ def _add_model_options(p, *, steps=20):
     p.add_argument("--steps", type=int, default=steps, help="sampling steps S")
     p.add_argument("--spacing", default=None, choices=SPACINGS,
                    help="timestep sub-sequence (default: the model's own, e.g. a diffusers scheduler's, else uniform)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="auto: cuda_graph on CUDA, onnxruntime on a CPU when installed, else reference")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="network precision")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per sampler call")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 

@@ -198,7 +198,7 @@ def _default_device():
 def triton_status(device: torch.device) -> str | None:
     """None when the triton backend can run on `device`, else what is missing."""
     if importlib.util.find_spec("triton") is None:  # found, not imported: importing fixes interpreter mode
-        return "Triton is not installed (pip install triton; Linux only)"
+        return "Triton is not installed: pip install 'ddim-fast[gpu]' (Linux)"
     if device.type == "cuda":
         return None
     if os.environ.get("TRITON_INTERPRET") == "1":

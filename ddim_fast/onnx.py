@@ -51,6 +51,7 @@ import torch
 
 from . import __version__, rng
 from .checkpoint import atomic_write_bytes
+from .checks import MissingExtra
 from .plan import COEF_COLUMNS, SamplingPlan
 
 GRAPH_VERSION = 1  # bump when the graph layout changes: part of every cache key
@@ -72,7 +73,7 @@ INSTALL_HINT = "pip install 'ddim-fast[onnx]' (CPU) or 'ddim-fast[gpu]' (CUDA, o
 stats = {"torch_exports": 0, "sampler_builds": 0, "cache_hits": 0}
 
 
-class OnnxRuntimeMissing(ImportError, ValueError):
+class OnnxRuntimeMissing(MissingExtra):
     """onnxruntime (or onnx / onnxscript) is not installed; the message names the extra to install."""
 
 
@@ -496,7 +497,7 @@ def _damaged(path, err) -> ValueError:
 
 # == 6. export ======================================================================================
 def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float32, opset: int | None = None,
-                validate: bool = True, *, shape=None, unroll: bool | None = None) -> Path:
+                validate: bool = True, *, shape=None, unroll: bool | None = None, log=None) -> Path:
     """Export `model` (no plan: the eps-model) or the whole sampler of `plan` to `path` (atomically).
 
     eps-model:  inputs x (B, C, H, W) float32 and t (B,) int64; output `prediction` float32.
@@ -508,10 +509,11 @@ def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float
     opset:      ONNX opset (default: torch.onnx's); shape: (C, H, W), read from model.config if omitted.
     unroll:     None = unrolled up to UNROLL_MAX_STEPS steps, an ONNX Loop above; True / False force it.
     validate:   run the graph in ONNX Runtime (CPU) and check it against the float64 reference.
+    log:        a function called with one line at each stage (export, graph, validation), for progress.
     Returns the path. The file carries its config, schedule, plan and version in metadata_props
     (read them with onnx_metadata).
     """
-    proto, _ = _build(model, plan, dtype, opset, shape, unroll, validate)
+    proto, _ = _build(model, plan, dtype, opset, shape, unroll, validate, log=log)
     return _write(path, proto)
 
 
@@ -537,13 +539,18 @@ def _check_args(model, plan, dtype, opset, shape, unroll):
     return sample_shape(model, shape)
 
 
-def _build(model, plan, dtype, opset, shape, unroll, validate, model_fp=None):
-    """(proto with metadata, key), validated when asked."""
+def _build(model, plan, dtype, opset, shape, unroll, validate, model_fp=None, log=None):
+    """(proto with metadata, key), validated when asked; log(line) at each stage."""
+    say = log or (lambda line: None)
     shape = _check_args(model, plan, dtype, opset, shape, unroll)
     unroll = _resolve_unroll(plan, unroll)
     model_fp = model_fp or model_fingerprint(model)
-    net_proto = _network(model, model_fp, dtype, opset, shape)
+    net_proto = _network(model, model_fp, dtype, opset, shape, say)
+    if plan is not None:
+        say(f"building the {plan.steps}-step sampler graph ({'unrolled' if unroll else 'one ONNX Loop'})")
     proto = net_proto if plan is None else _sampler_proto(net_proto, plan, unroll, shape)
+    if validate:
+        say("validating the graph in ONNX Runtime against the float64 reference")
     key = _export_key(model_fp, plan, dtype, opset, shape, unroll)
     _set_metadata(proto, _metadata(model, plan, dtype, shape, key, unroll, _opset(proto)))
     if validate and plan is not None and not unroll and plan.steps > VALIDATE_LOOP_STEPS:
@@ -595,7 +602,7 @@ def _resolve_unroll(plan, unroll):
     return plan.steps <= UNROLL_MAX_STEPS if unroll is None else unroll
 
 
-def _network(model, model_fp, dtype, opset, shape):
+def _network(model, model_fp, dtype, opset, shape, say=lambda line: None):
     """The eps-model graph, from the cache when this (model, dtype, opset, shape) was exported before."""
     onnx = _import_onnx()
     key = _export_key(model_fp, None, dtype, opset, shape, None)
@@ -607,6 +614,8 @@ def _network(model, model_fp, dtype, opset, shape):
             return proto
         except Exception as e:  # a damaged cache entry is rebuilt, not fatal
             warnings.warn(f"ignoring the damaged cache entry {path} ({type(e).__name__}); re-exporting", stacklevel=3)
+    say(f"exporting the network with torch.onnx ({EXPORT_DTYPES[dtype]}; the slow part: seconds for a small "
+        "model, a minute for a large one)")
     proto = _torch_export(model, dtype, opset, shape)
     with contextlib.suppress(OSError):  # a read-only cache only costs the next export
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -953,7 +962,7 @@ def add_cli_arguments(p):
 def cli_main(args) -> int:
     import time
 
-    from .checkpoint import load_model
+    from .commands import _load
 
     out = Path(args.out)
     if out.suffix.lower() != ".onnx":
@@ -969,7 +978,9 @@ def cli_main(args) -> int:
     if not args.whole_sampler and given:
         raise ValueError(f"--{given[0].replace('_', '-')} only applies to --whole-sampler; add --whole-sampler "
                          "or drop it")
-    model = load_model(args.model)
+    _import_onnx()  # the extras, before any work
+    _import_ort()
+    model = _load(args)
     plan = None
     if args.whole_sampler:
         if model.schedule is None:
@@ -983,7 +994,11 @@ def cli_main(args) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     unroll = {"auto": None, "unrolled": True, "loop": False}[args.graph]
     t0 = time.perf_counter()
-    export_onnx(model, out, plan, dtype=dtype, opset=args.opset, validate=args.validate, unroll=unroll)
+
+    def log(line):
+        print(f"  [{time.perf_counter() - t0:5.1f} s] {line}...", flush=True)
+
+    export_onnx(model, out, plan, dtype=dtype, opset=args.opset, validate=args.validate, unroll=unroll, log=log)
     meta = onnx_metadata(out)
     kind = "sampler" if plan is not None and plan.direction == "sample" else "DDIM encoder"
     what = "eps-model" if plan is None else f"{kind}, {plan.steps} steps, {meta['graph']}"

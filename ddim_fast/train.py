@@ -413,6 +413,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        self._bar = bar
         window, t0, t_log = [], time.perf_counter(), time.perf_counter()
         while self.step < cfg.steps:
             loss, gnorm = self.train_step()
@@ -443,6 +444,14 @@ class Trainer:
         result.step = self.step
         result.checkpoint = result.checkpoint or self.last_checkpoint
         return result
+
+    def _say(self, msg: str):
+        """A progress note on the console, above the bar when there is one."""
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.write(msg)
+        else:
+            self.log(msg)
 
     def _log_line(self, obj: dict):
         with open(self.out / "log.jsonl", "a") as f:
@@ -482,6 +491,8 @@ class Trainer:
             tensors, state = self._trainer_state()
             atomic_save_safetensors(tmp / TRAINER_FILE, tensors)
             if self.cfg.grid_size:
+                self._say(f"step {self.step}: drawing the checkpoint's sample grid ({self.cfg.grid_size} images, "
+                          "DDIM-20, EMA weights)...")
                 write_sample_grid(tmp / GRID_FILE, self._ema_model(), self.cfg.grid_size, seed=self.cfg.seed)
             atomic_write_json(tmp / TRAINER_JSON, state)  # last: its presence marks a complete folder
             fsync_dir(tmp)
@@ -693,10 +704,23 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
 def cli_main(args) -> int:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    if cfg.dataset == "digits":  # before any work: the data comes with scikit-learn
+        from .checks import require
+
+        require("sklearn", "train", "the digits dataset (scikit-learn's)")
     dist_main = int(os.environ.get("RANK", "0")) == 0
     say = print if dist_main else (lambda *a, **k: None)
     try:
         result = train(cfg, log=say)
+    except KeyboardInterrupt:
+        last = find_latest_checkpoint(cfg.out)
+        if last is None:
+            hint = (f"no checkpoint was saved yet (one every --save-every {cfg.save_every} steps); rerun the same "
+                    "command to start again")
+        else:
+            hint = (f"the last checkpoint is {last}; continue from it with the same command"
+                    + ("" if cfg.resume else " plus --resume"))
+        raise KeyboardInterrupt(hint) from None
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

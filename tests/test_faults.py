@@ -263,6 +263,7 @@ def test_engine_reference_reports_the_step():
 @pytest.mark.parametrize("entry", ["sample", "call", "invert"])
 def test_engine_triton_flags_nan(entry):
     """The fused step kernel sets a device flag; the Engine raises (interpreter on CPU)."""
+    pytest.importorskip("triton")
     plan = dd.SamplingPlan.build(SCHED, 10, eta=0.5 if entry != "invert" else 0.0)
     eng = dd.Engine(NaNBelow(SCHED, 45), plan, backend="triton", device="cpu", shape=(1, 4, 4))
     run = {"sample": lambda: eng.sample(2, seed=1), "call": lambda: eng(dd.rng.initial_noise(1, (2, 1, 4, 4))),
