@@ -374,10 +374,13 @@ def _sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape):
             rename = {"x": x, "t": t, **{k: k for k in keep}}
             b.nodes.extend(_copy_nodes(nodes, rename, pre))
             m = pre + pred  # (B, C, H, W) the model output at step i
-            c = {name: b.const(coef[i, j], hint=f"{pre}{name}") for j, name in enumerate(COEF_COLUMNS)}
             z = None
             if noise and coef[i, 5] != 0:
                 z = b.op("Gather", ["noise", b.const(i, np.int64)], f"{pre}z", axis=0)  # (B, C, H, W)
+            # sigma only where the step adds noise: an initializer no node reads makes plain onnxruntime
+            # warn "Removing initializer ... not used" on every load
+            c = {name: b.const(coef[i, j], hint=f"{pre}{name}") for j, name in enumerate(COEF_COLUMNS)
+                 if name != "sigma" or z is not None}
             x = _step_ops(b, plan, x, m, c, z, numel)
         b.nodes.append(helper.make_node("Identity", [x], [x_out], name="ddim/out"))
     else:
