@@ -51,7 +51,7 @@ import torch
 
 from . import __version__, rng
 from .checkpoint import atomic_write_bytes
-from .checks import MissingExtra
+from .checks import MissingExtra, is_int
 from .plan import COEF_COLUMNS, SamplingPlan
 
 GRAPH_VERSION = 1  # bump when the graph layout changes: part of every cache key
@@ -528,7 +528,7 @@ def _check_args(model, plan, dtype, opset, shape, unroll):
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"ONNX export supports dtype torch.float32 or torch.float16, got {dtype}; "
                          "for bfloat16 use the reference, triton or cuda_graph backend")
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not 18 <= opset <= 23):
+    if opset is not None and (not is_int(opset) or not 18 <= opset <= 23):
         raise ValueError(f"opset must be an int in [18, 23] (torch.onnx writes opset 18 or newer), got {opset!r}")
     if plan is not None and not isinstance(plan, SamplingPlan):
         raise ValueError(f"plan must be a SamplingPlan or None (eps-model only), got {type(plan).__name__}")

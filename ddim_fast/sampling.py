@@ -9,6 +9,7 @@ loop body below is the same for every eta, variance and prediction type.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -144,7 +145,7 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, w) -> torch.Tensor:
             raise ValueError(f"slerp needs floating-point latents; {name} is {z.dtype}: pass {name}.float()")
         if not torch.isfinite(z).all():
             raise ValueError(f"slerp needs finite latents; {name} has NaN or inf values: pass finite latents")
-    scalar = isinstance(w, (int, float))
+    scalar = isinstance(w, numbers.Real)  # numpy scalars too
     wt = torch.as_tensor(w, dtype=torch.float64, device=z0.device).reshape(-1)
     if not torch.isfinite(wt).all():
         raise ValueError("slerp weights must be finite")

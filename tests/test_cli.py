@@ -143,3 +143,33 @@ def test_pyproject_makes_triton_an_extra():
         assert any(d.startswith("triton") for d in meta["optional-dependencies"][extra]), extra
 
 
+
+
+def test_numpy_integers_are_accepted_where_ints_are():
+    import json
+
+    import numpy as np
+    import torch
+
+    import ddim_fast as dd
+    from ddim_fast.models.analytic import GaussianEps
+
+    cfg = dd.UNetConfig(in_channels=np.int64(1), out_channels=np.int32(1), resolution=np.int64(8), ch=np.int64(16),
+                        ch_mult=[np.int64(1), np.int64(2)], num_res_blocks=np.int64(1),
+                        attn_resolutions=[np.int64(4)], num_groups=np.int64(8), dropout=0.0)
+    json.dumps(cfg.to_dict())
+    assert cfg == dd.UNetConfig(in_channels=1, out_channels=1, resolution=8, ch=16, ch_mult=(1, 2),
+                                num_res_blocks=1, attn_resolutions=(4,), num_groups=8, dropout=0.0)
+    sched = dd.NoiseSchedule.linear(np.int64(100), 1e-3, 0.05)
+    assert dd.timesteps(np.int64(100), np.int64(10)).tolist() == list(range(90, -1, -10))
+    plan = dd.SamplingPlan.build(sched, np.int64(5), eta=0.5)
+    eng = dd.Engine(GaussianEps(sched), plan, backend="reference", device="cpu", shape=(1, 4, 4),
+                    max_graphs=np.int64(2))
+    a = eng.sample(np.int64(3), seed=np.int64(7), first_index=np.int32(2))
+    b = eng.sample(3, seed=7, first_index=2)
+    assert torch.equal(a, b)
+    assert dd.rng.check_seed(np.uint32(5)) == 5 and type(dd.rng.check_seed(np.uint32(5))) is int
+    assert dd.slerp(torch.ones(2), -torch.ones(2) + 2.1, np.float32(0.5)).shape == (2,)
+    for bad in (True, np.bool_(True), 2.0):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            eng.sample(bad)
