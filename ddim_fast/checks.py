@@ -30,5 +30,6 @@ def require(module: str, extra: str, purpose: str) -> None:
     except (ImportError, ValueError):  # a parent package missing, or a module stubbed out as None
         found = False
     if not found:
-        raise MissingExtra(f"{purpose} needs {PIP_NAMES.get(module, module)}, which is not installed: "
+        top = module.split(".")[0]
+        raise MissingExtra(f"{purpose} needs {PIP_NAMES.get(top, top)}, which is not installed: "
                            f"pip install 'ddim-fast[{extra}]'")

@@ -90,9 +90,9 @@ def plan_for(args, model, **sampler):
     return SamplingPlan.for_model(model, args.steps, **given, **sampler)
 
 
-def _engine(args, *, eta=0.0, variance="ddim", device=None, model=None):
+def _engine(args, *, eta=0.0, variance="ddim", device=None, model=None, plan=None):
     model = model if model is not None else _load(args)
-    plan = plan_for(args, model, eta=eta, variance=variance)
+    plan = plan if plan is not None else plan_for(args, model, eta=eta, variance=variance)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     eng = Engine(model, plan, backend=args.backend, device=device or _device(args.device), dtype=DTYPES[args.dtype])
@@ -285,7 +285,7 @@ def _sample_folder(args, rank, world):
                 pending = {"complete": False, "settings": settings}
                 io.atomic_write_bytes(manifest, json.dumps(pending, indent=1).encode())
         barrier()
-        eng, _ = _engine(args, eta=args.eta, variance=args.variance, device=device, model=model)
+        eng, _ = _engine(args, device=device, model=model, plan=plan)
         batches = list(range(0, args.num, args.batch_size))[rank::world]
         todo = [lo for lo in batches if not all((out / f"{i:06d}.png").exists()
                                                for i in range(lo, min(lo + args.batch_size, args.num)))]

@@ -138,7 +138,7 @@ def load_digits(resolution: int, *, split: str = "train"):
     """
     from .checks import require
 
-    require("sklearn", "train", "the digits dataset (scikit-learn's)")
+    require("sklearn.datasets", "train", "the digits dataset (scikit-learn's)")
     from sklearn.datasets import load_digits as _sk_load_digits
     d = _sk_load_digits()
     images = torch.from_numpy(d.images.astype(np.float32))[:, None] / 8.0 - 1.0  # (N, 1, 8, 8)

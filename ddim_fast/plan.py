@@ -21,10 +21,11 @@ variance="ddim" (Eq. 12): x' = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma 
     sigma = eta sqrt((1-a')/(1-a)) sqrt(1 - a/a')                           (Eq. 16)
     so d0 = sqrt(a'), dx = c ex, de = c ee with c = sqrt(1 - a' - sigma^2).
     Clipping acts on x0 only; eps stays the model's (diffusers' default convention).
-variance="large" (the paper's sigma-hat, the official code's `ddpm_noisy`): the DDPM posterior
-    mean over the skip, with beta = 1 - a/a', written in x0 and x,
+variance="large" (the paper's sigma-hat): the DDPM posterior mean over the skip, with
+    beta = 1 - a/a', written in x0 and x,
     x' = sqrt(a') beta/(1-a) x0 + sqrt(a/a') (1-a')/(1-a) x + sqrt(beta) z,
-    and no noise on the last step. Unclipped, this mean equals the eta=1 mean exactly.
+    and no noise on the last step. Unclipped, this mean equals the eta=1 mean exactly. The official
+    code's `ddpm_noisy` sampler clamps x0 to [-1, 1]: it is variance="large" with clip_x0=1.
 Inversion (Section 4.3 / 5.4; eta = 0 run upward): x_next = sqrt(a_next) x0 + sqrt(1-a_next) eps.
 """
 

@@ -707,7 +707,7 @@ def cli_main(args) -> int:
     if cfg.dataset == "digits":  # before any work: the data comes with scikit-learn
         from .checks import require
 
-        require("sklearn", "train", "the digits dataset (scikit-learn's)")
+        require("sklearn.datasets", "train", "the digits dataset (scikit-learn's)")
     dist_main = int(os.environ.get("RANK", "0")) == 0
     say = print if dist_main else (lambda *a, **k: None)
     try:

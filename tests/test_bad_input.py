@@ -131,7 +131,7 @@ def assert_one_line_error(rc, err, command, *fragments):
         assert fragment in err, (fragment, err)
 
 
-M = ["--model", "{tiny}", "--backend", "reference", "--steps", "4", "--no-progress"]
+M = ["--model", "{tiny}", "--backend", "reference", "--steps", "3", "--no-progress"]
 
 # (argv, the fragments the one-line error must contain)
 CASES = {

@@ -302,7 +302,9 @@ def test_cli_never_writes_a_nan_image(shared, tmp_path, monkeypatch, capsys):
         assert "ddim-fast sample: error: the sampler state became non-finite at step 0 (timestep 75)" in err
         assert err.count("\n") == 1 and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "folder"]
-    assert list((tmp_path / "folder").iterdir()) == []  # no image, no manifest
+    # no image; only the manifest written before the first image, which records a run not complete
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == ["manifest.json"]
+    assert json.loads((tmp_path / "folder" / "manifest.json").read_text())["complete"] is False
     # ONNX Runtime (the export is cached by `shared`): latents that overflow the network
     np.savez(tmp_path / "huge.npz", latents=np.full((2, 3, 16, 16), 3e38, np.float32))
     capsys.readouterr()
