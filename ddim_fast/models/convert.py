@@ -498,7 +498,7 @@ def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False,
     save_model(dst, model, ema_state_dict=keep_ema, extra={"source": source}, overwrite=overwrite)
     return {"format": kind, "params": model.num_parameters(), "ema": keep_ema is not None,
             "config": model.config, "dst": str(dst), "prediction": model.prediction,
-            "schedule": model.schedule}
+            "schedule": model.schedule, "sampler": getattr(model, "sampler_defaults", None)}
 
 
 # -- the `ddim-fast convert` command -------------------------------------------------------------------
@@ -525,5 +525,8 @@ def cli_main(args) -> int:
     print(f"loaded {s['format']} checkpoint {args.src}: {s['params'] / 1e6:.1f}M parameters, {weights}")
     print(f"  {s['config']}")
     print(f"  schedule {s['schedule']}, prediction {s['prediction']!r}")
+    if s["sampler"]:  # a pipeline's scheduler settings, kept for SamplingPlan.for_model and the commands
+        shown = ", ".join(f"{k}={v}" for k, v in s["sampler"].items() if k != "from")
+        print(f"  sampler settings from its scheduler config: {shown}")
     print(f"wrote {s['dst']}")
     return 0
