@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import machine_info, result_path, table, write_json
+from ddim_fast.checks import require
 
 # (label, shape) of each case; "dry" is for benchmarks/gpu_suite.py --dry-run (CPU interpreter)
 SIZES = {
@@ -156,6 +157,7 @@ def main(argv=None) -> int:
         print("bench_kernels needs a CUDA GPU: the Triton kernels only run in the (slow) interpreter "
               "on a CPU, which says nothing about their speed. Nothing was measured.", file=sys.stderr)
         return 1
+    require("triton", "gpu", "bench_kernels")
     info = machine_info()
     copy_gbs = copy_bandwidth()
     rows = [case.run(copy_gbs) for case in cases()]

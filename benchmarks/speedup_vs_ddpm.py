@@ -18,6 +18,7 @@ import torch
 
 import ddim_fast as dd
 from benchmarks.common import machine_info, result_path, table, wall_median, write_json
+from ddim_fast.checks import require
 
 STEPS = (10, 20, 50, 100, 1000)  # DDIM-1000 (eta = 0) separates the cost of steps from the cost of noise
 
@@ -101,6 +102,7 @@ def main(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--quick", action="store_true", help="S = 10 and 20 only, one repeat")
     args = ap.parse_args(argv)
+    require("matplotlib", "bench", "the plot of time against S")  # before measuring, not after
     info = machine_info()
     steps = STEPS[:2] if args.quick else STEPS
     reps = 1 if args.quick else args.reps

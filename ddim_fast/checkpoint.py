@@ -12,6 +12,7 @@ never leaves a half-written checkpoint at the destination and never destroys a g
 
 `load_model(path_or_name)` reads, by what it finds:
     a ddim-fast folder                  (config.json with "format": "ddim-fast")
+    a training run folder               (`ddim-fast train --out`: its latest complete checkpoint)
     a bundled name                      (a folder ddim_fast/assets/<name>/, e.g. "digits")
     an official DDIM `ckpt.pth`         (see models/convert.py; read with weights_only=True)
     a diffusers UNet2DModel folder      (or a pipeline folder with unet/ and scheduler/)
@@ -22,6 +23,7 @@ keys and the configuration the weights would fit.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .models.unet import UNet, UNetConfig, describe_weights
+from .plan import check_sampler_defaults
 from .schedule import NoiseSchedule
 
 FORMAT = "ddim-fast"
@@ -38,7 +41,8 @@ VERSION = 1
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
-RESERVED_KEYS = ("format", "version", "model", "schedule", "prediction")
+TRAINER_JSON = "trainer.json"  # written last into a training checkpoint: its presence marks a complete one
+RESERVED_KEYS = ("format", "version", "model", "schedule", "prediction", "sampler")
 PREDICTIONS = ("eps", "x0", "v")
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -71,7 +75,10 @@ def _atomic_write(path, write) -> Path:
     """Call write(tmp_path) on a temporary sibling of `path`, fsync it, then os.replace it over
     `path`. On any error the temporary file is removed and `path` is untouched."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # name the user's file, not the temporary sibling it could not create
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     os.close(fd)
     try:
         write(tmp)
@@ -152,6 +159,9 @@ def save_model(path, model: UNet, *, ema_state_dict: dict | None = None, extra: 
         check_state_dict(model.config, ema_state_dict, what="the EMA weights")
     config = {"format": FORMAT, "version": VERSION, "model": model.config.to_dict(),
               "schedule": model.schedule.to_dict(), "prediction": model.prediction, **extra}
+    sampler = check_sampler_defaults(getattr(model, "sampler_defaults", None))
+    if sampler:  # the sampler settings it came with (a diffusers scheduler config), for SamplingPlan.for_model
+        config["sampler"] = {k: (None if v == math.inf else v) for k, v in sampler.items()}
     meta = {"format": "pt", "producer": FORMAT}
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -262,7 +272,8 @@ def build_model(config: UNetConfig, state_dict: dict, *, schedule=None, predicti
 # -- loading ----------------------------------------------------------------------------------------
 def load_model(path_or_name, *, ema: bool | None = None, device="cpu", map_location=None) -> UNet:
     """A ready UNet (eval mode, `.config`, `.schedule` and `.prediction` set) from a ddim-fast folder,
-    a bundled model name, an official DDIM ckpt.pth or a diffusers folder.
+    a training run folder (its latest complete checkpoint; `checkpoint_info["run"]` names the run and
+    ["path"] the checkpoint), a bundled model name, an official DDIM ckpt.pth or a diffusers folder.
 
     ema: None = the EMA weights if the checkpoint has them; True = require them; False = the raw
     weights. (Official files: EMA preferred as well; diffusers folders hold one set of weights.)
@@ -282,6 +293,14 @@ def load_model(path_or_name, *, ema: bool | None = None, device="cpu", map_locat
     elif path.is_file() and path.name.startswith("diffusion_pytorch_model."):
         path = path.parent
     kind = detect_format(path)
+    if kind == "run":
+        found = find_latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"{path} is a training run folder without a complete checkpoint yet; train "
+                                    "until the first --save-every step, or give a checkpoint folder")
+        model = _load_own(found, ema, device)
+        model.checkpoint_info["run"] = str(path)
+        return model
     if kind == FORMAT:
         return _load_own(path, ema, device)
     from .models import convert  # the importers; kept out of the own-format path
@@ -294,8 +313,12 @@ def load_model(path_or_name, *, ema: bool | None = None, device="cpu", map_locat
 
 
 def detect_format(path) -> str:
-    """"ddim-fast", "official" or "diffusers" for an existing path; ValueError otherwise."""
+    """"ddim-fast", "run" (a training run folder), "official" or "diffusers" for an existing path;
+    ValueError otherwise."""
     path = Path(path)
+    if path.is_dir() and not (path / CONFIG_FILE).exists() and ((path / "checkpoints").is_dir()
+                                                                 or (path / "latest").is_file()):
+        return "run"
     if path.is_dir():
         cfg = _read_json(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else None
         if isinstance(cfg, dict) and cfg.get("format") == FORMAT:
@@ -306,7 +329,8 @@ def detect_format(path) -> str:
             return "diffusers"
         raise ValueError(
             f"{path} is a folder but not a model: expected a ddim-fast checkpoint (config.json with "
-            '"format": "ddim-fast"), a diffusers UNet2DModel folder or a diffusers pipeline folder'
+            '"format": "ddim-fast"), a training run folder (checkpoints/), a diffusers UNet2DModel folder '
+            "or a diffusers pipeline folder"
         )
     if path.suffix in (".pth", ".pt", ".ckpt", ".bin"):
         return "official"
@@ -316,6 +340,20 @@ def detect_format(path) -> str:
         f"cannot tell the format of {path}: expected a folder (ddim-fast or diffusers) or an official "
         "DDIM checkpoint file (.pth, .pt, .ckpt)"
     )
+
+
+def find_latest_checkpoint(out) -> Path | None:
+    """The newest complete checkpoint folder in a training run folder: the one `latest` names if it
+    is complete, else the highest complete checkpoints/step-*; None when there is none."""
+    out = Path(out)
+    ckdir = out / "checkpoints"
+    pointer = out / "latest"
+    if pointer.is_file():
+        p = ckdir / pointer.read_text().strip()
+        if (p / TRAINER_JSON).is_file():
+            return p
+    done = sorted(p for p in ckdir.glob("step-*") if (p / TRAINER_JSON).is_file()) if ckdir.is_dir() else []
+    return done[-1] if done else None
 
 
 def bundled_names() -> list[str]:
@@ -388,6 +426,7 @@ def _load_own(path: Path, ema: bool | None, device) -> UNet:
         raise FileNotFoundError(f"{file} is missing; the checkpoint is incomplete: re-save it")
     model = build_model(config, read_safetensors(file), schedule=schedule,
                         prediction=cfg.get("prediction", "eps"), device=device, what=f"the weights in {file}")
+    model.sampler_defaults = check_sampler_defaults(cfg.get("sampler")) or None
     model.checkpoint_info = {"format": FORMAT, "path": str(path), "ema": use_ema,
                              **{k: v for k, v in cfg.items() if k not in RESERVED_KEYS}}
     return model

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+import warnings
 from importlib import import_module
 
 # name -> (module, one-line help)
@@ -40,6 +41,20 @@ EPILOG = """examples:
 """
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions kept as written; every option's default shown, unless its help already says it
+    or it has none (None, or off for a flag)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d == argparse.SUPPRESS or action.nargs == 0:
+            return text  # nargs 0: a flag (--overwrite, --no-progress), whose default is "not given"
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text
+        return text + " (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (no usage block) that point at --help."""
 
@@ -48,21 +63,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(
         prog="ddim-fast",
         description="Fast, exact DDIM sampling (Song, Meng & Ermon, ICLR 2021).",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"ddim-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
         mod = import_module(module)
         if module == "ddim_fast.commands":  # one module, several commands
             getattr(mod, f"add_{name}_arguments")(p)
         else:
             mod.add_cli_arguments(p)
+        for action in p._actions:  # argparse prints nothing for an option without help: give it its default
+            if action.help is None and action.option_strings and action.nargs != 0 and action.default is not None:
+                action.help = "(default: %(default)s)"
         p.set_defaults(_module=module)
     return parser
 
@@ -113,16 +133,18 @@ def main(argv=None) -> int:
     if extra:
         print(f"{prog}: error: unrecognized arguments: {' '.join(extra)}; see `{prog} --help`", file=sys.stderr)
         return 2
-    try:
-        mod = import_module(args._module)
-        run = getattr(mod, f"run_{args.command}") if args._module == "ddim_fast.commands" else mod.cli_main
-        return int(run(args) or 0)
-    except USER_ERRORS as e:
-        print(f"{prog}: error: {error_message(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"ddim-fast {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():  # warnings print as one line each: "ddim-fast CMD: warning: ..."
+        warnings.showwarning = lambda message, *_a, **_k: print(f"{prog}: warning: {message}", file=sys.stderr)
+        try:
+            mod = import_module(args._module)
+            run = getattr(mod, f"run_{args.command}") if args._module == "ddim_fast.commands" else mod.cli_main
+            return int(run(args) or 0)
+        except USER_ERRORS as e:
+            print(f"{prog}: error: {error_message(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:  # a command may say how to resume: KeyboardInterrupt("rerun ...")
+            print(f"{prog}: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

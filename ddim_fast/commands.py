@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,22 +30,40 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # -- shared options ----------------------------------------------------------------------------
 def _add_model_options(p, *, steps=20):
-    p.add_argument("--model", default="digits", help="checkpoint folder, official ckpt.pth, diffusers folder "
-                   "or bundled name (default: digits)")
-    p.add_argument("--steps", type=int, default=steps, help="sampling steps S (default: %(default)s)")
-    p.add_argument("--spacing", default="uniform", choices=SPACINGS, help="timestep sub-sequence")
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--model", default="digits", help="checkpoint folder, training run folder (its latest "
+                   "checkpoint), official ckpt.pth, diffusers folder or bundled name")
+    p.add_argument("--steps", type=int, default=steps, help="sampling steps S")
+    p.add_argument("--spacing", default=None, choices=SPACINGS,
+                   help="timestep sub-sequence (default: the model's own, e.g. a diffusers scheduler's, else uniform)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="auto: cuda_graph on CUDA, onnxruntime on a CPU when installed, else reference")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="network precision")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per sampler call")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def clip_arg(text):
+    """argparse type of --clip-x0: C > 0, or 'none' (no clipping, also over a model's own default)."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        c = float(text)
+    except ValueError:
+        c = float("nan")
+    if not (c > 0 and c != float("inf")):
+        raise argparse.ArgumentTypeError(f"--clip-x0 takes C > 0 (clip x0 to [-C, C]) or 'none', got {text!r}")
+    return c
+
+
 def _add_sampler_options(p):
     p.add_argument("--eta", type=float, default=0.0, help="0 = DDIM (deterministic), 1 = DDPM")
-    p.add_argument("--variance", default="ddim", choices=VARIANCES, help="'large' = the paper's sigma-hat")
-    p.add_argument("--clip-x0", type=float, default=None, metavar="C", help="clip the x0 estimate to [-C, C]")
+    p.add_argument("--variance", default="ddim", choices=VARIANCES,
+                   help="'large' = the paper's sigma-hat (with --clip-x0 1: the official code's ddpm_noisy)")
+    p.add_argument("--clip-x0", type=clip_arg, default=argparse.SUPPRESS, metavar="C",
+                   help="clip the x0 estimate to [-C, C], or 'none' (default: the model's own setting, e.g. a "
+                        "diffusers scheduler's clip_sample, else none)")
 
 
 def _device(arg):
@@ -56,18 +75,44 @@ def _device(arg):
         raise ValueError(f"unknown --device {arg!r}; use auto, cpu, cuda or cuda:N") from None
 
 
-def _engine(args, *, eta=0.0, variance="ddim", clip_x0=None, device=None):
-    model = load_model(args.model)
+def plan_for(args, model, **sampler):
+    """The plan of a command: the model's own sampler settings (SamplingPlan.for_model), overridden by
+    the options given on the command line (--spacing, --clip-x0) and `sampler` (eta, variance)."""
     if model.schedule is None:
         raise ValueError(f"{args.model} carries no noise schedule; convert it with `ddim-fast convert`")
     if model.prediction not in PREDICTIONS:
         raise ValueError(f"{args.model} has an unknown prediction type {model.prediction!r}")
-    plan = SamplingPlan.build(model.schedule, args.steps, eta=eta, spacing=args.spacing, variance=variance,
-                              prediction=model.prediction, clip_x0=clip_x0)
+    given = {}
+    if getattr(args, "spacing", None) is not None:
+        given["spacing"] = args.spacing
+    if hasattr(args, "clip_x0"):  # absent unless given (argparse.SUPPRESS); 'none' gives None
+        given["clip_x0"] = args.clip_x0
+    return SamplingPlan.for_model(model, args.steps, **given, **sampler)
+
+
+def _engine(args, *, eta=0.0, variance="ddim", device=None, model=None, plan=None):
+    model = model if model is not None else _load(args)
+    plan = plan if plan is not None else plan_for(args, model, eta=eta, variance=variance)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     eng = Engine(model, plan, backend=args.backend, device=device or _device(args.device), dtype=DTYPES[args.dtype])
     return eng, model
+
+
+def _load(args):
+    """load_model(--model), saying which checkpoint a training run folder gave and which sampler
+    settings the model brings (a diffusers scheduler config)."""
+    model = load_model(args.model)
+    info = getattr(model, "checkpoint_info", {}) or {}
+    if info.get("run"):
+        print(f"{args.model} is a training run: loading its latest checkpoint {info['path']} "
+              f"({'EMA' if info.get('ema') else 'raw'} weights)")
+    own = {k: v for k, v in (getattr(model, "sampler_defaults", None) or {}).items() if k != "from"}
+    if own:
+        shown = ", ".join(f"{k}={v}" for k, v in own.items() if v is not None and not (k == "steps_offset" and v == 0))
+        print(f"sampler settings from the model's scheduler config: {shown or 'the defaults'}"
+              " (override with --spacing / --clip-x0)")
+    return model
 
 
 def _describe(args, eng, model):
@@ -92,6 +137,10 @@ def _rank_world():
 
 
 # -- sample ------------------------------------------------------------------------------------
+def _add_grid_options(p):
+    p.add_argument("--scale", type=int, default=1, help="grid outputs: enlarge every pixel N x N")
+
+
 def add_sample_arguments(p):
     _add_model_options(p)
     _add_sampler_options(p)
@@ -99,7 +148,9 @@ def add_sample_arguments(p):
                    help="number of images (under torchrun write -n or --num-images: torchrun takes --num for "
                         "an abbreviation of its own --numa-binding and stops)")
     p.add_argument("--seed", type=int, default=0, help="image k of a seed is the same at any batch size")
-    p.add_argument("--out", default="samples.png", help="grid .png, .npz, or a folder (one PNG per image)")
+    p.add_argument("--out", default="samples.png",
+                   help=f"a grid image ({', '.join(io.GRID_FORMATS)}), an .npz, or a folder (one PNG per image)")
+    _add_grid_options(p)
 
 
 def run_sample(args):
@@ -110,25 +161,99 @@ def run_sample(args):
     if world > 1 or kind == "folder":
         return _sample_folder(args, rank, world)
     io.check_output(args.out, args.overwrite)
-    eng, model = _engine(args, eta=args.eta, variance=args.variance, clip_x0=args.clip_x0)
+    _check_scale(args)
+    eng, model = _engine(args, eta=args.eta, variance=args.variance)
     print(f"model {args.model} ({_params(model)}), {eng.plan.steps} steps eta={eng.plan.eta} "
           f"[{eng.plan.variance}], backend {eng.backend} ({eng.backend_reason}), device {eng.device}")
     t0, out = time.perf_counter(), []
-    with _progress(args.num, args.progress, "sample") as bar:
-        for lo in range(0, args.num, args.batch_size):
-            b = min(args.batch_size, args.num - lo)
-            out.append(eng.sample(b, seed=args.seed, first_index=lo).cpu())
-            bar.update(b)
+    try:
+        with _progress(args.num, args.progress, "sample") as bar:
+            for lo in range(0, args.num, args.batch_size):
+                b = min(args.batch_size, args.num - lo)
+                out.append(eng.sample(b, seed=args.seed, first_index=lo).cpu())
+                bar.update(b)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"nothing was written ({args.out} is written at the end); to keep partial work, "
+                                "sample into a folder (--out DIR), which a rerun of the same command continues"
+                                ) from None
     dt = time.perf_counter() - t0
     imgs = torch.cat(out)
-    path = io.save_images(imgs, args.out, overwrite=args.overwrite, meta=_describe(args, eng, model) | {
-        "seed": args.seed})
+    path = io.save_images(imgs, args.out, overwrite=args.overwrite, scale=args.scale,
+                          meta=_describe(args, eng, model) | {"seed": args.seed})
     print(f"sampled {args.num} images in {dt:.2f} s ({1000 * dt / args.num:.1f} ms/image) -> {path}")
     return 0
 
 
+# Settings that decide a folder run's images: a resume must use the same ones (backend, batch size,
+# device and the number of processes may change: a seed gives the same image under any of them).
+RUN_SETTINGS = ("weights", "plan", "seed", "num", "dtype")
+_INDEXED_PNG = re.compile(r"\d{6}\.png")
+
+
+def _run_settings(args, model, plan) -> dict:
+    return {"model": str(args.model), "weights": _weights_digest(model), "plan": plan.describe(),
+            "seed": args.seed, "num": args.num, "dtype": args.dtype}
+
+
+def _settings_diff(then: dict, now: dict) -> list[str]:
+    """'name: folder X, now Y' for every run setting that differs (plan fields one by one)."""
+    diff = []
+    for key in RUN_SETTINGS:
+        a, b = then.get(key), now.get(key)
+        if key == "plan" and isinstance(a, dict):
+            fields = [f"{k}: {a.get(k)!r} in the folder, {v!r} now" for k, v in b.items()
+                      if k != "timesteps" and a.get(k) != v]
+            if not fields and a.get("timesteps") != b["timesteps"]:
+                fields = ["the timesteps differ"]
+            diff += fields
+        elif key == "weights" and a != b:
+            diff.append(f"the model's weights differ ({then.get('model')} in the folder, {now['model']} now)")
+        elif a != b:
+            diff.append(f"{key}: {a!r} in the folder, {b!r} now")
+    return diff
+
+
+def _check_folder_run(out: Path, settings: dict, overwrite: bool) -> bool:
+    """Whether this run may use `out`: refuse a finished run or an unfinished one made with other
+    settings (unless overwrite). Returns True when the folder must be cleared first (overwrite)."""
+    manifest = out / io.MANIFEST
+    images = [p for p in out.iterdir() if _INDEXED_PNG.fullmatch(p.name)] if out.is_dir() else []
+    if manifest.is_file():
+        try:
+            then = json.loads(manifest.read_text())
+            complete = then.get("complete", True)  # an older ddim-fast wrote the manifest only at the end
+        except (json.JSONDecodeError, AttributeError):
+            raise ValueError(f"{manifest} is damaged; pass --overwrite to start the run over, or choose another --out"
+                             ) from None
+        if overwrite:
+            return True
+        if complete:
+            raise FileExistsError(f"{out} is a finished run ({io.MANIFEST}); pass --overwrite or another --out")
+        diff = _settings_diff(then.get("settings", {}), settings)
+        if diff:
+            raise ValueError(f"{out} holds an unfinished run made with other settings ({'; '.join(diff)}): rerun "
+                             "with the folder's settings to finish it, pass --overwrite to start over, or choose "
+                             "another --out")
+        return False
+    if images and not overwrite:
+        raise FileExistsError(f"{out} holds {len(images)} image(s) but no {io.MANIFEST} recording how they were made; "
+                              "pass --overwrite to start over, or choose another --out")
+    return bool(images)
+
+
+def _clear_folder_run(out: Path):
+    """Remove what a previous run wrote: its numbered PNGs, half-written temporaries and manifest."""
+    for p in out.iterdir():
+        if _INDEXED_PNG.fullmatch(p.name) or (p.name.startswith(".") and p.name.endswith(".tmp")
+                                              and ".png." in p.name):
+            p.unlink(missing_ok=True)
+    (out / io.MANIFEST).unlink(missing_ok=True)
+
+
 def _sample_folder(args, rank, world):
-    """Restartable (and, under torchrun, distributed) sampling into a folder of PNGs."""
+    """Restartable (and, under torchrun, distributed) sampling into a folder of PNGs. The run's
+    settings are recorded in manifest.json before the first image; a rerun continues only with the
+    same settings, and the manifest is marked complete once every image exists."""
     out = Path(args.out)
     if io.output_kind(out) != "folder":
         raise ValueError(f"distributed sampling writes a folder of PNGs: give --out DIR, not {out}")
@@ -141,13 +266,26 @@ def _sample_folder(args, rank, world):
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    barrier = tdist.barrier if dist else (lambda: None)
+    manifest = out / io.MANIFEST
     try:
-        manifest = out / "manifest.json"
-        if manifest.exists() and not args.overwrite:
-            raise FileExistsError(f"{out} is a finished run (manifest.json); pass --overwrite or another --out")
         io.check_output(out, overwrite=True)  # a writable folder (a restart fills the one it finds)
-        out.mkdir(parents=True, exist_ok=True)
-        eng, model = _engine(args, eta=args.eta, variance=args.variance, clip_x0=args.clip_x0, device=device)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        model = _load(args) if rank == 0 else load_model(args.model)
+        plan = plan_for(args, model, eta=args.eta, variance=args.variance)
+        settings = _run_settings(args, model, plan)
+        clear = _check_folder_run(out, settings, args.overwrite)  # every rank decides the same
+        barrier()  # nobody changes the folder before every rank has read it
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            if clear:
+                _clear_folder_run(out)
+            if clear or not manifest.is_file():
+                pending = {"complete": False, "settings": settings}
+                io.atomic_write_bytes(manifest, json.dumps(pending, indent=1).encode())
+        barrier()
+        eng, _ = _engine(args, device=device, model=model, plan=plan)
         batches = list(range(0, args.num, args.batch_size))[rank::world]
         todo = [lo for lo in batches if not all((out / f"{i:06d}.png").exists()
                                                for i in range(lo, min(lo + args.batch_size, args.num)))]
@@ -157,18 +295,21 @@ def _sample_folder(args, rank, world):
                   f"{world} process(es), {args.num} images into {out}")
         print(f"[rank {rank}] {len(todo)} batch(es) to sample, {skipped} already complete")
         t0, done = time.perf_counter(), 0
-        with _progress(sum(min(args.batch_size, args.num - lo) for lo in todo), args.progress and rank == 0,
-                       f"rank {rank}") as bar:
-            for lo in todo:
-                b = min(args.batch_size, args.num - lo)
-                imgs = eng.sample(b, seed=args.seed, first_index=lo).cpu()
-                io.save_images(imgs, out, overwrite=True, indices=range(lo, lo + b))
-                done += b
-                bar.update(b)
+        try:
+            with _progress(sum(min(args.batch_size, args.num - lo) for lo in todo), args.progress and rank == 0,
+                           f"rank {rank}") as bar:
+                for lo in todo:
+                    b = min(args.batch_size, args.num - lo)
+                    imgs = eng.sample(b, seed=args.seed, first_index=lo).cpu()
+                    io.save_images(imgs, out, overwrite=True, indices=range(lo, lo + b))
+                    done += b
+                    bar.update(b)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"the images written so far are kept in {out}; rerun the same command to "
+                                    "continue where it stopped") from None
         dt = time.perf_counter() - t0
         print(f"[rank {rank}] sampled {done} images in {dt:.2f} s")
-        if dist:
-            tdist.barrier()
+        barrier()
         if rank == 0:
             missing = [i for i in range(args.num) if not (out / f"{i:06d}.png").exists()]
             if missing:
@@ -177,7 +318,8 @@ def _sample_folder(args, rank, world):
             for debris in out.glob(".*.png.*.tmp"):  # a killed earlier run's half-written files;
                 debris.unlink(missing_ok=True)  # safe now: every rank is past the barrier
             meta = _describe(args, eng, model) | {"seed": args.seed, "num": args.num, "world_size": world,
-                                                   "files": "{index:06d}.png"}
+                                                   "files": "{index:06d}.png", "complete": True,
+                                                   "settings": settings}
             io.atomic_write_bytes(manifest, json.dumps(meta, indent=1).encode())
             print(f"manifest -> {manifest}")
     finally:
@@ -199,12 +341,22 @@ def run_encode(args):
     if io.output_kind(args.out) != "npz":
         raise ValueError(f"encode writes latents to an .npz file, not {args.out}")
     io.check_output(args.out, args.overwrite)
-    eng, model = _engine(args)
+    model = _load(args)
     c = model.config
-    x0, names = io.load_images(args.input, c.in_channels, c.resolution)
+    changes = []
+    x0, names = io.load_images(args.input, c.in_channels, c.resolution, changes=changes)
+    if changes:  # say what was done to fit the model, which changes what the latents encode
+        print(f"{len(changes)} image(s) adapted to the model's {c.in_channels}x{c.resolution}x{c.resolution} input:")
+        for line in changes[:5]:
+            print(f"  {line}")
+        if len(changes) > 5:
+            print(f"  ... and {len(changes) - 5} more")
+    eng, _ = _engine(args, model=model)
     t0, lat = time.perf_counter(), []
-    for lo in range(0, len(x0), args.batch_size):
-        lat.append(eng.invert(x0[lo : lo + args.batch_size], eps_at=args.eps_at).cpu())
+    with _progress(len(x0), args.progress, "encode") as bar:
+        for lo in range(0, len(x0), args.batch_size):
+            lat.append(eng.invert(x0[lo : lo + args.batch_size], eps_at=args.eps_at).cpu())
+            bar.update(len(lat[-1]))
     dt = time.perf_counter() - t0
     latents = torch.cat(lat)
     meta = _describe(args, eng, model) | {"eps_at": args.eps_at, "names": names}
@@ -216,17 +368,27 @@ def run_encode(args):
 def add_decode_arguments(p):
     _add_model_options(p, steps=100)
     p.add_argument("--input", required=True, help="an .npz with 'latents' (from encode)")
-    p.add_argument("--out", default="decoded.png", help="grid .png, .npz, or a folder")
+    p.add_argument("--out", default="decoded.png",
+                   help="a grid image, an .npz, or a folder (one PNG per image, named as encode's inputs)")
+    _add_grid_options(p)
 
 
 def run_decode(args):
     io.check_output(args.out, args.overwrite)
-    eng, model = _engine(args)
+    _check_scale(args)
     lat = io.load_npz(args.input, "latents")
-    t0 = time.perf_counter()
-    imgs = torch.cat([eng(lat[lo : lo + args.batch_size]).cpu() for lo in range(0, len(lat), args.batch_size)])
+    names = io.load_npz_meta(args.input).get("names")
+    eng, model = _engine(args)
+    t0, imgs = time.perf_counter(), []
+    with _progress(len(lat), args.progress, "decode") as bar:
+        for lo in range(0, len(lat), args.batch_size):
+            imgs.append(eng(lat[lo : lo + args.batch_size]).cpu())
+            bar.update(len(imgs[-1]))
+    imgs = torch.cat(imgs)
     dt = time.perf_counter() - t0
-    io.save_images(imgs, args.out, overwrite=args.overwrite, meta=_describe(args, eng, model))
+    keep = names if io.safe_names(names, len(imgs)) else None
+    io.save_images(imgs, args.out, overwrite=args.overwrite, scale=args.scale, names=keep,
+                   meta=_describe(args, eng, model) | ({"names": keep} if keep else {}))
     print(f"decoded {len(imgs)} latent(s) with {eng.plan.steps} steps in {dt:.2f} s -> {args.out}")
     return 0
 
@@ -238,7 +400,8 @@ def add_interpolate_arguments(p):
                    help="interpolate between x_T of sample 0 of seed A and of seed B")
     g.add_argument("--latents", help="an .npz with 'latents': interpolate between its first two")
     p.add_argument("--num", type=int, default=9, help="frames, endpoints included")
-    p.add_argument("--out", default="interpolation.png", help="the strip PNG (or .npz / folder)")
+    p.add_argument("--out", default="interpolation.png", help="the strip (a grid image), an .npz or a folder")
+    _add_grid_options(p)
 
 
 def run_interpolate(args):
@@ -247,6 +410,7 @@ def run_interpolate(args):
     if args.num < 2:
         raise ValueError(f"--num must be >= 2 (the two endpoints), got {args.num}")
     io.check_output(args.out, args.overwrite)
+    _check_scale(args)
     eng, model = _engine(args)
     if args.latents:
         lat = io.load_npz(args.latents, "latents")
@@ -259,9 +423,15 @@ def run_interpolate(args):
     t0 = time.perf_counter()
     imgs = torch.cat([eng(z[lo : lo + args.batch_size]).cpu() for lo in range(0, len(z), args.batch_size)])
     dt = time.perf_counter() - t0
-    io.save_images(imgs, args.out, overwrite=args.overwrite, nrow=args.num, meta=_describe(args, eng, model))
+    io.save_images(imgs, args.out, overwrite=args.overwrite, nrow=args.num, scale=args.scale,
+                   meta=_describe(args, eng, model))
     print(f"decoded {args.num} slerp frames with {eng.plan.steps} steps in {dt:.2f} s -> {args.out}")
     return 0
+
+
+def _check_scale(args):
+    if not 1 <= args.scale <= 64:
+        raise ValueError(f"--scale must be in [1, 64], got {args.scale}")
 
 
 # -- bench -----------------------------------------------------------------------------------------
@@ -298,9 +468,22 @@ def _save_latents(out, latents, meta):
 
     import numpy as np
 
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     buf = _io.BytesIO()
     np.savez(buf, latents=latents.numpy(), meta=np.asarray(json.dumps(meta)))
     io.atomic_write_bytes(out, buf.getvalue())
+
+
+def _weights_digest(model) -> str:
+    """sha256 of the model's state dict (names, dtypes, shapes, bytes): which weights made a run."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _params(model):

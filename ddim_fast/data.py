@@ -148,13 +148,10 @@ def load_digits(resolution: int, *, split: str = "train"):
     The 0..16 intensities map linearly to [-1, 1]; 8x8 is upsampled bilinearly to R x R. The
     train/test split is a fixed 80/20 shuffle (seed DIGITS_SPLIT_SEED), the same for everyone.
     """
-    try:
-        from sklearn.datasets import load_digits as _sk_load_digits
-    except ImportError:
-        raise ImportError(
-            "the digits dataset comes with scikit-learn, which is not installed; "
-            "install it with `pip install ddim-fast[train]` (or `pip install scikit-learn`)"
-        ) from None
+    from .checks import require
+
+    require("sklearn.datasets", "train", "the digits dataset (scikit-learn's)")
+    from sklearn.datasets import load_digits as _sk_load_digits
     d = _sk_load_digits()
     images = torch.from_numpy(d.images.astype(np.float32))[:, None] / 8.0 - 1.0  # (N, 1, 8, 8)
     labels = torch.from_numpy(d.target.astype(np.int64))

@@ -54,6 +54,7 @@ from collections import OrderedDict
 import torch
 
 from . import rng
+from .checks import is_int
 from .plan import SamplingPlan
 from .sampling import NonFiniteError
 from .sampling import sample as reference_sample
@@ -92,7 +93,7 @@ class Engine:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
-        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+        if not is_int(max_graphs) or max_graphs < 1:
             raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
         self.device = torch.device(device) if device is not None else _default_device()
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -135,9 +136,9 @@ class Engine:
         """`batch_size` images for samples first_index .. first_index+B-1 of `seed`, as a
         (B, C, H, W) float32 tensor in [-1, 1] on the engine's device. Sample k of a seed is the
         same image whatever the batch size, backend or device (to the tolerance rule)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        _check_first_index(first_index, batch_size)
+        batch_size, first_index = int(batch_size), _check_first_index(first_index, batch_size)
         seed = rng.check_seed(seed)
         if hasattr(self._runner, "sample"):  # triton / cuda_graph: x_T drawn in-kernel
             out = _in_chunks(batch_size, self.max_batch, lambda lo, hi: self._runner.sample(
@@ -162,7 +163,7 @@ class Engine:
                                  f"got {getattr(noise, 'shape', type(noise).__name__)}")
             noise = noise.to(self.device, torch.float32)
         seed = rng.check_seed(0 if seed is None else seed)
-        _check_first_index(first_index, x_T.shape[0])
+        first_index = _check_first_index(first_index, x_T.shape[0])
         out = _in_chunks(x_T.shape[0], self.max_batch, lambda lo, hi: self._runner.run(
             x_T[lo:hi], self.plan, seed=seed, noise=None if noise is None else noise[:, lo:hi].contiguous(),
             first_index=first_index + lo))
@@ -218,7 +219,7 @@ def _default_device():
 def triton_status(device: torch.device) -> str | None:
     """None when the triton backend can run on `device`, else what is missing."""
     if importlib.util.find_spec("triton") is None:  # found, not imported: importing fixes interpreter mode
-        return "Triton is not installed (pip install triton; Linux only)"
+        return "Triton is not installed: pip install 'ddim-fast[gpu]' (Linux)"
     if device.type == "cuda":
         return None
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -274,10 +275,9 @@ def sample_shape(model, shape=None):
 
 
 def _check_first_index(first_index, batch):
-    if isinstance(first_index, bool) or not isinstance(first_index, int) or not (
-        0 <= first_index and first_index + batch <= 2**31 - 1
-    ):
+    if not is_int(first_index) or not (0 <= first_index and first_index + batch <= 2**31 - 1):
         raise ValueError(f"first_index must be an int with 0 <= first_index + B < 2**31, got {first_index!r}")
+    return int(first_index)
 
 
 def batch_chunks(n: int, limit: int | None) -> list[tuple[int, int]]:

@@ -51,6 +51,7 @@ import torch
 
 from . import __version__, rng
 from .checkpoint import atomic_write_bytes
+from .checks import MissingExtra, is_int
 from .plan import COEF_COLUMNS, SamplingPlan
 
 GRAPH_VERSION = 1  # bump when the graph layout changes: part of every cache key
@@ -72,7 +73,7 @@ INSTALL_HINT = "pip install 'ddim-fast[onnx]' (CPU) or 'ddim-fast[gpu]' (CUDA, o
 stats = {"torch_exports": 0, "sampler_builds": 0, "cache_hits": 0}
 
 
-class OnnxRuntimeMissing(ImportError, ValueError):
+class OnnxRuntimeMissing(MissingExtra):
     """onnxruntime (or onnx / onnxscript) is not installed; the message names the extra to install."""
 
 
@@ -373,10 +374,13 @@ def _sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape):
             rename = {"x": x, "t": t, **{k: k for k in keep}}
             b.nodes.extend(_copy_nodes(nodes, rename, pre))
             m = pre + pred  # (B, C, H, W) the model output at step i
-            c = {name: b.const(coef[i, j], hint=f"{pre}{name}") for j, name in enumerate(COEF_COLUMNS)}
             z = None
             if noise and coef[i, 5] != 0:
                 z = b.op("Gather", ["noise", b.const(i, np.int64)], f"{pre}z", axis=0)  # (B, C, H, W)
+            # sigma only where the step adds noise: an initializer no node reads makes plain onnxruntime
+            # warn "Removing initializer ... not used" on every load
+            c = {name: b.const(coef[i, j], hint=f"{pre}{name}") for j, name in enumerate(COEF_COLUMNS)
+                 if name != "sigma" or z is not None}
             x = _step_ops(b, plan, x, m, c, z, numel)
         b.nodes.append(helper.make_node("Identity", [x], [x_out], name="ddim/out"))
     else:
@@ -496,7 +500,7 @@ def _damaged(path, err) -> ValueError:
 
 # == 6. export ======================================================================================
 def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float32, opset: int | None = None,
-                validate: bool = True, *, shape=None, unroll: bool | None = None) -> Path:
+                validate: bool = True, *, shape=None, unroll: bool | None = None, log=None) -> Path:
     """Export `model` (no plan: the eps-model) or the whole sampler of `plan` to `path` (atomically).
 
     eps-model:  inputs x (B, C, H, W) float32 and t (B,) int64; output `prediction` float32.
@@ -508,10 +512,11 @@ def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float
     opset:      ONNX opset (default: torch.onnx's); shape: (C, H, W), read from model.config if omitted.
     unroll:     None = unrolled up to UNROLL_MAX_STEPS steps, an ONNX Loop above; True / False force it.
     validate:   run the graph in ONNX Runtime (CPU) and check it against the float64 reference.
+    log:        a function called with one line at each stage (export, graph, validation), for progress.
     Returns the path. The file carries its config, schedule, plan and version in metadata_props
     (read them with onnx_metadata).
     """
-    proto, _ = _build(model, plan, dtype, opset, shape, unroll, validate)
+    proto, _ = _build(model, plan, dtype, opset, shape, unroll, validate, log=log)
     return _write(path, proto)
 
 
@@ -523,7 +528,7 @@ def _check_args(model, plan, dtype, opset, shape, unroll):
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"ONNX export supports dtype torch.float32 or torch.float16, got {dtype}; "
                          "for bfloat16 use the reference, triton or cuda_graph backend")
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or not 18 <= opset <= 23):
+    if opset is not None and (not is_int(opset) or not 18 <= opset <= 23):
         raise ValueError(f"opset must be an int in [18, 23] (torch.onnx writes opset 18 or newer), got {opset!r}")
     if plan is not None and not isinstance(plan, SamplingPlan):
         raise ValueError(f"plan must be a SamplingPlan or None (eps-model only), got {type(plan).__name__}")
@@ -537,13 +542,18 @@ def _check_args(model, plan, dtype, opset, shape, unroll):
     return sample_shape(model, shape)
 
 
-def _build(model, plan, dtype, opset, shape, unroll, validate, model_fp=None):
-    """(proto with metadata, key), validated when asked."""
+def _build(model, plan, dtype, opset, shape, unroll, validate, model_fp=None, log=None):
+    """(proto with metadata, key), validated when asked; log(line) at each stage."""
+    say = log or (lambda line: None)
     shape = _check_args(model, plan, dtype, opset, shape, unroll)
     unroll = _resolve_unroll(plan, unroll)
     model_fp = model_fp or model_fingerprint(model)
-    net_proto = _network(model, model_fp, dtype, opset, shape)
+    net_proto = _network(model, model_fp, dtype, opset, shape, say)
+    if plan is not None:
+        say(f"building the {plan.steps}-step sampler graph ({'unrolled' if unroll else 'one ONNX Loop'})")
     proto = net_proto if plan is None else _sampler_proto(net_proto, plan, unroll, shape)
+    if validate:
+        say("validating the graph in ONNX Runtime against the float64 reference")
     key = _export_key(model_fp, plan, dtype, opset, shape, unroll)
     _set_metadata(proto, _metadata(model, plan, dtype, shape, key, unroll, _opset(proto)))
     if validate and plan is not None and not unroll and plan.steps > VALIDATE_LOOP_STEPS:
@@ -595,7 +605,7 @@ def _resolve_unroll(plan, unroll):
     return plan.steps <= UNROLL_MAX_STEPS if unroll is None else unroll
 
 
-def _network(model, model_fp, dtype, opset, shape):
+def _network(model, model_fp, dtype, opset, shape, say=lambda line: None):
     """The eps-model graph, from the cache when this (model, dtype, opset, shape) was exported before."""
     onnx = _import_onnx()
     key = _export_key(model_fp, None, dtype, opset, shape, None)
@@ -607,6 +617,8 @@ def _network(model, model_fp, dtype, opset, shape):
             return proto
         except Exception as e:  # a damaged cache entry is rebuilt, not fatal
             warnings.warn(f"ignoring the damaged cache entry {path} ({type(e).__name__}); re-exporting", stacklevel=3)
+    say(f"exporting the network with torch.onnx ({EXPORT_DTYPES[dtype]}; the slow part: seconds for a small "
+        "model, a minute for a large one)")
     proto = _torch_export(model, dtype, opset, shape)
     with contextlib.suppress(OSError):  # a read-only cache only costs the next export
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -922,6 +934,9 @@ def host_noise(plan: SamplingPlan, seed: int, shape, *, first_index: int = 0, de
 
 # == 10. the `ddim-fast export` command =============================================================
 def add_cli_arguments(p):
+    import argparse
+
+    from .commands import clip_arg
     from .plan import VARIANCES
     from .schedule import SPACINGS
 
@@ -933,9 +948,11 @@ def add_cli_arguments(p):
     p.add_argument("--invert", action="store_true", help="with --whole-sampler: export the DDIM encoder x0 -> x_T")
     p.add_argument("--steps", type=int, default=None, help="sampling steps S (default: 20)")
     p.add_argument("--eta", type=float, default=None, help="0 = DDIM (default), 1 = DDPM; > 0 adds a noise input")
-    p.add_argument("--spacing", default=None, choices=SPACINGS, help="timestep sub-sequence (default: uniform)")
+    p.add_argument("--spacing", default=None, choices=SPACINGS,
+                   help="timestep sub-sequence (default: the model's own, e.g. a diffusers scheduler's, else uniform)")
     p.add_argument("--variance", default=None, choices=VARIANCES, help="'large' = the paper's sigma-hat")
-    p.add_argument("--clip-x0", type=float, default=None, metavar="C", help="clip the x0 estimate to [-C, C]")
+    p.add_argument("--clip-x0", type=clip_arg, default=argparse.SUPPRESS, metavar="C",
+                   help="clip the x0 estimate to [-C, C], or 'none' (default: the model's own setting, else none)")
     p.add_argument("--threshold", type=float, default=None, metavar="P", help="dynamic thresholding quantile")
     p.add_argument("--graph", default="auto", choices=("auto", "unrolled", "loop"), help="layout of the S steps")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="network precision")
@@ -948,7 +965,7 @@ def add_cli_arguments(p):
 def cli_main(args) -> int:
     import time
 
-    from .checkpoint import load_model
+    from .commands import _load
 
     out = Path(args.out)
     if out.suffix.lower() != ".onnx":
@@ -958,28 +975,33 @@ def cli_main(args) -> int:
     parent = next((p for p in out.parents if p.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ValueError(f"cannot write {out}: {parent} is not a writable folder; choose another --out")
-    sampler_opts = {k: getattr(args, k) for k in ("steps", "eta", "spacing", "variance", "clip_x0", "threshold")}
-    given = [k for k, v in sampler_opts.items() if v is not None] + (["invert"] if args.invert else [])
+    sampler_opts = {k: getattr(args, k, None) for k in ("steps", "eta", "spacing", "variance", "clip_x0", "threshold")}
+    given = [k for k, v in sampler_opts.items() if v is not None or (k == "clip_x0" and hasattr(args, k))]
+    given += ["invert"] if args.invert else []
     if not args.whole_sampler and given:
         raise ValueError(f"--{given[0].replace('_', '-')} only applies to --whole-sampler; add --whole-sampler "
                          "or drop it")
-    model = load_model(args.model)
+    _import_onnx()  # the extras, before any work
+    _import_ort()
+    model = _load(args)
     plan = None
     if args.whole_sampler:
         if model.schedule is None:
             raise ValueError(f"{args.model} carries no noise schedule; convert it with `ddim-fast convert`")
         steps = 20 if sampler_opts["steps"] is None else sampler_opts["steps"]
         eta = 0.0 if sampler_opts["eta"] is None else sampler_opts["eta"]
-        plan = SamplingPlan.build(model.schedule, steps, eta=eta,
-                                  spacing=sampler_opts["spacing"] or "uniform",
-                                  variance=sampler_opts["variance"] or "ddim", prediction=model.prediction,
-                                  clip_x0=sampler_opts["clip_x0"], threshold=sampler_opts["threshold"])
+        overrides = {k: sampler_opts[k] for k in given if k in ("spacing", "clip_x0", "threshold")}
+        plan = SamplingPlan.for_model(model, steps, eta=eta, variance=sampler_opts["variance"] or "ddim", **overrides)
         if args.invert:
             plan = plan.inverse()
     dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     unroll = {"auto": None, "unrolled": True, "loop": False}[args.graph]
     t0 = time.perf_counter()
-    export_onnx(model, out, plan, dtype=dtype, opset=args.opset, validate=args.validate, unroll=unroll)
+
+    def log(line):
+        print(f"  [{time.perf_counter() - t0:5.1f} s] {line}...", flush=True)
+
+    export_onnx(model, out, plan, dtype=dtype, opset=args.opset, validate=args.validate, unroll=unroll, log=log)
     meta = onnx_metadata(out)
     kind = "sampler" if plan is not None and plan.direction == "sample" else "DDIM encoder"
     what = "eps-model" if plan is None else f"{kind}, {plan.steps} steps, {meta['graph']}"

@@ -21,16 +21,19 @@ variance="ddim" (Eq. 12): x' = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma 
     sigma = eta sqrt((1-a')/(1-a)) sqrt(1 - a/a')                           (Eq. 16)
     so d0 = sqrt(a'), dx = c ex, de = c ee with c = sqrt(1 - a' - sigma^2).
     Clipping acts on x0 only; eps stays the model's (diffusers' default convention).
-variance="large" (the paper's sigma-hat, the official code's `ddpm_noisy`): the DDPM posterior
-    mean over the skip, with beta = 1 - a/a', written in x0 and x,
+variance="large" (the paper's sigma-hat): the DDPM posterior mean over the skip, with
+    beta = 1 - a/a', written in x0 and x,
     x' = sqrt(a') beta/(1-a) x0 + sqrt(a/a') (1-a')/(1-a) x + sqrt(beta) z,
-    and no noise on the last step. Unclipped, this mean equals the eta=1 mean exactly.
+    and no noise on the last step. Unclipped, this mean equals the eta=1 mean exactly. The official
+    code's `ddpm_noisy` sampler clamps x0 to [-1, 1]: it is variance="large" with clip_x0=1.
 Inversion (Section 4.3 / 5.4; eta = 0 run upward): x_next = sqrt(a_next) x0 + sqrt(1-a_next) eps.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -42,6 +45,14 @@ VARIANCES = ("ddim", "large")
 PREDICTIONS = ("eps", "x0", "v")
 EPS_AT = ("current", "target")
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# A sampler starts from pure noise at its first timestep t1, where the forward process still keeps
+# sqrt(alpha_bar[t1]) of the image. It is "far from the end" (and warned about) when that exceeds
+# FAR_START_SIGNAL and twice what the schedule's last timestep keeps. NOTE: linear 1e-4..0.02, T=1000:
+# t1 = 999 keeps 0.006, 900 (uniform S=10) 0.016, 800 (quad) 0.039, 675 0.099, 599 (uniform S=600)
+# 0.16; so every uniform S dividing T (from S=4) and every quad list stay quiet, and uniform
+# S in 501..674 (which start at S-1) warn. The factor 2 keeps schedules whose end is itself noisy
+# (scaled_linear keeps 0.068 at T-1, 0.119 at t=900) quiet at the spacings their users run.
+FAR_START_SIGNAL = 0.1
 
 
 def _estimates(a: float, prediction: str):
@@ -93,17 +104,30 @@ class SamplingPlan:
         threshold: float | None = None,
         threshold_max: float = math.inf,
         steps_offset: int = 0,
+        final_alpha: float | None = None,
     ) -> SamplingPlan:
         """A sampler over `steps` timesteps of `schedule`.
 
         eta:        0 = DDIM (deterministic), 1 = DDPM (the posterior's "fixed small" variance).
         spacing:    see `ddim_fast.timesteps`; or an explicit list (then `steps` may be None).
-        variance:   "ddim" (sigma from eta) or "large" (the paper's sigma-hat column).
+        variance:   "ddim" (sigma from eta) or "large" (the paper's sigma-hat column: the eta=1 mean
+                    with noise std sqrt(1 - a/a'), none on the last step).
         prediction: what the model outputs: "eps", "x0" or "v".
-        clip_x0:    None, a float c (clip to [-c, c]) or (lo, hi): clip the x0 estimate.
+        clip_x0:    None, a float c > 0 (clip to [-c, c]) or (lo, hi): clip the x0 estimate.
         threshold:  dynamic thresholding quantile p in (0, 1]: per sample s = quantile(|x0|, p)
                     clamped to [1, threshold_max], then x0 = clip(x0, -s, s) / s.
-        DDPM ancestral sampling is `build(schedule, steps=schedule.T, eta=1.0)`.
+        final_alpha: alpha_bar after the last step: None = 1 (the paper's alpha_0 = 1, diffusers'
+                    set_alpha_to_one=True); `float(schedule.alphas_cumprod[0])` is diffusers'
+                    set_alpha_to_one=False.
+
+        The official DDIM code (ermongroup/ddim): its `generalized` sampler with --eta e is
+        `build(schedule, S, eta=e)` (it never clamps); its `ddpm_noisy` sampler clamps x0 to
+        [-1, 1], so it is `build(schedule, S, variance="large", clip_x0=1)`: variance="large"
+        alone is that sampler without the clamp. With S = T, `ddpm_noisy` is the official DDPM
+        sampler (DDPM's "fixed large" variance beta_t, x0 clamped); `build(schedule, T, eta=1.0)`
+        is DDPM's other choice, the "fixed small" posterior variance, without a clamp.
+        A plan whose first timestep is far from the end of the schedule (it would start from pure
+        noise where the image is still visible, e.g. uniform S=600 of T=1000 starts at 599) warns.
         """
         if not isinstance(schedule, NoiseSchedule):
             raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
@@ -128,7 +152,9 @@ class SamplingPlan:
 
         ac = schedule.alphas_cumprod
         a = [float(ac[t]) for t in ts]
-        a_next = a[1:] + [1.0]
+        final = _check_final_alpha(final_alpha, a[-1], int(ts[-1]))
+        a_next = a[1:] + [final]
+        _warn_far_start(ac, ts, spacing)
         rows = []
         for i, (ai, an) in enumerate(zip(a, a_next)):
             cx, ce, ex, ee = _estimates(ai, prediction)
@@ -157,6 +183,34 @@ class SamplingPlan:
             threshold_max=threshold_max,
         )
 
+    @classmethod
+    def for_model(cls, model, steps: int | None = None, **overrides) -> SamplingPlan:
+        """The plan `model` is meant to be sampled with: its schedule and prediction type, plus the
+        sampler settings it came with (`model.sampler_defaults`, e.g. from a diffusers pipeline's
+        scheduler config: spacing, steps_offset, clip_x0, threshold, final_alpha), then `overrides`
+        (any keyword of `build`, None included). Overriding spacing drops a default steps_offset
+        that only "leading" takes; overriding clip_x0 drops a default threshold and vice versa.
+        Defaults that came from diffusers warn when this plan's step targets differ from
+        DDIMScheduler's (it steps from t to t - T // S, this plan to the next timestep of its list)."""
+        schedule = getattr(model, "schedule", None)
+        if not isinstance(schedule, NoiseSchedule):
+            raise ValueError(f"{type(model).__name__} carries no noise schedule (model.schedule); build the plan "
+                             "with SamplingPlan.build(schedule, ...) or load the model with dd.load_model")
+        defaults = check_sampler_defaults(getattr(model, "sampler_defaults", None))
+        origin = defaults.pop("from", None)
+        if "spacing" in overrides and overrides["spacing"] != "leading" and "steps_offset" not in overrides:
+            defaults.pop("steps_offset", None)
+        if "clip_x0" in overrides:
+            defaults.pop("threshold", None)
+            defaults.pop("threshold_max", None)
+        if "threshold" in overrides:
+            defaults.pop("clip_x0", None)
+        kw = {"prediction": getattr(model, "prediction", "eps"), **defaults, **overrides}
+        plan = cls.build(schedule, steps, **kw)
+        if origin == "diffusers":
+            _warn_diffusers_targets(plan)
+        return plan
+
     def inverse(self, eps_at: str = "current") -> SamplingPlan:
         """The DDIM encoder matching this sampler: the eta=0 ODE run from x0 up to x_T.
 
@@ -180,7 +234,7 @@ class SamplingPlan:
             )
         up = self.timesteps.flip(0)  # ascending tau_0 < tau_1 < ...
         a_up = self.alpha.flip(0).tolist()
-        a_cur = [1.0] + a_up[:-1]
+        a_cur = [float(self.alpha_next[-1])] + a_up[:-1]  # the data sit where the sampler ends (1 by default)
         if eps_at == "current":
             t_eval = torch.cat([up[:1], up[:-1]])
         else:
@@ -211,6 +265,11 @@ class SamplingPlan:
 
     def __len__(self) -> int:
         return self.steps
+
+    @property
+    def final_alpha(self) -> float:
+        """alpha_bar after the last sampling step (1 unless built with final_alpha=...)."""
+        return float(self.alpha_next[-1] if self.direction == "sample" else self.alpha[0])
 
     @property
     def needs_noise(self) -> bool:
@@ -244,12 +303,78 @@ class SamplingPlan:
             "threshold_max": None if math.isinf(self.threshold_max) else self.threshold_max,
             "direction": self.direction,
             "eps_at": self.eps_at,
+            "final_alpha": self.final_alpha,
         }
 
     def __repr__(self) -> str:
         d = self.describe()
         d["timesteps"] = f"[{d['timesteps'][0]}..{d['timesteps'][-1]}]"
         return "SamplingPlan(" + ", ".join(f"{k}={v}" for k, v in d.items() if v is not None) + ")"
+
+
+SAMPLER_DEFAULT_KEYS = ("spacing", "steps_offset", "clip_x0", "threshold", "threshold_max", "final_alpha")
+
+
+def check_sampler_defaults(defaults) -> dict:
+    """A copy of a model's `sampler_defaults` (None -> {}), refusing keys `build` does not take."""
+    if defaults is None:
+        return {}
+    if not isinstance(defaults, dict):
+        raise ValueError(f"sampler defaults must be a dict of SamplingPlan.build settings, "
+                         f"got {type(defaults).__name__}")
+    unknown = sorted(set(defaults) - set(SAMPLER_DEFAULT_KEYS) - {"from"})
+    if unknown:
+        raise ValueError(f"unknown sampler default(s) {unknown}; the known ones are {list(SAMPLER_DEFAULT_KEYS)}")
+    out = dict(defaults)
+    if out.get("threshold_max", 0) is None:
+        out["threshold_max"] = math.inf
+    return out
+
+
+def _warn_diffusers_targets(plan: SamplingPlan) -> None:
+    """DDIMScheduler steps from t to t - T // S (alpha_bar of the final step below 0); this plan
+    steps to the next timestep of its own list. Say so where the two differ."""
+    ts, S = plan.timesteps.tolist(), plan.steps
+    theirs = [t - plan.T // S for t in ts]
+    ours = ts[1:] + [-1]
+    differ = [(t, a, b) for t, a, b in zip(ts, theirs, ours) if (a < 0) != (b < 0) or (a >= 0 and a != b)]
+    if differ:
+        t, a, b = differ[0]
+        warnings.warn(
+            f"with these timesteps diffusers' DDIMScheduler would differ from this plan at {len(differ)} step(s): "
+            f"it steps from t to t - T // S (from {t} to {a if a >= 0 else 'the end'}), this plan to the next "
+            f"timestep of its list ({b if b >= 0 else 'the end'}). Choose steps that divide T to match it",
+            UserWarning, stacklevel=3)
+
+
+def _check_final_alpha(final_alpha, a_last: float, t_last: int) -> float:
+    if final_alpha is None:
+        return 1.0
+    try:
+        final_alpha = float(final_alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"final_alpha must be None (alpha_bar = 1) or a number, got {final_alpha!r}") from None
+    if not (a_last <= final_alpha <= 1.0):
+        raise ValueError(f"final_alpha must lie in [alpha_bar[{t_last}] = {a_last:.6g}, 1], the alpha_bar of the last "
+                         f"timestep and the clean data, got {final_alpha!r}")
+    return final_alpha
+
+
+def _warn_far_start(ac: torch.Tensor, ts: torch.Tensor, spacing) -> None:
+    """Warn when the sampler would start from pure noise far below the end of the schedule."""
+    T, first = ac.numel(), int(ts[0])
+    kept, kept_end = math.sqrt(float(ac[first])), math.sqrt(float(ac[T - 1]))
+    if kept <= max(FAR_START_SIGNAL, 2 * kept_end):
+        return
+    what = f"spacing={spacing!r}" if isinstance(spacing, str) else "this timestep list"
+    warnings.warn(
+        f"{what} starts at timestep {first} of T={T}: the sampler starts from pure noise where the forward "
+        f"process still keeps {kept:.2f} of the image (sqrt(alpha_bar); timestep {T - 1} keeps {kept_end:.3f}), "
+        f"so samples will be poor. Use spacing='trailing' or 'linspace' (both start at {T - 1})"
+        + (", or a number of steps that divides T" if spacing in ("uniform", "leading") and T % len(ts) else ""),
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _check_eta(eta) -> float:
@@ -270,8 +395,12 @@ def _check_prediction(prediction):
 def _check_clip(clip_x0):
     if clip_x0 is None:
         return None
-    if isinstance(clip_x0, (int, float)) and not isinstance(clip_x0, bool):
-        clip_x0 = (-abs(float(clip_x0)), abs(float(clip_x0)))
+    if isinstance(clip_x0, numbers.Real) and not isinstance(clip_x0, bool):
+        c = float(clip_x0)
+        if not c > 0:  # -1 is not a range: refuse it rather than read it as 1
+            raise ValueError(f"clip_x0 = c clips x0 to [-c, c], so c must be > 0, got {clip_x0!r}; "
+                             "use clip_x0=None for no clipping or a pair (lo, hi)")
+        clip_x0 = (-c, c)
     try:
         lo, hi = (float(v) for v in clip_x0)
     except (TypeError, ValueError):

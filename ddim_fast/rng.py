@@ -26,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .checks import is_int
+
 PURPOSE_XT = 0
 PURPOSE_STEP = 1
 
@@ -81,9 +83,10 @@ def _philox_torch(k0, k1, c0, c1, c2, c3, rounds: int = _ROUNDS):
 
 
 def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+    """`seed` as a Python int (numpy integers accepted), or ValueError."""
+    if not is_int(seed) or not 0 <= seed <= SEED_MAX:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    return seed
+    return int(seed)
 
 
 def sample_keys(seed: int, indices: torch.Tensor, step: int, purpose: int):

@@ -9,6 +9,7 @@ loop body below is the same for every eta, variance and prediction type.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -38,7 +39,8 @@ def sample(
     """Run `plan` from x_T down to x_0 and return the final state (not clamped).
 
     model:       callable model(x, t) -> prediction, t a LongTensor (B,) of training timesteps.
-    x_T:         (B, ...) float32 or float64 start; the state keeps this dtype throughout.
+    x_T:         (B, ...) float32 or float64 start; the state keeps this dtype throughout. A model
+                 with parameters runs in their dtype (its input is cast to it and its output back).
     seed:        key of the per-step noise z (rng.step_noise), so sample b gets the same noise
                  at any batch size; `first_index` is the global index of sample 0 of the batch.
     noise:       (S, B, ...) explicit z for every step instead of a seed (parity tests, ONNX).
@@ -82,9 +84,10 @@ def _run(model, x, plan, draw, callback, nonfinite):
         raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
     coef = plan.coef.to(x.device, x.dtype)  # float64 table, rounded once to the state's precision
     ts = plan.timesteps.to(x.device)
+    net_dtype = _model_dtype(model)
     for i in range(plan.steps):
         t = ts[i].expand(x.shape[0])  # (B,)
-        m = _predict(model, x, t)
+        m = _predict(model, x, t, net_dtype)
         z = draw(i) if draw is not None else None
         x, x0 = step(x, m, coef[i], plan, z)
         if nonfinite != "ignore" and not torch.isfinite(x).all():
@@ -142,7 +145,7 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, w) -> torch.Tensor:
             raise ValueError(f"slerp needs floating-point latents; {name} is {z.dtype}: pass {name}.float()")
         if not torch.isfinite(z).all():
             raise ValueError(f"slerp needs finite latents; {name} has NaN or inf values: pass finite latents")
-    scalar = isinstance(w, (int, float))
+    scalar = isinstance(w, numbers.Real)  # numpy scalars too
     wt = torch.as_tensor(w, dtype=torch.float64, device=z0.device).reshape(-1)
     if not torch.isfinite(wt).all():
         raise ValueError("slerp weights must be finite")
@@ -176,8 +179,20 @@ def _check_state(x, name):
     return x
 
 
-def _predict(model, x, t):
-    m = model(x, t)
+def _model_dtype(model):
+    """The floating dtype of a module's parameters (the precision it runs in), or None."""
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
+
+
+def _predict(model, x, t, net_dtype=None):
+    """The model's prediction for state x, in x's dtype; the model runs in its own dtype."""
+    m = model(x if net_dtype is None else x.to(net_dtype), t)
+    if not isinstance(m, torch.Tensor) and isinstance(getattr(m, "sample", None), torch.Tensor):
+        m = m.sample  # a diffusers model's output object
     if not isinstance(m, torch.Tensor) or m.shape != x.shape:
         got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
         raise ValueError(

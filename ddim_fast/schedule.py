@@ -11,7 +11,10 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from .checks import is_int
 
 SPACINGS = ("uniform", "quad", "leading", "trailing", "linspace")
 
@@ -48,7 +51,7 @@ class NoiseSchedule:
     @classmethod
     def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
         """Ho et al. 2020 and every model in the DDIM paper: betas evenly spaced."""
-        _check_T(T)
+        T = _check_T(T)
         betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
         return cls(betas, {"kind": "linear", "T": T, "beta_start": beta_start, "beta_end": beta_end})
 
@@ -57,14 +60,14 @@ class NoiseSchedule:
         cls, T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
     ) -> NoiseSchedule:
         """Latent-diffusion schedule: sqrt(beta) evenly spaced (diffusers' "scaled_linear")."""
-        _check_T(T)
+        T = _check_T(T)
         betas = torch.linspace(math.sqrt(beta_start), math.sqrt(beta_end), T, dtype=torch.float64) ** 2
         return cls(betas, {"kind": "scaled_linear", "T": T, "beta_start": beta_start, "beta_end": beta_end})
 
     @classmethod
     def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
         """Nichol & Dhariwal 2021: alpha_bar(u) = cos^2(pi/2 (u + s)/(1 + s)), betas capped at max_beta."""
-        _check_T(T)
+        T = _check_T(T)
         u = torch.arange(T + 1, dtype=torch.float64) / T
         f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
@@ -101,8 +104,9 @@ class NoiseSchedule:
 
 
 def _check_T(T):
-    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+    if not is_int(T) or T < 1:
         raise ValueError(f"T (the number of training timesteps) must be a positive int, got {T!r}")
+    return int(T)
 
 
 def timesteps(T: int, steps: int, spacing="uniform", steps_offset: int = 0) -> torch.Tensor:
@@ -113,24 +117,28 @@ def timesteps(T: int, steps: int, spacing="uniform", steps_offset: int = 0) -> t
                  diffusers' "leading". It never visits T-1 (S=10, T=1000 starts at 900). When S
                  does not divide T the official code (range(0, T, T // S)) returns MORE than S
                  steps (S=7 gives 8); this returns exactly S.
-      "quad"     the official code's quadratic skip: int((i * sqrt(0.8 T) / (S-1))^2). Small
-                 values repeat (S=100, T=1000 gives 96 distinct steps); repeats are removed with
-                 a warning, since a repeated step is a zero-length step that only costs a forward.
+      "quad"     the official code's quadratic skip, computed as it does (numpy):
+                 int(linspace(0, sqrt(0.8 T), S) ** 2). Small values repeat (S=100, T=1000 gives
+                 96 distinct steps); repeats are removed with a warning, since a repeated step is
+                 a zero-length step that only costs a forward.
       "leading"  diffusers "leading": i * (T // S) + steps_offset.
-      "trailing" diffusers "trailing": round(T - i * T / S) - 1, which starts at T-1.
-      "linspace" diffusers "linspace": round(linspace(0, T-1, S)).
+      "trailing" diffusers "trailing": round(arange(T, 0, -T/S)) - 1 (numpy), which starts at T-1.
+      "linspace" diffusers "linspace": round(linspace(0, T-1, S)) (numpy).
       a list     explicit training timesteps, strictly monotone, each in [0, T).
     Every spacing but "quad" returns exactly `steps` values.
     """
-    _check_T(T)
+    T = _check_T(T)
     if not isinstance(spacing, str):
         return _explicit(T, spacing)
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+    if not is_int(steps) or not 1 <= steps <= T:
         raise ValueError(
             f"steps must be an int in [1, T={T}], got {steps!r}; "
             "use steps=T for the full (DDPM-length) chain"
         )
-    S = steps
+    S = steps = int(steps)
+    if not is_int(steps_offset):
+        raise ValueError(f"steps_offset must be an int, got {steps_offset!r}")
+    steps_offset = int(steps_offset)
     if spacing != "leading" and steps_offset:
         raise ValueError(f"steps_offset applies to spacing='leading' only, not {spacing!r}")
     if spacing in ("uniform", "leading"):
@@ -141,22 +149,20 @@ def timesteps(T: int, steps: int, spacing="uniform", steps_offset: int = 0) -> t
                 f"use an offset in [0, {T - ts[-1] + steps_offset})"
             )
     elif spacing == "quad":
-        if S == 1:
-            ts = [0]
-        else:
-            top = math.sqrt(0.8 * T)
-            raw = [int((i * top / (S - 1)) ** 2) for i in range(S)]
-            ts = sorted(set(raw))
-            if len(ts) < S:
-                warnings.warn(
-                    f"quad spacing with T={T}, S={S} repeats {S - len(ts)} timestep(s); "
-                    f"removed them, so the sampler takes {len(ts)} steps",
-                    stacklevel=2,
-                )
-    elif spacing == "trailing":
-        ts = sorted(int(round(T - i * T / S)) - 1 for i in range(S))
-    elif spacing == "linspace":
-        ts = [int(round(i * (T - 1) / (S - 1))) if S > 1 else 0 for i in range(S)]
+        # numpy, as the official code: its linspace ends exactly on sqrt(0.8 T), and sqrt(800) ** 2 is
+        # 800.0000000000001, so T=1000 ends on 800; (i * top / (S - 1)) ** 2 gives 799.99... -> 799.
+        raw = (np.linspace(0, np.sqrt(T * 0.8), S) ** 2).astype(np.int64).tolist()
+        ts = sorted(set(raw))
+        if len(ts) < S:
+            warnings.warn(
+                f"quad spacing with T={T}, S={S} repeats {S - len(ts)} timestep(s); "
+                f"removed them, so the sampler takes {len(ts)} steps",
+                stacklevel=2,
+            )
+    elif spacing == "trailing":  # numpy, as diffusers computes it: round(arange(T, 0, -T/S)) - 1
+        ts = (np.round(np.arange(T, 0, -T / S)) - 1).astype(np.int64).tolist()[:S]
+    elif spacing == "linspace":  # numpy, as diffusers computes it: round(linspace(0, T-1, S))
+        ts = np.linspace(0, T - 1, S).round().astype(np.int64).tolist()
     else:
         raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS} or a list of timesteps")
     return torch.tensor(sorted(ts, reverse=True), dtype=torch.long)

@@ -55,10 +55,12 @@ from . import rng
 from .checkpoint import (
     EMA_FILE,
     MODEL_FILE,
+    TRAINER_JSON,
     atomic_save_safetensors,
     atomic_write_bytes,
     atomic_write_json,
     build_model,
+    find_latest_checkpoint,
     fsync_dir,
     read_safetensors,
     save_model,
@@ -75,7 +77,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine")
 LR_SCHEDULES = ("constant", "cosine")
 TRAINER_FILE = "trainer.safetensors"
-TRAINER_JSON = "trainer.json"
 GRID_FILE = "samples.png"
 # Fields that must match between a run and its resume (the others may change, e.g. --steps).
 RUN_FIELDS = ("dataset", "config", "batch_size", "lr", "warmup", "lr_schedule", "optimizer", "weight_decay",
@@ -444,6 +445,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        self._bar = bar
         window, t0, t_log = [], time.perf_counter(), time.perf_counter()
         while self.step < cfg.steps:
             loss, gnorm = self.train_step()
@@ -474,6 +476,14 @@ class Trainer:
         result.step = self.step
         result.checkpoint = result.checkpoint or self.last_checkpoint
         return result
+
+    def _say(self, msg: str):
+        """A progress note on the console, above the bar when there is one."""
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.write(msg)
+        else:
+            self.log(msg)
 
     def _log_line(self, obj: dict):
         with open(self.out / "log.jsonl", "a") as f:
@@ -516,6 +526,8 @@ class Trainer:
             tensors, state = self._trainer_state()
             atomic_save_safetensors(tmp / TRAINER_FILE, tensors)
             if self.cfg.grid_size:
+                self._say(f"step {self.step}: drawing the checkpoint's sample grid ({self.cfg.grid_size} images, "
+                          "DDIM-20, EMA weights)...")
                 write_sample_grid(tmp / GRID_FILE, self._ema_model(), self.cfg.grid_size, seed=self.cfg.seed)
             atomic_write_json(tmp / TRAINER_JSON, state)  # last: its presence marks a complete folder
             fsync_dir(tmp)
@@ -657,20 +669,6 @@ class _StepBatches:
             yield self.trainer._step_indices(step).tolist()
 
 
-def find_latest_checkpoint(out) -> Path | None:
-    """The newest complete checkpoint folder in a run folder: the one `latest` names if it is
-    complete, else the highest complete checkpoints/step-*; None when there is none."""
-    out = Path(out)
-    ckdir = out / "checkpoints"
-    pointer = out / "latest"
-    if pointer.is_file():
-        p = ckdir / pointer.read_text().strip()
-        if (p / TRAINER_JSON).is_file():
-            return p
-    done = sorted(p for p in ckdir.glob("step-*") if (p / TRAINER_JSON).is_file()) if ckdir.is_dir() else []
-    return done[-1] if done else None
-
-
 def export_ema(checkpoint, dst, *, overwrite: bool = False, extra: dict | None = None) -> Path:
     """Write the EMA weights of a training checkpoint as a sampling-only model folder at `dst`
     (config.json + model.safetensors holding the EMA weights, no optimizer state): half the size,
@@ -781,10 +779,23 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
 def cli_main(args) -> int:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    if cfg.dataset == "digits":  # before any work: the data comes with scikit-learn
+        from .checks import require
+
+        require("sklearn.datasets", "train", "the digits dataset (scikit-learn's)")
     dist_main = int(os.environ.get("RANK", "0")) == 0
     say = print if dist_main else (lambda *a, **k: None)
     try:
         result = train(cfg, log=say)
+    except KeyboardInterrupt:
+        last = find_latest_checkpoint(cfg.out)
+        if last is None:
+            hint = (f"no checkpoint was saved yet (one every --save-every {cfg.save_every} steps); rerun the same "
+                    "command to start again")
+        else:
+            hint = (f"the last checkpoint is {last}; continue from it with the same command"
+                    + ("" if cfg.resume else " plus --resume"))
+        raise KeyboardInterrupt(hint) from None
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

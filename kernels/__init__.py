@@ -13,5 +13,13 @@ symlink ddim_fast/kernels -> ../kernels.
 Each file also has `<op>_ref`, the same computation in plain PyTorch. These files import nothing
 from the rest of ddim_fast. On a CPU the kernels run only under TRITON_INTERPRET=1, which must be
 set before they are imported. Import the modules (`from ddim_fast.kernels.attention import
-attention`): this package itself imports nothing, so it does not pull in Triton.
+attention`): this package itself imports nothing, so it does not pull in Triton; it only checks
+that Triton is installed (an extra: `ddim-fast[gpu]`, or `ddim-fast[dev]` for the interpreter
+tests), so that a missing Triton is one clear line rather than "No module named 'triton'".
 """
+
+import importlib.util as _util
+
+if _util.find_spec("triton") is None:
+    raise ModuleNotFoundError("ddim_fast.kernels needs Triton, which is not installed: pip install 'ddim-fast[gpu]' "
+                              "(Linux; 'ddim-fast[dev]' for the interpreter tests)", name="triton")

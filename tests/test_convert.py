@@ -2,6 +2,8 @@
 folders (diffusers is optional), pickle safety, and the `ddim-fast convert` command."""
 
 import argparse
+import copy
+import dataclasses
 import json
 import os
 import pickle
@@ -16,6 +18,9 @@ from ddim_fast import cli
 from ddim_fast.models import convert as cv
 from ddim_fast.models.unet import UNet, UNetConfig
 from ddim_fast.schedule import NoiseSchedule
+
+# Loading an official file without its YAML guesses the image size and says so (tested below).
+pytestmark = pytest.mark.filterwarnings("ignore:.*the weights do not determine the image size")
 
 # The official code always uses GroupNorm(32): the tiny preset's shapes with 32 groups.
 OFFICIAL_CFG = UNetConfig(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
@@ -108,7 +113,7 @@ def test_official_bare_state_dict(tmp_path):
     raw = random_weights(OFFICIAL_CFG, 5).state_dict()
     torch.save(raw, tmp_path / "model-790000.ckpt")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a bare dict is not "missing" its EMA: no warning
+        warnings.filterwarnings("error", message=".*EMA")  # a bare dict is not "missing" its EMA: no warning
         m = dd.load_model(tmp_path / "model-790000.ckpt")
     assert same_weights(m.state_dict(), raw)
     assert m.checkpoint_info["layout"].startswith("bare state dict")
@@ -308,7 +313,7 @@ def test_diffusers_pipeline_folder_brings_its_schedule(small_diffusers, tmp_path
 @pytest.mark.parametrize("change, message", [
     ({"flip_sin_to_cos": True}, "flip_sin_to_cos=True .*cosines before sines"),
     ({"downsample_padding": 1}, "downsample_padding=1 .*symmetric padding"),
-    ({"attention_head_dim": 8}, "attention_head_dim=8 splits attention into 32 heads at width 256"),
+    ({"attention_head_dim": 8}, r"attention_head_dim=8 \(it splits attention into 32 heads at width 256"),
     ({"resnet_time_scale_shift": "scale_shift"}, "scale-shift"),
     ({"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"]},
      "unsupported block types"),
@@ -423,3 +428,154 @@ def test_convert_diffusers(small_diffusers, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         cv.convert(tmp_path / "missing.pth", tmp_path / "y")
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+
+
+# -- issue 17: a pipeline folder's scheduler settings; diffusers' default UNet2DModel ---------------------
+PIPELINE_CASES = [  # DDIMScheduler settings (linear 1e-4..0.02, T=1000) and DDIMPipeline's eta
+    (dict(set_alpha_to_one=False, clip_sample=False), 0.0),  # the issue's case: 0.027 off before
+    (dict(set_alpha_to_one=False, clip_sample=True, timestep_spacing="trailing"), 0.0),
+    (dict(steps_offset=1, clip_sample=True, clip_sample_range=0.5), 0.0),
+    (dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5, set_alpha_to_one=False), 0.0),
+    (dict(set_alpha_to_one=False, timestep_spacing="linspace", clip_sample=False), 0.0),
+    (dict(set_alpha_to_one=False), 0.5),  # DDIMScheduler's default clip_sample=True, with noise
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline_unet():
+    return make_diffusers({**SMALL_CONFIG, "sample_size": 16}, seed=4)
+
+
+def _ddim_loop(unet, scheduler, x, steps, eta, noise):
+    """DDIMPipeline's loop (x_T given, per-step noise given), in the dtype of x and the UNet."""
+    scheduler.set_timesteps(steps)
+    for i, t in enumerate(scheduler.timesteps):
+        extra = {} if noise is None else {"variance_noise": noise[i].to(x.dtype)}
+        x = scheduler.step(unet(x, t).sample, t, x, eta=eta, **extra).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("sched_kw, eta", PIPELINE_CASES)
+def test_a_pipeline_folder_samples_like_ddim_pipeline(pipeline_unet, sched_kw, eta, tmp_path):
+    """DDIM-10 of a pipeline folder (SamplingPlan.for_model) against DDIMPipeline, under DESIGN.md's
+    tolerance rule: diffusers' own loop in float64 is the truth, its float32 run the reference."""
+    from conftest import assert_close_to_reference
+
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.DDIMScheduler(**sched_kw)
+    pipe = diffusers.DDIMPipeline(unet=pipeline_unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "pipe")
+    with torch.no_grad():
+        images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=10, eta=eta,
+                      output_type="pt").images  # (2, 3, 16, 16) in [0, 1]
+        # DDIMPipeline's draws: x_T first, then (eta > 0) one tensor per step, from the one generator
+        g = torch.Generator().manual_seed(0)
+        x_T = torch.randn(2, 3, 16, 16, generator=g)
+        noise = torch.stack([torch.randn(2, 3, 16, 16, generator=g) for _ in range(10)]) if eta else None
+        theirs = _ddim_loop(pipeline_unet, scheduler, x_T, 10, eta, noise)
+        truth = _ddim_loop(copy.deepcopy(pipeline_unet).double(), scheduler, x_T.double(), 10, eta, noise)
+    assert torch.equal((theirs / 2 + 0.5).clamp(0, 1), images)  # the loop above is the pipeline's
+    model = dd.load_model(tmp_path / "pipe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # linspace: the step targets differ (tested below)
+        plan = dd.SamplingPlan.for_model(model, 10, eta=eta)
+    ours = dd.sample(model, x_T, plan, noise=noise)
+    if sched_kw.get("timestep_spacing") == "linspace":  # diffusers steps to t - T//S; we step along the list
+        assert (ours - theirs).abs().max() > 0.1
+        return
+    assert_close_to_reference(ours, theirs, truth, torch.float32, f"{sched_kw} eta={eta}")
+    # the settings travel into a converted checkpoint
+    cv.convert(tmp_path / "pipe", tmp_path / "ours")
+    again = dd.load_model(tmp_path / "ours")
+    assert again.sampler_defaults == model.sampler_defaults
+    torch.testing.assert_close(dd.SamplingPlan.for_model(again, 10, eta=eta).coef, plan.coef, rtol=0, atol=0)
+
+
+def test_the_paper_default_plan_is_not_the_pipelines(pipeline_unet):
+    """What the issue saw: the default plan (final alpha 1, no clip) is far from DDIMPipeline with
+    set_alpha_to_one=False: the tolerance rule above tells the two apart."""
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.DDIMScheduler(set_alpha_to_one=False, clip_sample=False)
+    x_T = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = _ddim_loop(pipeline_unet, scheduler, x_T, 10, 0.0, None)
+        truth = _ddim_loop(copy.deepcopy(pipeline_unet).double(), scheduler, x_T.double(), 10, 0.0, None)
+    ref_err = (theirs - truth).abs().max().item()
+    unet = UNet(cv.diffusers_config(dict(pipeline_unet.config)))
+    unet.load_state_dict(cv.from_diffusers_state_dict(unet.config, pipeline_unet.state_dict()))
+    paper = dd.sample(unet.eval(), x_T, dd.SamplingPlan.build(NoiseSchedule.linear(), 10))
+    assert (paper - truth).abs().max().item() > 100 * (2 * ref_err + 1e-5)
+
+
+def test_sampler_defaults_read_from_a_scheduler_config():
+    s = NoiseSchedule.linear(1000, 1e-4, 0.02)
+    assert cv.diffusers_sampler({}, s) == {"spacing": "leading", "steps_offset": 0, "clip_x0": 1.0,
+                                           "final_alpha": None}
+    got = cv.diffusers_sampler({"set_alpha_to_one": False, "clip_sample": False, "timestep_spacing": "trailing",
+                                "steps_offset": 1}, s)
+    assert got == {"spacing": "trailing", "steps_offset": 0, "clip_x0": None,
+                   "final_alpha": s.alphas_cumprod[0].item()}
+    thr = cv.diffusers_sampler({"thresholding": True, "sample_max_value": 2.0}, s)
+    assert thr["threshold"] == 0.995 and thr["threshold_max"] == 2.0 and thr["clip_x0"] is None
+    with pytest.raises(ValueError, match="unknown diffusers timestep_spacing 'cubic'"):
+        cv.diffusers_sampler({"timestep_spacing": "cubic"}, s)
+
+
+def test_overrides_and_the_diffusers_step_rule():
+    m = UNet(OFFICIAL_CFG)
+    m.schedule = NoiseSchedule.linear(1000, 1e-4, 0.02)
+    m.sampler_defaults = {"from": "diffusers", "spacing": "leading", "steps_offset": 1, "clip_x0": 1.0,
+                          "final_alpha": None}
+    plan = dd.SamplingPlan.for_model(m, 10)
+    assert plan.timesteps.tolist() == list(range(901, 0, -100)) and plan.clip_x0 == (-1.0, 1.0)
+    over = dd.SamplingPlan.for_model(m, 10, spacing="trailing", clip_x0=None)  # offset dropped with leading
+    assert over.timesteps[0] == 999 and over.clip_x0 is None
+    assert dd.SamplingPlan.for_model(m, 10, threshold=0.9).threshold == 0.9  # the default clip gives way
+    with pytest.warns(UserWarning, match="DDIMScheduler would differ from this plan"):
+        dd.SamplingPlan.for_model(m, 10, spacing="linspace")
+    with pytest.warns(UserWarning, match="DDIMScheduler would differ"):
+        dd.SamplingPlan.for_model(m, 7, spacing="trailing")  # 999 -> 856 here, 999 -> 857 in diffusers
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dd.SamplingPlan.for_model(m, 7)  # leading: 853 -> 711 -> ... -> 1 -> the end in both
+    m.sampler_defaults = {"spacing": "leading", "clip": 1}
+    with pytest.raises(ValueError, match=r"unknown sampler default\(s\) \['clip'\]"):
+        dd.SamplingPlan.for_model(m, 10)
+
+
+def test_diffusers_default_unet_is_refused_with_every_reason_at_once():
+    diffusers = pytest.importorskip("diffusers")
+    cfg = dict(diffusers.UNet2DModel.load_config if False else diffusers.UNet2DModel(
+        block_out_channels=(32, 64, 64, 64), norm_num_groups=8).config)
+    with pytest.raises(ValueError) as err:
+        cv.diffusers_config(cfg)
+    msg = str(err.value)
+    for name in ("flip_sin_to_cos=True", "freq_shift=0", "downsample_padding=1", "attention_head_dim=8",
+                 "sample_size=None"):
+        assert name in msg, (name, msg)
+    assert "differs from the DDPM UNet in 5 setting(s)" in msg
+
+
+def test_convert_without_config_says_the_image_size_is_a_guess(tmp_path, monkeypatch, capsys):
+    """Attention at the first level of an 8x8 model: the DDPM convention (attention at 16x16) guesses 16."""
+    cfg = UNetConfig(resolution=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
+    path = write_official(tmp_path / "ckpt.pth", random_weights(cfg, 6).state_dict(), None)
+    with pytest.warns(UserWarning, match=r"do not determine the image size; guessed 16x16 from the DDPM convention"):
+        assert cv.load_official(path, ema=False).config.resolution == 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = cv.load_official(path, ema=False, resolution=8).config
+    assert dataclasses.replace(got, dropout=0.0) == cfg  # dropout: not in the weights, and off in eval mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # over this module's filter; the CLI prints warnings itself
+        assert run_cli(["convert", str(path), str(tmp_path / "guessed")], monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ddim-fast convert: warning: ") and "--resolution N" in err
+    assert json.loads((tmp_path / "guessed" / "config.json").read_text())["source"]["resolution"] == "guessed"
+    assert run_cli(["convert", str(path), str(tmp_path / "given"), "--resolution", "8"], monkeypatch) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert dataclasses.replace(dd.load_model(tmp_path / "given").config, dropout=0.0) == cfg
+    assert run_cli(["convert", str(path), str(tmp_path / "both"), "--resolution", "8", "--config", "c.yml"],
+                   monkeypatch) == 2
+    assert "not both" in capsys.readouterr().err

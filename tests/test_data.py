@@ -47,7 +47,7 @@ def test_digits_dataset_upsampled(res):
 
 def test_digits_without_sklearn_names_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails
-    with pytest.raises(ImportError, match=r"pip install ddim-fast\[train\]"):
+    with pytest.raises(ImportError, match=r"pip install 'ddim-fast\[train\]'"):
         D.load_dataset("digits", 16, 1)
 
 

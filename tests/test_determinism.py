@@ -82,6 +82,7 @@ def test_reference_unet_agrees_across_batch_sizes_to_float32_rounding(shared):
 # -- triton (the interpreter on CPU) -----------------------------------------------------------------
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 def test_triton_is_bitwise_batch_invariant_and_within_tolerance_of_reference(eta):
+    pytest.importorskip("triton")
     model, plan = GaussianEps(SCHED), dd.SamplingPlan.build(SCHED, 6, eta=eta)
     eng = dd.Engine(model, plan, backend="triton", device="cpu", shape=GSHAPE)
     full = eng.sample(4, seed=3)  # x_T and z drawn in-kernel

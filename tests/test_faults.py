@@ -220,7 +220,8 @@ def test_sigkill_one_rank_then_rerun_fills_the_folder(tmp_path):
             agent.wait()
     assert agent.returncode != 0
     first = sorted(p.name for p in out.glob("*.png"))
-    assert not (out / "manifest.json").exists() and 0 < len(first) < N, first
+    assert 0 < len(first) < N, first
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False  # the settings, recorded up front
     (out / ".000005.png.k1ll3d.tmp").write_bytes(b"half a png")  # what a kill mid-write leaves (if it lands there)
 
     rerun = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
@@ -262,6 +263,7 @@ def test_engine_reference_reports_the_step():
 @pytest.mark.parametrize("entry", ["sample", "call", "invert"])
 def test_engine_triton_flags_nan(entry):
     """The fused step kernel sets a device flag; the Engine raises (interpreter on CPU)."""
+    pytest.importorskip("triton")
     plan = dd.SamplingPlan.build(SCHED, 10, eta=0.5 if entry != "invert" else 0.0)
     eng = dd.Engine(NaNBelow(SCHED, 45), plan, backend="triton", device="cpu", shape=(1, 4, 4))
     run = {"sample": lambda: eng.sample(2, seed=1), "call": lambda: eng(dd.rng.initial_noise(1, (2, 1, 4, 4))),
@@ -300,7 +302,9 @@ def test_cli_never_writes_a_nan_image(shared, tmp_path, monkeypatch, capsys):
         assert "ddim-fast sample: error: the sampler state became non-finite at step 0 (timestep 75)" in err
         assert err.count("\n") == 1 and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "folder"]
-    assert list((tmp_path / "folder").iterdir()) == []  # no image, no manifest
+    # no image; only the manifest written before the first image, which records a run not complete
+    assert [p.name for p in (tmp_path / "folder").iterdir()] == ["manifest.json"]
+    assert json.loads((tmp_path / "folder" / "manifest.json").read_text())["complete"] is False
     # ONNX Runtime (the export is cached by `shared`): latents that overflow the network
     np.savez(tmp_path / "huge.npz", latents=np.full((2, 3, 16, 16), 3e38, np.float32))
     capsys.readouterr()

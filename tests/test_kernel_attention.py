@@ -9,6 +9,9 @@ integers); the GPU path feeds the tensor cores bf16 and is checked by the gpu te
 
 import pytest
 import torch
+
+pytest.importorskip("triton")  # an extra (gpu, dev): without it these tests skip
+
 from conftest import assert_close_to_reference, poisoned_like
 
 from ddim_fast.kernels.attention import attention, attention_ref

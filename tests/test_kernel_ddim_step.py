@@ -7,6 +7,9 @@ import math
 
 import pytest
 import torch
+
+pytest.importorskip("triton")  # an extra (gpu, dev): without it these tests skip
+
 from conftest import assert_close_to_reference, poisoned_like
 
 from ddim_fast import rng

@@ -7,6 +7,9 @@ fp32 -> bf16 by truncation (the GPU rounds to nearest), which the rule's bf16 sl
 
 import pytest
 import torch
+
+pytest.importorskip("triton")  # an extra (gpu, dev): without it these tests skip
+
 from conftest import assert_close_to_reference, poisoned_like
 
 from ddim_fast.kernels.group_norm import group_norm, group_norm_ref

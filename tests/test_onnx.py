@@ -444,3 +444,43 @@ def test_long_loop_exports_validate_the_body_and_the_tables(gauss, tmp_path, mon
     table.CopyFrom(onnx.numpy_helper.from_array(arr, table.name))
     with pytest.raises(dox.ExportValidationError, match="tables differ"):
         dox._check_loop_tables(proto, plan)
+
+
+# -- issue 17: no unused initializers (plain onnxruntime warns about each, on every load) ------------------
+def _read_names(graph):
+    """Every value name a node of `graph` (or of its subgraphs: Loop bodies) reads, plus its outputs."""
+    names = {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(i for i in node.input if i)
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == a.GRAPH else []) + list(a.graphs):
+                names |= _read_names(sub)
+    return names
+
+
+def _unused_initializers(graph):
+    read = _read_names(graph)
+    out = [i.name for i in graph.initializer if i.name not in read]
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == a.GRAPH else []) + list(a.graphs):
+                out += _unused_initializers(sub)
+    return out
+
+
+@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "loop"])
+@pytest.mark.parametrize("kw", [dict(), dict(eta=0.5), dict(variance="large"), dict(clip_x0=1.0),
+                                dict(threshold=0.9, threshold_max=1.5), dict(eta=1.0, clip_x0=0.8)],
+                         ids=["ddim", "eta", "sigma_hat", "clip", "threshold", "ddpm_clip"])
+def test_sampler_exports_carry_no_unused_initializers(tiny, kw, unroll, tmp_path, capfd):
+    plan = dd.SamplingPlan.build(SCHED, 4, **kw)
+    path = dd.export_onnx(tiny, tmp_path / "s.onnx", plan=plan, unroll=unroll, validate=False)
+    proto = onnx.load(str(path))
+    assert len(proto.graph.initializer) > 100  # the network's weights are in there
+    assert _unused_initializers(proto.graph) == []
+    capfd.readouterr()
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # default options and logging
+    assert "Removing initializer" not in capfd.readouterr().err
+    inv = dd.export_onnx(tiny, tmp_path / "i.onnx", plan=dd.SamplingPlan.build(SCHED, 4).inverse(), unroll=unroll,
+                         validate=False)
+    assert _unused_initializers(onnx.load(str(inv)).graph) == []

@@ -1,5 +1,8 @@
+import json
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,3 +168,108 @@ def test_bad_input(kwargs, match):
 def test_schedule_type_checked():
     with pytest.raises(ValueError, match="NoiseSchedule"):
         SamplingPlan.build(SCHED.alphas_cumprod, 10)
+
+
+# -- issue 17 -------------------------------------------------------------------------------------------
+def _official_ddpm_noisy_step(x, e, z, a, a_next):
+    """One step of the official code's ddpm_steps (ermongroup/ddim, functions/denoising.py), written
+    out: x0 clamped to [-1, 1], the posterior mean over the skip, noise std sqrt(1 - a/a')
+    (none when the step lands on alpha_bar = 1)."""
+    beta = 1 - a / a_next
+    x0 = ((x - math.sqrt(1 - a) * e) / math.sqrt(a)).clamp(-1, 1)
+    mean = (math.sqrt(a_next) * beta * x0 + math.sqrt(1 - beta) * (1 - a_next) * x) / (1 - a)
+    return mean + (0.0 if a_next == 1.0 else math.sqrt(beta)) * z
+
+
+def test_large_with_clip_is_the_official_ddpm_noisy_and_without_it_is_not():
+    clipped = SamplingPlan.build(SCHED, 10, variance="large", clip_x0=1)
+    plain = SamplingPlan.build(SCHED, 10, variance="large")
+    x, e, z = _rand(2, 8, seed=20) * 3, _rand(2, 8, seed=21), _rand(2, 8, seed=22)  # x0 estimates beyond [-1, 1]
+    differs = False
+    for i in range(clipped.steps):
+        want = _official_ddpm_noisy_step(x, e, z, clipped.alpha[i].item(), clipped.alpha_next[i].item())
+        torch.testing.assert_close(_apply(clipped, i, x, e, z), want, rtol=0, atol=1e-12)
+        differs |= not torch.allclose(_apply(plain, i, x, e, z), want, rtol=0, atol=1e-6)
+    assert differs
+
+
+@pytest.mark.parametrize(
+    "S, spacing, warns",
+    [
+        (600, "uniform", True),  # starts at 599 (the issue's case)
+        (501, "uniform", True),
+        (3, "uniform", True),  # [666, 333, 0]
+        (1, "uniform", True),  # [0]
+        (600, "trailing", False),
+        (600, "linspace", False),
+        (10, "uniform", False),  # the paper's own settings: uniform S dividing T starts at T - T/S
+        (50, "uniform", False),
+        (4, "uniform", False),
+        (7, "uniform", False),  # starts at 852
+        (100, "quad", False),  # the official CIFAR-10 setting, starts at 800
+        (10, "quad", False),
+        (10, "leading", False),
+    ],
+)
+def test_a_start_far_from_the_end_warns(S, spacing, warns):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        plan = SamplingPlan.build(SCHED, S, spacing=spacing)
+    far = [str(w.message) for w in seen if "starts at timestep" in str(w.message)]
+    assert bool(far) == warns, far
+    if warns:
+        assert f"starts at timestep {int(plan.timesteps[0])} of T=1000" in far[0]
+        assert "'trailing' or 'linspace'" in far[0]
+
+
+def test_an_explicit_list_that_starts_low_warns():
+    with pytest.warns(UserWarning, match="this timestep list starts at timestep 500 of T=1000"):
+        SamplingPlan.build(SCHED, spacing=[500, 250, 0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SamplingPlan.build(SCHED, spacing=[999, 500, 0])
+
+
+def test_a_noisy_schedule_end_does_not_make_every_plan_warn():
+    """linear(100, 1e-3, 0.05) keeps 0.27 of the image even at T-1: only starts well below that warn."""
+    sched = dd.NoiseSchedule.linear(100, 1e-3, 0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SamplingPlan.build(sched, 10)
+        SamplingPlan.build(sched, 10, spacing="trailing")
+    with pytest.warns(UserWarning, match="starts at timestep 59"):
+        SamplingPlan.build(sched, 60)  # T // S = 1: timesteps 59..0
+
+
+def test_final_alpha_is_the_last_steps_target_and_the_inversions_start():
+    a0 = SCHED.alphas_cumprod[0].item()
+    plan = SamplingPlan.build(SCHED, 10, eta=0.5, final_alpha=a0)
+    assert plan.alpha_next[-1].item() == a0 and plan.final_alpha == a0 and plan.describe()["final_alpha"] == a0
+    x, e, z = _rand(2, 5, seed=23), _rand(2, 5, seed=24), _rand(2, 5, seed=25)
+    a = plan.alpha[-1].item()
+    sigma = 0.5 * math.sqrt((1 - a0) / (1 - a)) * math.sqrt(1 - a / a0)
+    x0 = (x - math.sqrt(1 - a) * e) / math.sqrt(a)
+    want = math.sqrt(a0) * x0 + math.sqrt(1 - a0 - sigma**2) * e + sigma * z
+    torch.testing.assert_close(_apply(plan, 9, x, e, z), want, rtol=0, atol=1e-12)
+    inv = SamplingPlan.build(SCHED, 10, final_alpha=a0).inverse()
+    assert inv.alpha[0].item() == a0 and inv.final_alpha == a0
+    assert SamplingPlan.build(SCHED, 10).final_alpha == 1.0
+    for bad in (1.5, SCHED.alphas_cumprod[0].item() / 2, "x"):
+        with pytest.raises(ValueError, match="final_alpha"):
+            SamplingPlan.build(SCHED, 10, final_alpha=bad)
+
+
+@pytest.mark.parametrize("c", [-1, -1.0, 0])
+def test_a_negative_or_zero_clip_is_refused(c):
+    with pytest.raises(ValueError, match="c must be > 0"):
+        SamplingPlan.build(SCHED, 10, clip_x0=c)
+
+
+def test_numpy_integers_are_ints():
+    plan = SamplingPlan.build(dd.NoiseSchedule.linear(np.int64(1000)), np.int64(10), steps_offset=np.int32(1),
+                              spacing="leading", clip_x0=np.float32(1.0))
+    assert plan.steps == 10 and plan.T == 1000 and type(plan.T) is int
+    json.dumps(plan.describe())
+    assert plan.timesteps.tolist() == list(range(901, 0, -100))
+    with pytest.raises(ValueError, match="steps must be an int"):
+        SamplingPlan.build(SCHED, np.bool_(True))

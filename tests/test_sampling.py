@@ -211,3 +211,35 @@ def test_slerp():
     torch.testing.assert_close(dd.slerp(e0, 2 * e0, 0.5), 1.5 * e0)  # parallel: linear fallback
     with pytest.raises(ValueError, match="one shape"):
         dd.slerp(z0, z1[:2], 0.5)
+
+
+# -- issue 17: a float64 state with a float32 (or half) network -----------------------------------------
+@pytest.mark.parametrize("net_dtype", [torch.float32, torch.bfloat16])
+def test_a_float64_state_runs_the_network_in_its_own_dtype(net_dtype):
+    torch.manual_seed(0)
+    net = dd.UNet(dd.UNetConfig.tiny()).eval().to(net_dtype)
+    plan = dd.SamplingPlan.build(dd.NoiseSchedule.linear(100, 1e-3, 0.05), 5, eta=0.5)
+    x_T = dd.rng.initial_noise(0, (2, 3, 16, 16))
+    seen = []
+    net.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    x64 = dd.sample(net, x_T.double(), plan, seed=3)
+    assert x64.dtype == torch.float64 and seen == [net_dtype] * plan.steps
+    x32 = dd.sample(net, x_T, plan, seed=3)  # the same network calls on the float32 state
+    tol = 1e-4 if net_dtype == torch.float32 else 0.1
+    torch.testing.assert_close(x64.float(), x32, rtol=0, atol=tol)
+    lat = dd.invert(net, x64, dd.SamplingPlan.build(dd.NoiseSchedule.linear(100, 1e-3, 0.05), 5))
+    assert lat.dtype == torch.float64 and torch.isfinite(lat).all()
+
+
+def test_a_diffusers_style_output_object_is_unwrapped():
+    class Out:
+        def __init__(self, sample):
+            self.sample = sample
+
+    class Wrapped(torch.nn.Module):
+        def forward(self, x, t):
+            return Out(torch.zeros_like(x))
+
+    plan = dd.SamplingPlan.build(SCHED, 4)
+    x = dd.sample(Wrapped(), _xT(), plan)
+    assert x.shape == SHAPE and torch.isfinite(x).all()

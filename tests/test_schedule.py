@@ -1,6 +1,7 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,3 +146,36 @@ def test_no_warning_without_duplicates():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         timesteps(1000, 10, "quad")
+
+
+# -- issue 17: the official quad list, diffusers' trailing / linspace ----------------------------------
+@pytest.mark.parametrize("T", [500, 1000, 4000])
+def test_quad_equals_the_official_numpy_list_for_every_S(T):
+    """The official code: int(s) for s in np.linspace(0, sqrt(0.8 T), S) ** 2 (duplicates removed here)."""
+    wrong = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the duplicate-removal warning fires for most S
+        for S in range(2, T + 1):
+            official = (np.linspace(0, np.sqrt(T * 0.8), S) ** 2).astype(np.int64)
+            if timesteps(T, S, "quad").tolist() != sorted(set(official.tolist()), reverse=True):
+                wrong.append(S)
+    assert wrong == []
+
+
+def test_quad_ends_on_800_at_S_100():
+    """sqrt(800) ** 2 = 800.0000000000001: the official S=100 list starts at 800, not 799."""
+    with pytest.warns(UserWarning, match="repeats"):
+        assert timesteps(1000, 100, "quad")[0] == 800
+
+
+def test_trailing_and_linspace_equal_diffusers_for_every_S():
+    diffusers = pytest.importorskip("diffusers")
+    T, wrong = 1000, []
+    for spacing in ("trailing", "linspace"):
+        sched = diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+        for S in range(1, T + 1):
+            sched.set_timesteps(S)
+            # diffusers' trailing arange can overshoot by one entry (a timestep -1): compare the first S
+            if timesteps(T, S, spacing).tolist() != sched.timesteps[:S].tolist():
+                wrong.append((spacing, S))
+    assert wrong == []

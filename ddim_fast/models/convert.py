@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import FORMAT, build_model, detect_format, read_safetensors, save_model
+from ..checkpoint import FORMAT, _check_destination, build_model, detect_format, read_safetensors, save_model
+from ..checks import is_int
 from ..schedule import NoiseSchedule
 from .unet import UNetConfig, infer_config
 
@@ -144,29 +145,48 @@ def _official_schedule(diff: dict) -> NoiseSchedule:
     raise ValueError(f"unknown official beta_schedule {kind!r}; expected linear, quad, const, jsd or sigmoid")
 
 
-def load_official(path, *, ema: bool = True, config=None):
+def load_official(path, *, ema: bool = True, config=None, resolution: int | None = None):
     """A UNet (eval mode) from an official DDIM ckpt.pth.
 
-    ema:    True prefers the EMA weights (a warning if the file has none); False takes the raw ones.
-    config: None infers the architecture from the weights' shapes (a preset when one matches; see
-            infer_config); else the official YAML file (path or parsed dict) or a UNetConfig.
+    ema:        True prefers the EMA weights (a warning if the file has none); False takes the raw ones.
+    config:     None infers the architecture from the weights' shapes (see infer_config); else the
+                official YAML file (path or parsed dict) or a UNetConfig.
+    resolution: the image size, which the weights do not determine; without it (and without config)
+                it is guessed and a warning says so.
     """
     raw, ema_sd, info = read_official(path)
     use_ema = bool(ema) and ema_sd is not None
     if ema and ema_sd is None and info["layout"].startswith("list"):
         warnings.warn(f"{path} has no EMA weights; loading the raw training weights", stacklevel=2)
     weights = ema_sd if use_ema else raw
-    unet, schedule = _official_config(config, weights)
+    unet, schedule = _official_config(config, weights, resolution, path)
     model = build_model(unet, weights, schedule=schedule, prediction="eps",
                         what=f"the {'EMA' if use_ema else 'model'} weights in {path}")
     model.checkpoint_info = {**info, "ema": use_ema, "has_ema": ema_sd is not None}
     return model
 
 
-def _official_config(config, weights):
+def _official_config(config, weights, resolution=None, path="the checkpoint"):
+    if config is not None and resolution is not None:
+        raise ValueError("give the official config or a resolution, not both (the config has data.image_size)")
+    if resolution is not None and (not is_int(resolution) or resolution < 1):
+        raise ValueError(f"resolution must be a positive int (the image size), got {resolution!r}")
     if config is None:
         # The official Normalize() is always GroupNorm(32, eps=1e-6), whatever preset the shapes match.
-        unet = replace(infer_config(weights), num_groups=32, norm_eps=1e-6)
+        try:
+            unet = replace(infer_config(weights, None if resolution is None else int(resolution)), num_groups=32,
+                           norm_eps=1e-6)
+        except ValueError as e:
+            raise ValueError(f"{e}. The weights fix the channels, ch_mult, blocks and attention levels; "
+                             "the image size is not in them: give --resolution N (resolution=N) or the official "
+                             "YAML (--config)") from None
+        if resolution is None:
+            why = ("the DDPM convention that self-attention sits at 16x16" if 16 in unet.attn_resolutions
+                   else "the bundled preset with the same shapes")
+            warnings.warn(
+                f"{path}: the weights do not determine the image size; guessed {unet.resolution}x{unet.resolution} "
+                f"from {why}. If the model was trained at another size, give it: --resolution N "
+                "(resolution=N), or the official YAML with --config", stacklevel=3)
         return unet, NoiseSchedule.from_dict(OFFICIAL_SCHEDULE)
     if isinstance(config, UNetConfig):
         return config, NoiseSchedule.from_dict(OFFICIAL_SCHEDULE)
@@ -204,16 +224,17 @@ DIFFUSERS_REQUIRED = (
 
 
 def diffusers_config(cfg: dict) -> UNetConfig:
-    """The UNetConfig of a diffusers UNet2DModel config.json, or ValueError naming what differs."""
+    """The UNetConfig of a diffusers UNet2DModel config.json, or one ValueError listing every
+    setting that differs from the DDPM UNet."""
     name = cfg.get("_class_name", "UNet2DModel")
     if name != "UNet2DModel":
         raise ValueError(f"expected a diffusers UNet2DModel, got {name!r}; "
                          "only the DDPM UNet2DModel is supported")
     c = {**DIFFUSERS_DEFAULTS, **cfg}
+    problems = []  # every unsupported setting, so one attempt names them all
     for key, want, meaning in DIFFUSERS_REQUIRED:
         if c[key] != want and not (key == "act_fn" and c[key] == "swish"):
-            raise ValueError(f"this UNet2DModel has {key}={c[key]!r} ({meaning}); the DDPM UNet needs "
-                             f"{key}={want!r}, so ddim-fast cannot load it")
+            problems.append(f"{key}={c[key]!r} ({meaning}; the DDPM UNet needs {key}={want!r})")
     widths = list(c["block_out_channels"])
     down, up = list(c["down_block_types"]), list(c["up_block_types"])
     L, ch = len(widths), widths[0]
@@ -221,33 +242,37 @@ def diffusers_config(cfg: dict) -> UNetConfig:
         raise ValueError(f"block_out_channels, down_block_types and up_block_types differ in length "
                          f"({widths}, {down}, {up}); the config is inconsistent")
     if any(w % ch for w in widths):
-        raise ValueError(f"block_out_channels {widths} are not multiples of the first; not a DDPM UNet")
+        problems.append(f"block_out_channels={widths} (not multiples of the first)")
+    attn = []
     if any(t not in ("DownBlock2D", "AttnDownBlock2D") for t in down) or \
             any(t not in ("UpBlock2D", "AttnUpBlock2D") for t in up):
-        raise ValueError(f"unsupported block types {down} / {up}; "
-                         "expected (Attn)DownBlock2D / (Attn)UpBlock2D")
-    attn = [i for i, t in enumerate(down) if t == "AttnDownBlock2D"]
-    if attn != [L - 1 - k for k, t in reversed(list(enumerate(up))) if t == "AttnUpBlock2D"]:
-        raise ValueError(f"attention in down blocks {down} and up blocks {up} is not mirrored; "
-                         "not a DDPM UNet")
+        problems.append(f"unsupported block types {down} / {up} (expected (Attn)DownBlock2D / (Attn)UpBlock2D)")
+    else:
+        attn = [i for i, t in enumerate(down) if t == "AttnDownBlock2D"]
+        if attn != [L - 1 - k for k, t in reversed(list(enumerate(up))) if t == "AttnUpBlock2D"]:
+            problems.append(f"attention in down blocks {down} and up blocks {up} is not mirrored")
     head = c["attention_head_dim"]
-    for i in attn + [L - 1]:
+    for i in sorted(set(attn + [L - 1])):
         if head is not None and head != widths[i]:
-            raise ValueError(f"attention_head_dim={head} splits attention into {widths[i] // head} heads "
-                             f"at width {widths[i]}; the DDPM UNet uses one head (attention_head_dim null)")
+            problems.append(f"attention_head_dim={head} (it splits attention into {widths[i] // head} heads at "
+                            f"width {widths[i]}; the DDPM UNet uses one head: attention_head_dim null)")
+            break
     if c["time_embedding_dim"] not in (None, 4 * ch):
-        raise ValueError(f"time_embedding_dim={c['time_embedding_dim']}; the DDPM UNet uses 4 * {ch}")
+        problems.append(f"time_embedding_dim={c['time_embedding_dim']} (the DDPM UNet uses 4 * {ch})")
     if c["attn_norm_num_groups"] not in (None, c["norm_num_groups"]):
-        raise ValueError("attn_norm_num_groups differs from norm_num_groups; not supported")
+        problems.append(f"attn_norm_num_groups={c['attn_norm_num_groups']} (differs from norm_num_groups)")
     size = c.get("sample_size")
     if isinstance(size, (list, tuple)):
         if len(size) != 2 or size[0] != size[1]:
-            raise ValueError(f"sample_size {size} is not square; the DDPM UNet configs are square")
-        size = size[0]
-    if not isinstance(size, int):
-        raise ValueError(f"sample_size must be an int, got {size!r}")
+            problems.append(f"sample_size={list(size)} (not square; the DDPM UNet configs are square)")
+        size = size[0] if size else None
+    if not is_int(size) or size < 1:
+        problems.append(f"sample_size={size!r} (the image size must be set: an int)")
+    if problems:
+        raise ValueError(f"this UNet2DModel differs from the DDPM UNet in {len(problems)} setting(s), so ddim-fast "
+                         "cannot load it: " + "; ".join(problems))
     return UNetConfig(
-        in_channels=c["in_channels"], out_channels=c["out_channels"], resolution=size, ch=ch,
+        in_channels=c["in_channels"], out_channels=c["out_channels"], resolution=int(size), ch=ch,
         ch_mult=tuple(w // ch for w in widths), num_res_blocks=c["layers_per_block"],
         attn_resolutions=tuple(size // 2**i for i in attn), dropout=float(c["dropout"]),
         resamp_with_conv=True, num_groups=c["norm_num_groups"], norm_eps=float(c["norm_eps"]),
@@ -381,27 +406,63 @@ def diffusers_schedule(sched_cfg: dict) -> tuple[NoiseSchedule, str]:
     return schedule, DIFFUSERS_PREDICTIONS[pred]
 
 
+# DDIMScheduler's defaults for the settings DDIMPipeline samples with (DDIMPipeline turns any
+# scheduler config into a DDIMScheduler, so a DDPMScheduler config missing a key gets these).
+DDIM_SCHEDULER_DEFAULTS = {"set_alpha_to_one": True, "clip_sample": True, "clip_sample_range": 1.0,
+                           "thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
+                           "timestep_spacing": "leading", "steps_offset": 0}
+
+
+def diffusers_sampler(sched_cfg: dict, schedule: NoiseSchedule) -> dict:
+    """The SamplingPlan.build settings with which DDIMPipeline samples, from a scheduler_config.json:
+    timestep_spacing + steps_offset -> spacing (+ steps_offset), clip_sample + clip_sample_range ->
+    clip_x0, thresholding + dynamic_thresholding_ratio + sample_max_value -> threshold (+ threshold_max),
+    set_alpha_to_one=False -> final_alpha = alphas_cumprod[0]. prediction_type is the model's
+    `prediction`. Every key is set, so a saved checkpoint records the whole choice."""
+    c = {**DDIM_SCHEDULER_DEFAULTS, **{k: v for k, v in sched_cfg.items() if k in DDIM_SCHEDULER_DEFAULTS}}
+    spacing = c["timestep_spacing"]
+    if spacing not in ("leading", "trailing", "linspace"):
+        raise ValueError(f"unknown diffusers timestep_spacing {spacing!r}; expected leading, trailing or linspace")
+    if not is_int(c["steps_offset"]) or c["steps_offset"] < 0:
+        raise ValueError(f"steps_offset must be an int >= 0, got {c['steps_offset']!r}")
+    out = {"spacing": spacing, "steps_offset": int(c["steps_offset"]) if spacing == "leading" else 0,
+           "clip_x0": None, "final_alpha": None if c["set_alpha_to_one"] else float(schedule.alphas_cumprod[0])}
+    if c["thresholding"]:  # diffusers thresholds first and clips only without it
+        out["threshold"] = float(c["dynamic_thresholding_ratio"])
+        out["threshold_max"] = float(c["sample_max_value"])
+    elif c["clip_sample"]:
+        out["clip_x0"] = float(c["clip_sample_range"])
+    return out
+
+
 def load_diffusers(folder):
     """A UNet (eval mode) from a diffusers UNet2DModel folder, or a pipeline folder (unet/ +
     scheduler/). The schedule and prediction type come from scheduler/scheduler_config.json when
-    there is one, else linear 1e-4..0.02 over T=1000 and eps."""
+    there is one, else linear 1e-4..0.02 over T=1000 and eps. A scheduler config also sets
+    `model.sampler_defaults`: the settings DDIMPipeline samples with (see diffusers_sampler), which
+    SamplingPlan.for_model and the CLI use."""
     model_dir, sched_path = _diffusers_folders(Path(folder))
     cfg = json.loads((model_dir / "config.json").read_text())
     config = diffusers_config(cfg)
     ours = from_diffusers_state_dict(config, _diffusers_weights(model_dir),
                                      what=f"the weights in {model_dir}")
+    sampler = None
     if sched_path is not None:
-        schedule, prediction = diffusers_schedule(json.loads(sched_path.read_text()))
+        sched_cfg = json.loads(sched_path.read_text())
+        schedule, prediction = diffusers_schedule(sched_cfg)
+        sampler = {"from": "diffusers", **diffusers_sampler(sched_cfg, schedule)}
     else:
         schedule, prediction = NoiseSchedule.from_dict(OFFICIAL_SCHEDULE), "eps"
     model = build_model(config, ours, schedule=schedule, prediction=prediction)
+    model.sampler_defaults = sampler
     model.checkpoint_info = {"format": "diffusers", "path": str(model_dir), "ema": None,
                              "scheduler": str(sched_path) if sched_path else None}
     return model
 
 
 # -- convert -----------------------------------------------------------------------------------------
-def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False) -> dict:
+def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False,
+            resolution: int | None = None) -> dict:
     """Import `src` (an official ckpt.pth or a diffusers folder) and write it as a ddim-fast
     checkpoint folder at `dst`. With ema=True an official file's EMA weights are kept as
     ema.safetensors beside the raw ones (load_model then prefers them); ema=False keeps only the
@@ -409,12 +470,18 @@ def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False)
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise FileNotFoundError(f"no checkpoint at {src}: check the path")
+    _check_destination(dst, overwrite)  # before any reading: the output is checked first
     kind = detect_format(src)
     if kind == FORMAT:
         raise ValueError(f"{src} is already a ddim-fast checkpoint; nothing to convert (copy the folder)")
+    if kind == "run":
+        raise ValueError(f"{src} is a ddim-fast training run; nothing to convert: use it as it is (--model {src} "
+                         "loads its latest checkpoint) or copy one of its checkpoints/step-* folders")
     if kind == "official":
         raw, ema_sd, info = read_official(src)
-        unet, schedule = _official_config(config, raw)
+        unet, schedule = _official_config(config, raw, resolution, src)
+        if config is None:
+            info["resolution"] = "given" if resolution is not None else "guessed"
         model = build_model(unet, raw, schedule=schedule, what=f"the model weights in {src}")
         keep_ema = ema_sd if ema else None
         if keep_ema is not None:
@@ -422,16 +489,16 @@ def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False)
 
             check_state_dict(unet, keep_ema, what=f"the EMA weights in {src}")
     else:
-        if config is not None:
-            raise ValueError("config= applies to official checkpoints only; "
-                             "a diffusers folder has its own config.json")
+        if config is not None or resolution is not None:
+            raise ValueError(f"{'config' if config is not None else 'resolution'}= applies to official checkpoints "
+                             "only; a diffusers folder has its own config.json")
         model, keep_ema = load_diffusers(src), None
         info = model.checkpoint_info
     source = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool)) or v is None}
     save_model(dst, model, ema_state_dict=keep_ema, extra={"source": source}, overwrite=overwrite)
     return {"format": kind, "params": model.num_parameters(), "ema": keep_ema is not None,
             "config": model.config, "dst": str(dst), "prediction": model.prediction,
-            "schedule": model.schedule}
+            "schedule": model.schedule, "sampler": getattr(model, "sampler_defaults", None)}
 
 
 # -- the `ddim-fast convert` command -------------------------------------------------------------------
@@ -443,16 +510,23 @@ def add_cli_arguments(parser) -> None:
                              "(default: keep the EMA weights too)")
     parser.add_argument("--config", metavar="YAML", default=None,
                         help="the official config (e.g. configs/cifar10.yml); "
-                             "default: inferred from the weights")
+                             "default: inferred from the weights, the image size guessed (and said)")
+    parser.add_argument("--resolution", type=int, default=None, metavar="N",
+                        help="the image size of an official checkpoint converted without --config "
+                             "(the weights do not determine it)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing ddim-fast checkpoint at DST")
 
 
 def cli_main(args) -> int:
-    s = convert(args.src, args.dst, ema=not args.no_ema, config=args.config, overwrite=args.overwrite)
+    s = convert(args.src, args.dst, ema=not args.no_ema, config=args.config, overwrite=args.overwrite,
+                resolution=args.resolution)
     weights = "raw + EMA weights (EMA is loaded by default)" if s["ema"] else "one set of weights"
     print(f"loaded {s['format']} checkpoint {args.src}: {s['params'] / 1e6:.1f}M parameters, {weights}")
     print(f"  {s['config']}")
     print(f"  schedule {s['schedule']}, prediction {s['prediction']!r}")
+    if s["sampler"]:  # a pipeline's scheduler settings, kept for SamplingPlan.for_model and the commands
+        shown = ", ".join(f"{k}={v}" for k, v in s["sampler"].items() if k != "from")
+        print(f"  sampler settings from its scheduler config: {shown}")
     print(f"wrote {s['dst']}")
     return 0

@@ -51,6 +51,9 @@ def get_ops(name: str):
     if name == "reference":
         return ReferenceOps()
     if name == "triton":
+        from ..checks import require
+
+        require("triton", "gpu", "the triton ops")
         from .triton_ops import TritonOps  # imports Triton; kept out of the reference path
 
         return TritonOps()

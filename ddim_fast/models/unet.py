@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checks import is_int
 from .ops import ReferenceOps, get_ops
 
 PRESETS = ("cifar10", "celeba", "lsun", "tiny", "digits")
@@ -57,13 +58,15 @@ class UNetConfig:
     num_classes: int | None = None  # class-conditional on labels 0..N-1 (+ null label N); None: unconditional
 
     def __post_init__(self):
-        # Lists (from JSON or YAML) become tuples, so configs hash and compare.
+        # Lists (from JSON or YAML) become tuples, so configs hash and compare; numpy integers become
+        # ints, so configs stay JSON-able.
         for name in ("ch_mult", "attn_resolutions"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
-                object.__setattr__(self, name, tuple(value))
+                object.__setattr__(self, name, tuple(int(v) if is_int(v) else v for v in value))
         for name in ("in_channels", "out_channels", "resolution", "ch", "num_res_blocks", "num_groups"):
             _check_positive_int(name, getattr(self, name))
+            object.__setattr__(self, name, int(getattr(self, name)))
         if not isinstance(self.ch_mult, tuple) or not self.ch_mult:
             raise ValueError(f"ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult!r}")
         for m in self.ch_mult:
@@ -175,7 +178,7 @@ class UNetConfig:
 
 
 def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
@@ -292,6 +295,7 @@ class UNet(nn.Module):
         self.config = config
         self.schedule = None
         self.prediction = "eps"
+        self.sampler_defaults = None  # SamplingPlan.build settings the model came with (SamplingPlan.for_model)
         self.ops = ReferenceOps()
         cfg, ch = config, config.ch
         temb_ch = 4 * ch
