@@ -291,7 +291,7 @@ def main(argv=None):
         "engine_auto_vs_diffusers_b1": ratio, "engine_auto_vs_diffusers_b1_cpu_time": cpu_ratio,
         "threads": args.threads, "argv": list(sys.argv[1:] if argv is None else argv),
     }
-    from ddim_fast.checkpoint import atomic_write_json
+    from ddim_fast.files import atomic_write_json
 
     atomic_write_json(out, record)
     print(f"wrote {out}")

@@ -1,4 +1,4 @@
-"""The ddim-fast checkpoint format, atomic writes, and `load_model` for every supported format.
+"""The ddim-fast checkpoint format, and `load_model` for every supported format.
 
 A checkpoint is a folder:
     config.json         {"format": "ddim-fast", "version": 1, "model": UNetConfig.to_dict(),
@@ -26,12 +26,18 @@ import json
 import math
 import os
 import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 import torch
 
+from .files import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    fsync_dir,
+    move_into_place,
+    read_safetensors,
+    temporary_folder,
+)
 from .models.unet import UNet, UNetConfig, describe_weights
 from .plan import check_sampler_defaults
 from .schedule import NoiseSchedule
@@ -45,89 +51,6 @@ TRAINER_JSON = "trainer.json"  # written last into a training checkpoint: its pr
 RESERVED_KEYS = ("format", "version", "model", "schedule", "prediction", "sampler")
 PREDICTIONS = ("eps", "x0", "v")
 ASSETS = Path(__file__).resolve().parent / "assets"
-
-
-# -- atomic writes ----------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open a directory; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-fsync_dir = _fsync_dir  # public name for callers that assemble their own folders (the trainer)
-
-
-def _umask_mode(base: int) -> int:
-    """`base` under the process umask: what open()/mkdir() would have given (mkstemp gives 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return base & ~mask
-
-
-def _atomic_write(path, write) -> Path:
-    """Call write(tmp_path) on a temporary sibling of `path`, fsync it, then os.replace it over
-    `path`. On any error the temporary file is removed and `path` is untouched."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:  # name the user's file, not the temporary sibling it could not create
-        raise type(e)(e.errno, e.strerror, str(path)) from None
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, _umask_mode(0o666))  # after write(): some writers replace the file
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write `data` to `path` atomically (temporary sibling, fsync, os.replace)."""
-    return _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
-def atomic_write_json(path, obj) -> Path:
-    """Write `obj` as indented JSON to `path` atomically. Raises ValueError if not JSON-able."""
-    try:
-        text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"cannot write {path}: the data is not JSON-able ({e}); "
-                         "use plain dicts, lists, strings, ints and finite floats") from None
-    return atomic_write_bytes(path, text.encode())
-
-
-def atomic_save_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path:
-    """Save a dict of tensors to a .safetensors file atomically (copied to CPU, contiguous)."""
-    from safetensors.torch import save_file
-
-    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    return _atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta))
-
-
-def read_safetensors(path, device="cpu") -> dict:
-    """safetensors.torch.load_file with a ValueError naming the file when it is damaged or truncated
-    (safetensors raises its own SafetensorError, which says neither which file nor what to do)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device=str(device))
-    except SafetensorError as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e}); it is damaged or truncated: "
-                         "re-save or re-download it") from None
 
 
 # -- saving -----------------------------------------------------------------------------------------
@@ -164,16 +87,14 @@ def save_model(path, model: UNet, *, ema_state_dict: dict | None = None, extra: 
         config["sampler"] = {k: (None if v == math.inf else v) for k, v in sampler.items()}
     meta = {"format": "pt", "producer": FORMAT}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = temporary_folder(path)
     try:
-        os.chmod(tmp, _umask_mode(0o777))
         atomic_write_json(tmp / CONFIG_FILE, config)
         atomic_save_safetensors(tmp / MODEL_FILE, state, meta)
         if ema_state_dict is not None:
             atomic_save_safetensors(tmp / EMA_FILE, ema_state_dict, meta)
-        _fsync_dir(tmp)
-        _move_into_place(tmp, path)
+        fsync_dir(tmp)
+        move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -201,24 +122,6 @@ def _check_destination(path: Path, overwrite: bool) -> None:
     if any(path.iterdir()) and _read_own_config(path) is None:
         raise FileExistsError(f"{path} is a folder but not a ddim-fast checkpoint; refusing to replace it "
                               "even with overwrite=True: remove it yourself or pick another path")
-
-
-def _move_into_place(tmp: Path, path: Path) -> None:
-    """Rename the finished folder `tmp` to `path`. An existing `path` is first renamed aside and
-    only deleted once the new folder is in place (put back if the second rename fails)."""
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if old is not None:
-            os.replace(old, path)
-        raise
-    _fsync_dir(path.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # -- checking ---------------------------------------------------------------------------------------
@@ -368,7 +271,7 @@ def _resolve(path_or_name) -> Path:
     if path.exists():
         return path
     aside = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() and path.name else []
-    if aside:  # killed between _move_into_place's two renames: the old folder is whole, set aside
+    if aside:  # killed between move_into_place's two renames: the old folder is whole, set aside
         raise FileNotFoundError(
             f"no checkpoint at {path}: a save there was interrupted, and the previous checkpoint is intact "
             f"at {aside[-1]}; rename that folder back to {path.name} (or save again)"

@@ -419,7 +419,7 @@ def load_fid_statistics(path) -> tuple[np.ndarray, np.ndarray]:
 
 def save_fid_statistics(path, mu, sigma) -> Path:
     """Write (mu, sigma) as an .npz with arrays `mu` and `sigma` (pytorch-fid's format), atomically."""
-    from .checkpoint import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     buf = io.BytesIO()
     np.savez(buf, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))

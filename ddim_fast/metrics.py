@@ -292,7 +292,7 @@ def train_digits_classifier(resolution: int = 16, *, epochs: int = 40, batch_siz
 
 def save_digits_classifier(model: DigitsClassifier, folder, report: dict | None = None) -> None:
     """config.json (config + how it was trained + accuracy) and model.safetensors, each atomically."""
-    from .checkpoint import atomic_save_safetensors, atomic_write_json
+    from .files import atomic_save_safetensors, atomic_write_json
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

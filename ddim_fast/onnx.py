@@ -50,8 +50,8 @@ import numpy as np
 import torch
 
 from . import __version__, rng
-from .checkpoint import atomic_write_bytes
 from .checks import MissingExtra, is_int
+from .files import atomic_write_bytes
 from .plan import COEF_COLUMNS, SamplingPlan
 
 GRAPH_VERSION = 1  # bump when the graph layout changes: part of every cache key

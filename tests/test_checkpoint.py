@@ -171,30 +171,6 @@ def test_failed_final_move_restores_the_old_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-def test_atomic_helpers(tmp_path, monkeypatch):
-    target = tmp_path / "a.json"
-    ck.atomic_write_json(target, {"x": [1, 2.5, "y"]})
-    assert json.loads(target.read_text()) == {"x": [1, 2.5, "y"]}
-    with pytest.raises(ValueError, match="not JSON-able"):
-        ck.atomic_write_json(target, {"x": object()})
-    with pytest.raises(ValueError, match="not JSON-able"):
-        ck.atomic_write_json(target, {"x": float("nan")})
-    assert json.loads(target.read_text()) == {"x": [1, 2.5, "y"]}
-
-    ck.atomic_write_bytes(tmp_path / "b.bin", b"old")
-    monkeypatch.setattr(ck.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("boom")))
-    with pytest.raises(OSError, match="boom"):
-        ck.atomic_write_bytes(tmp_path / "b.bin", b"new")
-    monkeypatch.undo()
-    assert (tmp_path / "b.bin").read_bytes() == b"old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.bin"]
-
-    from safetensors.torch import load_file
-    t = {"w": torch.arange(6.0).reshape(2, 3).t()}  # non-contiguous on purpose
-    ck.atomic_save_safetensors(tmp_path / "w.safetensors", t, {"note": "hi"})
-    assert torch.equal(load_file(str(tmp_path / "w.safetensors"))["w"], t["w"])
-
-
 def test_save_model_checks_its_inputs(tmp_path):
     m = make_model()
     m.schedule = None
@@ -293,7 +269,8 @@ def test_written_files_follow_the_umask(tmp_path):
     import os
     import stat
 
-    from ddim_fast.checkpoint import atomic_write_bytes, save_model
+    from ddim_fast.checkpoint import save_model
+    from ddim_fast.files import atomic_write_bytes
 
     old = os.umask(0o022)
     try:

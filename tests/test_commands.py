@@ -215,14 +215,6 @@ def test_an_unwritable_output_fails_before_any_sampling(model_dir, tmp_path, mon
     assert calls == [] and str(tmp_path / "file") in err and ".tmp" not in err
 
 
-def test_atomic_writes_name_the_users_path(tmp_path):
-    from ddim_fast.checkpoint import atomic_write_bytes
-
-    with pytest.raises(FileNotFoundError) as e:
-        atomic_write_bytes(tmp_path / "missing" / "x.npz", b"1")
-    assert e.value.filename == str(tmp_path / "missing" / "x.npz")
-
-
 @pytest.mark.parametrize("suffix, magic", [(".jpg", b"\xff\xd8\xff"), (".jpeg", b"\xff\xd8\xff"),
                                            (".webp", b"RIFF"), (".bmp", b"BM"), (".png", b"\x89PNG")])
 def test_a_grid_is_written_in_the_format_its_suffix_names(model_dir, tmp_path, suffix, magic):

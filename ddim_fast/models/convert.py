@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import FORMAT, _check_destination, build_model, detect_format, read_safetensors, save_model
+from ..checkpoint import FORMAT, _check_destination, build_model, detect_format, save_model
 from ..checks import is_int
+from ..files import read_safetensors
 from ..schedule import NoiseSchedule
 from .unet import UNetConfig, infer_config
 
