@@ -38,8 +38,9 @@ from .files import (
     read_safetensors,
     temporary_folder,
 )
-from .models.unet import UNet, UNetConfig, describe_weights
-from .plan import check_sampler_defaults
+from .models.unet import UNet, UNetConfig
+from .models.weights import build_model, check_state_dict
+from .plan import PREDICTIONS, check_sampler_defaults
 from .schedule import NoiseSchedule
 
 FORMAT = "ddim-fast"
@@ -49,7 +50,6 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 TRAINER_JSON = "trainer.json"  # written last into a training checkpoint: its presence marks a complete one
 RESERVED_KEYS = ("format", "version", "model", "schedule", "prediction", "sampler")
-PREDICTIONS = ("eps", "x0", "v")
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
@@ -122,54 +122,6 @@ def _check_destination(path: Path, overwrite: bool) -> None:
     if any(path.iterdir()) and _read_own_config(path) is None:
         raise FileExistsError(f"{path} is a folder but not a ddim-fast checkpoint; refusing to replace it "
                               "even with overwrite=True: remove it yourself or pick another path")
-
-
-# -- checking ---------------------------------------------------------------------------------------
-def check_state_dict(config: UNetConfig, state_dict: dict, what: str = "the weights") -> None:
-    """Raise ValueError unless `state_dict` has exactly the keys and shapes of UNet(config).
-
-    The message lists missing, unexpected and mis-shaped keys and says which configuration the
-    weights would fit."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in UNet(config).state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected)) + not_tensors
-    misshaped = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-    if not (missing or unexpected or misshaped):
-        return
-    lines = [f"{what} do not fit {config}:"]
-    for name, keys, fmt in (
-        ("missing", missing, str),
-        ("unexpected", unexpected, str),
-        ("mis-shaped", misshaped, lambda k: f"{k} {got[k]} vs model {expected[k]}"),
-    ):
-        if keys:
-            shown = ", ".join(fmt(k) for k in keys[:8])
-            more = f", ... and {len(keys) - 8} more" if len(keys) > 8 else ""
-            lines.append(f"  {name} ({len(keys)}): {shown}{more}")
-    lines.append(f"  {describe_weights(state_dict)}")
-    raise ValueError("\n".join(lines))
-
-
-def build_model(config: UNetConfig, state_dict: dict, *, schedule=None, prediction: str = "eps",
-                device="cpu", what: str = "the weights") -> UNet:
-    """A UNet in eval mode holding `state_dict` (float32), after checking keys and shapes.
-
-    The network is built on the meta device and the weights are assigned, so loading does not
-    pay for a random initialisation."""
-    check_state_dict(config, state_dict, what)
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    with torch.device("meta"):
-        model = UNet(config)
-    # A copy: the model must not alias the caller's tensors (e.g. a trainer's live EMA dict).
-    weights = {k: v.detach().to(torch.float32, copy=True).contiguous() for k, v in state_dict.items()}
-    model.load_state_dict(weights, strict=True, assign=True)
-    model.schedule = schedule
-    model.prediction = prediction
-    return model.to(device).eval()
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -333,3 +285,44 @@ def _load_own(path: Path, ema: bool | None, device) -> UNet:
     model.checkpoint_info = {"format": FORMAT, "path": str(path), "ema": use_ema,
                              **{k: v for k, v in cfg.items() if k not in RESERVED_KEYS}}
     return model
+
+
+# -- converting other formats ------------------------------------------------------------------------
+def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False,
+            resolution: int | None = None) -> dict:
+    """Import `src` (an official ckpt.pth or a diffusers folder) and write it as a ddim-fast
+    checkpoint folder at `dst`. With ema=True an official file's EMA weights are kept as
+    ema.safetensors beside the raw ones (load_model then prefers them); ema=False keeps only the
+    raw weights. Returns a summary dict (format, params, ema, config, dst)."""
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise FileNotFoundError(f"no checkpoint at {src}: check the path")
+    _check_destination(dst, overwrite)  # before any reading: the output is checked first
+    kind = detect_format(src)
+    if kind == FORMAT:
+        raise ValueError(f"{src} is already a ddim-fast checkpoint; nothing to convert (copy the folder)")
+    if kind == "run":
+        raise ValueError(f"{src} is a ddim-fast training run; nothing to convert: use it as it is (--model {src} "
+                         "loads its latest checkpoint) or copy one of its checkpoints/step-* folders")
+    from .models import convert as importers
+
+    if kind == "official":
+        raw, ema_sd, info = importers.read_official(src)
+        unet, schedule = importers.official_config(config, raw, resolution, src)
+        if config is None:
+            info["resolution"] = "given" if resolution is not None else "guessed"
+        model = build_model(unet, raw, schedule=schedule, what=f"the model weights in {src}")
+        keep_ema = ema_sd if ema else None
+        if keep_ema is not None:
+            check_state_dict(unet, keep_ema, what=f"the EMA weights in {src}")
+    else:
+        if config is not None or resolution is not None:
+            raise ValueError(f"{'config' if config is not None else 'resolution'}= applies to official checkpoints "
+                             "only; a diffusers folder has its own config.json")
+        model, keep_ema = importers.load_diffusers(src), None
+        info = model.checkpoint_info
+    source = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    save_model(dst, model, ema_state_dict=keep_ema, extra={"source": source}, overwrite=overwrite)
+    return {"format": kind, "params": model.num_parameters(), "ema": keep_ema is not None,
+            "config": model.config, "dst": str(dst), "prediction": model.prediction,
+            "schedule": model.schedule, "sampler": getattr(model, "sampler_defaults", None)}

@@ -1,4 +1,11 @@
-"""Small checks shared across the library: what counts as an int, and optional dependencies."""
+"""Small checks shared across the library, so a function's first lines say what it checks.
+
+    check(ok, message)              raise ValueError(message) unless ok
+    is_int(v), is_number(v)         an integer (numpy's too) / an int or float, never a bool
+    positive_int(name, v)           v as an int, or "NAME must be a positive int, got V"
+    sample_shape(model, shape)      (C, H, W) of one sample, given or read from model.config
+    require(module, extra, purpose) an optional dependency, or one line naming the extra to install
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,36 @@ def is_int(value) -> bool:
     numbers.Integral), never a bool. Callers convert with int(value) after the check, so a
     numpy integer never reaches JSON or a file name."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """True for a Python int or float (numpy's float64 is one), never a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check(ok: bool, message: str) -> None:
+    """Raise ValueError(message) unless `ok`: one line per rule in a validating function."""
+    if not ok:
+        raise ValueError(message)
+
+
+def positive_int(name: str, value, hint: str = "") -> int:
+    """`value` as an int when it is a positive integer (numpy's too), else ValueError
+    "NAME must be a positive intHINT, got VALUE"."""
+    check(is_int(value) and value >= 1, f"{name} must be a positive int{hint}, got {value!r}")
+    return int(value)
+
+
+def sample_shape(model, shape=None) -> tuple:
+    """(C, H, W) of one sample: `shape` checked, or read from model.config (a UNet)."""
+    if shape is None:
+        cfg = getattr(model, "config", None)
+        if cfg is None or not hasattr(cfg, "in_channels"):
+            raise ValueError("cannot tell the sample shape from this model: pass shape=(C, H, W)")
+        shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
+    shape = tuple(int(s) for s in shape)
+    check(len(shape) == 3 and min(shape) >= 1, f"shape must be (C, H, W) with positive sizes, got {shape}")
+    return shape
 
 
 def require(module: str, extra: str, purpose: str) -> None:

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from . import __version__, rng
-from .checks import MissingExtra, is_int
+from .checks import MissingExtra, is_int, sample_shape
 from .files import atomic_write_bytes
 from .plan import COEF_COLUMNS, SamplingPlan
 
@@ -521,8 +521,6 @@ def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float
 
 
 def _check_args(model, plan, dtype, opset, shape, unroll):
-    from .engine import sample_shape
-
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"export_onnx takes a torch.nn.Module model(x, t), got {type(model).__name__}")
     if dtype not in EXPORT_DTYPES:
@@ -669,7 +667,6 @@ def validate_export(proto_or_path, model, plan: SamplingPlan | None, dtype=torch
     """Run the exported graph in ONNX Runtime (CPU EP) on random inputs and compare it with the
     float64 reference (the model in float64; ddim_fast.sampling for a sampler). Raises
     ExportValidationError when the tolerance rule fails; returns the errors otherwise."""
-    from .engine import sample_shape
     from .sampling import invert, sample
 
     shape = sample_shape(model, shape)

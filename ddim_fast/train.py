@@ -52,10 +52,11 @@ import torch
 import torch.nn.functional as F
 
 from . import rng
-from .checkpoint import EMA_FILE, MODEL_FILE, TRAINER_JSON, build_model, find_latest_checkpoint, save_model
+from .checkpoint import EMA_FILE, MODEL_FILE, TRAINER_JSON, find_latest_checkpoint, save_model
 from .data import TensorImages, load_dataset, num_workers_default
 from .files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, fsync_dir, read_safetensors
 from .models.unet import PRESETS, UNet, UNetConfig
+from .models.weights import build_model
 from .plan import SamplingPlan
 from .sampling import sample
 from .schedule import NoiseSchedule

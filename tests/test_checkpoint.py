@@ -202,20 +202,6 @@ def test_wrong_architecture_gives_the_helpful_error(tmp_path):
     assert "num_res_blocks=1" in msg and "that is UNetConfig.tiny()" in msg
 
 
-def test_check_state_dict_lists_every_kind_of_mismatch():
-    sd = make_model().state_dict()
-    sd["extra.weight"] = torch.zeros(1)
-    del sd["conv_out.bias"]
-    sd["conv_in.weight"] = torch.zeros(32, 1, 3, 3)
-    with pytest.raises(ValueError) as e:
-        ck.check_state_dict(UNetConfig.tiny(), sd)
-    msg = str(e.value)
-    assert "missing (1): conv_out.bias" in msg
-    assert "unexpected (1): extra.weight" in msg
-    assert "mis-shaped (1): conv_in.weight (32, 1, 3, 3) vs model (32, 3, 3, 3)" in msg
-    assert "in_channels=1" in msg  # the description reads the weights' own shapes
-
-
 def test_load_model_names(tmp_path, monkeypatch):
     monkeypatch.setattr(ck, "ASSETS", tmp_path / "assets")
     with pytest.raises(FileNotFoundError, match="'digits' is neither a path nor a bundled model.*none are installed"):

@@ -14,6 +14,7 @@ import torch
 from conftest import MarkerPayload
 
 import ddim_fast as dd
+from ddim_fast import checkpoint as ck
 from ddim_fast import cli
 from ddim_fast.models import convert as cv
 from ddim_fast.models.unet import UNet, UNetConfig
@@ -182,7 +183,7 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path, container):
         torch.save(payload, path)
     else:
         path.write_bytes(pickle.dumps(payload))
-    for load in (cv.load_official, dd.load_model, lambda p: cv.convert(p, tmp_path / "out")):
+    for load in (cv.load_official, dd.load_model, lambda p: ck.convert(p, tmp_path / "out")):
         with pytest.raises(cv.UnsafeCheckpointError) as e:
             load(path)
         assert str(path) in str(e.value) and "safetensors" in str(e.value) and "refusing" in str(e.value)
@@ -417,16 +418,16 @@ def test_convert_official_with_yaml_via_parser(official, tmp_path):
 
 def test_convert_diffusers(small_diffusers, tmp_path):
     theirs, folder = small_diffusers
-    summary = cv.convert(folder, tmp_path / "out")
+    summary = ck.convert(folder, tmp_path / "out")
     assert summary["format"] == "diffusers" and summary["ema"] is False
     back = dd.load_model(tmp_path / "out")
     assert same_weights(back.state_dict(), cv.load_diffusers(folder).state_dict())
     with pytest.raises(ValueError, match="already a ddim-fast checkpoint"):
-        cv.convert(tmp_path / "out", tmp_path / "again")
+        ck.convert(tmp_path / "out", tmp_path / "again")
     with pytest.raises(ValueError, match="config= applies to official checkpoints only"):
-        cv.convert(folder, tmp_path / "x", config="c.yml")
+        ck.convert(folder, tmp_path / "x", config="c.yml")
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-        cv.convert(tmp_path / "missing.pth", tmp_path / "y")
+        ck.convert(tmp_path / "missing.pth", tmp_path / "y")
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
 
 
@@ -486,7 +487,7 @@ def test_a_pipeline_folder_samples_like_ddim_pipeline(pipeline_unet, sched_kw, e
         return
     assert_close_to_reference(ours, theirs, truth, torch.float32, f"{sched_kw} eta={eta}")
     # the settings travel into a converted checkpoint
-    cv.convert(tmp_path / "pipe", tmp_path / "ours")
+    ck.convert(tmp_path / "pipe", tmp_path / "ours")
     again = dd.load_model(tmp_path / "ours")
     assert again.sampler_defaults == model.sampler_defaults
     torch.testing.assert_close(dd.SamplingPlan.for_model(again, 10, eta=eta).coef, plan.coef, rtol=0, atol=0)

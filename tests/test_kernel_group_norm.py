@@ -117,7 +117,7 @@ def test_triton_ops_split_the_batch_above_the_element_limit(monkeypatch, channel
     """With the limit lowered to 2.5 samples the ops run 5 samples as 2 + 2 + 1, each launch within the
     limit (the kernel itself refuses more), and give the unsplit result."""
     from ddim_fast.kernels import group_norm as gn
-    from ddim_fast.models.triton_ops import TritonOps
+    from ddim_fast.models.ops.triton import TritonOps
 
     x, w, b, add = _inputs((5, 6, 3, 3), 2, torch.float32, channels_last, seed=7)
     monkeypatch.setattr(gn, "MAX_NUMEL", 135)  # 54 elements per sample

@@ -16,8 +16,6 @@ from ddim_fast.models.unet import (
     ResnetBlock,
     UNet,
     UNetConfig,
-    describe_weights,
-    infer_config,
     timestep_embedding,
 )
 
@@ -339,27 +337,6 @@ def test_reference_ops_against_torch_modules():
                                rtol=1e-5, atol=1e-6)
 
 
-# -- reading an architecture from weights --------------------------------------------------------------------
-@pytest.mark.parametrize("name", PRESETS)
-def test_infer_config_finds_the_preset(name):
-    cfg = UNetConfig.preset(name)
-    assert infer_config(meta_unet(cfg).state_dict()) == cfg
-
-
-def test_infer_config_without_a_preset():
-    cfg = UNetConfig(resolution=64, ch=64, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(16,))
-    sd = meta_unet(cfg).state_dict()
-    got = infer_config(sd)
-    assert got == cfg  # attention anchored at 16x16 gives resolution 64
-    assert "ch=64, ch_mult=(1, 2, 4), num_res_blocks=1, attention at level(s) [2]" in describe_weights(sd)
-    no_attn = meta_unet(UNetConfig(resolution=16, ch=32, ch_mult=(1, 2), attn_resolutions=())).state_dict()
-    with pytest.raises(ValueError, match="cannot tell the resolution"):
-        infer_config(no_attn)
-    assert infer_config(no_attn, resolution=16).attn_resolutions == ()
-    with pytest.raises(ValueError, match="not a DDPM UNet in the official key layout"):
-        infer_config({"foo.weight": torch.zeros(1)})
-
-
 # -- class conditioning -------------------------------------------------------------------------------------
 COND = UNetConfig(**{**UNetConfig.tiny().to_dict(), "num_classes": 5})
 
@@ -435,21 +412,9 @@ def test_class_labels_bad_input(cond, tiny):
         tiny(x, t, class_labels=torch.tensor([0, 1]))
 
 
-def test_infer_config_and_describe_conditional_weights():
-    sd = meta_unet(COND).state_dict()
-    assert infer_config(sd) == COND
-    assert describe_weights(sd).endswith("num_classes=5: that is UNetConfig.tiny() with num_classes=5")
-    digits10 = UNetConfig(**{**UNetConfig.digits().to_dict(), "num_classes": 10})
-    assert infer_config(meta_unet(digits10).state_dict()) == digits10
-    other = UNetConfig(resolution=64, ch=64, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(16,),
-                       num_classes=3)
-    assert infer_config(meta_unet(other).state_dict()) == other
-    with pytest.raises(ValueError, match="label_emb.weight has 1 row"):
-        infer_config({**sd, "label_emb.weight": torch.zeros(1, 128)})
-
-
 def test_conditional_checkpoint_round_trip(cond, tmp_path):
-    from ddim_fast.checkpoint import check_state_dict, load_model, save_model
+    from ddim_fast.checkpoint import load_model, save_model
+    from ddim_fast.models.weights import check_state_dict
     from ddim_fast.schedule import NoiseSchedule
 
     cond.schedule = NoiseSchedule.linear()

@@ -1,4 +1,4 @@
-"""Importers for the DDPM checkpoints people already have, and `ddim-fast convert`.
+"""Importers for the DDPM checkpoints people already have (checkpoint.convert writes them in our format).
 
 Official DDIM code (ermongroup/ddim), `ckpt.pth`:
     a list [model state dict, optimizer state, epoch, step, EMA shadow]. The model keys carry the
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import FORMAT, _check_destination, build_model, detect_format, save_model
-from ..checks import is_int
+from ..checks import is_int, positive_int
 from ..files import read_safetensors
 from ..schedule import NoiseSchedule
-from .unet import UNetConfig, infer_config
+from .unet import UNetConfig
+from .weights import build_model, infer_config
 
 OFFICIAL_SCHEDULE = {"kind": "linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
 DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
@@ -160,22 +160,22 @@ def load_official(path, *, ema: bool = True, config=None, resolution: int | None
     if ema and ema_sd is None and info["layout"].startswith("list"):
         warnings.warn(f"{path} has no EMA weights; loading the raw training weights", stacklevel=2)
     weights = ema_sd if use_ema else raw
-    unet, schedule = _official_config(config, weights, resolution, path)
+    unet, schedule = official_config(config, weights, resolution, path)
     model = build_model(unet, weights, schedule=schedule, prediction="eps",
                         what=f"the {'EMA' if use_ema else 'model'} weights in {path}")
     model.checkpoint_info = {**info, "ema": use_ema, "has_ema": ema_sd is not None}
     return model
 
 
-def _official_config(config, weights, resolution=None, path="the checkpoint"):
+def official_config(config, weights, resolution=None, path="the checkpoint"):
     if config is not None and resolution is not None:
         raise ValueError("give the official config or a resolution, not both (the config has data.image_size)")
-    if resolution is not None and (not is_int(resolution) or resolution < 1):
-        raise ValueError(f"resolution must be a positive int (the image size), got {resolution!r}")
+    if resolution is not None:
+        resolution = positive_int("resolution", resolution, " (the image size)")
     if config is None:
         # The official Normalize() is always GroupNorm(32, eps=1e-6), whatever preset the shapes match.
         try:
-            unet = replace(infer_config(weights, None if resolution is None else int(resolution)), num_groups=32,
+            unet = replace(infer_config(weights, resolution), num_groups=32,
                            norm_eps=1e-6)
         except ValueError as e:
             raise ValueError(f"{e}. The weights fix the channels, ch_mult, blocks and attention levels; "
@@ -461,47 +461,6 @@ def load_diffusers(folder):
     return model
 
 
-# -- convert -----------------------------------------------------------------------------------------
-def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False,
-            resolution: int | None = None) -> dict:
-    """Import `src` (an official ckpt.pth or a diffusers folder) and write it as a ddim-fast
-    checkpoint folder at `dst`. With ema=True an official file's EMA weights are kept as
-    ema.safetensors beside the raw ones (load_model then prefers them); ema=False keeps only the
-    raw weights. Returns a summary dict (format, params, ema, config, dst)."""
-    src, dst = Path(src), Path(dst)
-    if not src.exists():
-        raise FileNotFoundError(f"no checkpoint at {src}: check the path")
-    _check_destination(dst, overwrite)  # before any reading: the output is checked first
-    kind = detect_format(src)
-    if kind == FORMAT:
-        raise ValueError(f"{src} is already a ddim-fast checkpoint; nothing to convert (copy the folder)")
-    if kind == "run":
-        raise ValueError(f"{src} is a ddim-fast training run; nothing to convert: use it as it is (--model {src} "
-                         "loads its latest checkpoint) or copy one of its checkpoints/step-* folders")
-    if kind == "official":
-        raw, ema_sd, info = read_official(src)
-        unet, schedule = _official_config(config, raw, resolution, src)
-        if config is None:
-            info["resolution"] = "given" if resolution is not None else "guessed"
-        model = build_model(unet, raw, schedule=schedule, what=f"the model weights in {src}")
-        keep_ema = ema_sd if ema else None
-        if keep_ema is not None:
-            from ..checkpoint import check_state_dict
-
-            check_state_dict(unet, keep_ema, what=f"the EMA weights in {src}")
-    else:
-        if config is not None or resolution is not None:
-            raise ValueError(f"{'config' if config is not None else 'resolution'}= applies to official checkpoints "
-                             "only; a diffusers folder has its own config.json")
-        model, keep_ema = load_diffusers(src), None
-        info = model.checkpoint_info
-    source = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool)) or v is None}
-    save_model(dst, model, ema_state_dict=keep_ema, extra={"source": source}, overwrite=overwrite)
-    return {"format": kind, "params": model.num_parameters(), "ema": keep_ema is not None,
-            "config": model.config, "dst": str(dst), "prediction": model.prediction,
-            "schedule": model.schedule, "sampler": getattr(model, "sampler_defaults", None)}
-
-
 # -- the `ddim-fast convert` command -------------------------------------------------------------------
 def add_cli_arguments(parser) -> None:
     parser.add_argument("src", help="an official DDIM ckpt.pth, or a diffusers UNet2DModel / pipeline folder")
@@ -520,6 +479,8 @@ def add_cli_arguments(parser) -> None:
 
 
 def cli_main(args) -> int:
+    from ..checkpoint import convert
+
     s = convert(args.src, args.dst, ema=not args.no_ema, config=args.config, overwrite=args.overwrite,
                 resolution=args.resolution)
     weights = "raw + EMA weights (EMA is loaded by default)" if s["ema"] else "one set of weights"

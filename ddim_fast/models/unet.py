@@ -16,7 +16,7 @@ unconditional branch of classifier-free guidance, which the trainer teaches by r
 with N at random (--class-dropout). `class_labels=None` means all-null.
 
 The fusable operations (GroupNorm with the time-embedding add and SiLU; the attention core) go
-through `self.ops` (see ops.py), so `model.set_ops("triton")` swaps in fused kernels without
+through `self.ops` (see ops/__init__.py), so `model.set_ops("triton")` swaps in fused kernels without
 touching this file. Convolutions and linear layers stay PyTorch. The nn.GroupNorm modules only
 hold the affine parameters (their forward is never called), which keeps the key names natural.
 
@@ -28,13 +28,13 @@ Where this differs from the official code, it is only in how things are computed
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checks import is_int
+from ..checks import check, is_int, is_number, positive_int
 from .ops import ReferenceOps, get_ops
 
 PRESETS = ("cifar10", "celeba", "lsun", "tiny", "digits")
@@ -65,47 +65,34 @@ class UNetConfig:
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(int(v) if is_int(v) else v for v in value))
         for name in ("in_channels", "out_channels", "resolution", "ch", "num_res_blocks", "num_groups"):
-            _check_positive_int(name, getattr(self, name))
-            object.__setattr__(self, name, int(getattr(self, name)))
-        if not isinstance(self.ch_mult, tuple) or not self.ch_mult:
-            raise ValueError(f"ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult!r}")
+            object.__setattr__(self, name, positive_int(name, getattr(self, name)))
+        check(isinstance(self.ch_mult, tuple) and len(self.ch_mult) > 0,
+              f"ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult!r}")
         for m in self.ch_mult:
-            _check_positive_int("every ch_mult entry", m)
-        if not isinstance(self.attn_resolutions, tuple):
-            raise ValueError(
-                f"attn_resolutions must be a tuple of ints, got {self.attn_resolutions!r}; use () for none"
-            )
-        if self.ch % 2 or self.ch < 4:
-            raise ValueError(f"ch must be even and >= 4 (the sinusoidal time embedding has ch dims), "
-                             f"got {self.ch}")
-        levels = self.level_resolutions
-        if self.resolution % 2 ** (len(self.ch_mult) - 1):
-            raise ValueError(
-                f"resolution {self.resolution} cannot be halved {len(self.ch_mult) - 1} times "
-                f"(ch_mult has {len(self.ch_mult)} levels); use a multiple of {2 ** (len(self.ch_mult) - 1)}"
-            )
+            positive_int("every ch_mult entry", m)
+        check(isinstance(self.attn_resolutions, tuple),
+              f"attn_resolutions must be a tuple of ints, got {self.attn_resolutions!r}; use () for none")
+        check(self.ch % 2 == 0 and self.ch >= 4,
+              f"ch must be even and >= 4 (the sinusoidal time embedding has ch dims), got {self.ch}")
+        halvings = len(self.ch_mult) - 1
+        check(self.resolution % 2**halvings == 0,
+              f"resolution {self.resolution} cannot be halved {halvings} times (ch_mult has {len(self.ch_mult)} "
+              f"levels); use a multiple of {2**halvings}")
         for r in self.attn_resolutions:
-            if r not in levels:
-                raise ValueError(
-                    f"attention resolution {r!r} matches no level; the levels have sizes {levels}: "
-                    "pick attn_resolutions from those"
-                )
+            check(r in self.level_resolutions, f"attention resolution {r!r} matches no level; the levels have sizes "
+                  f"{self.level_resolutions}: pick attn_resolutions from those")
         for m in self.ch_mult:
-            if (self.ch * m) % self.num_groups:
-                raise ValueError(
-                    f"width ch*ch_mult = {self.ch * m} is not divisible by num_groups={self.num_groups}; "
-                    "change ch or num_groups"
-                )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.resamp_with_conv, bool):
-            raise ValueError(f"resamp_with_conv must be True or False, got {self.resamp_with_conv!r}")
-        eps = self.norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
-            raise ValueError(f"norm_eps must be a positive float, got {self.norm_eps!r}")
+            check((self.ch * m) % self.num_groups == 0, f"width ch*ch_mult = {self.ch * m} is not divisible by "
+                  f"num_groups={self.num_groups}; change ch or num_groups")
+        check(is_number(self.dropout) and 0.0 <= self.dropout < 1.0,
+              f"dropout must be a float in [0, 1), got {self.dropout!r}")
+        check(isinstance(self.resamp_with_conv, bool),
+              f"resamp_with_conv must be True or False, got {self.resamp_with_conv!r}")
+        check(is_number(self.norm_eps) and self.norm_eps > 0,
+              f"norm_eps must be a positive float, got {self.norm_eps!r}")
         if self.num_classes is not None:
-            _check_positive_int("num_classes (None for an unconditional model)", self.num_classes)
+            object.__setattr__(self, "num_classes",
+                               positive_int("num_classes (None for an unconditional model)", self.num_classes))
 
     @property
     def level_resolutions(self) -> tuple:
@@ -175,11 +162,6 @@ class UNetConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown UNet preset {name!r}; expected one of {PRESETS}")
         return getattr(cls, name)()
-
-
-def _check_positive_int(name, value):
-    if not is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 # -- building blocks ------------------------------------------------------------------------------
@@ -366,7 +348,7 @@ class UNet(nn.Module):
         if not (callable(getattr(ops, "group_norm", None)) and callable(getattr(ops, "attention", None))):
             raise ValueError(
                 f"set_ops takes 'reference', 'triton' or an object with group_norm() and attention() "
-                f"methods (see ddim_fast/models/ops.py), got {name_or_ops!r}"
+                f"methods (see ddim_fast/models/ops/__init__.py), got {name_or_ops!r}"
             )
         for m in self.modules():
             if "ops" in m.__dict__:
@@ -468,93 +450,3 @@ class UNet(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.config}, prediction={self.prediction!r}, ops={getattr(self.ops, 'name', self.ops)!r}"
-
-
-# -- reading an architecture back from weights -----------------------------------------------------
-def infer_config(state_dict: dict, resolution: int | None = None) -> UNetConfig:
-    """The UNetConfig whose weights have these keys and shapes.
-
-    Shapes give the channels, ch, ch_mult, num_res_blocks, the attention levels and
-    resamp_with_conv. They cannot give the resolution: a preset with the same shapes supplies
-    it; otherwise `resolution`, else the DDPM convention that attention sits at 16x16.
-    Raises ValueError when the weights are not a DDPM UNet in the official key layout.
-    """
-    arch = _shape_facts(state_dict)
-    for name in PRESETS:  # presets are unconditional: a conditional one differs only in num_classes
-        preset = replace(UNetConfig.preset(name), num_classes=arch["num_classes"])
-        if _facts_of(preset) == arch and resolution in (None, preset.resolution):
-            return preset
-    if resolution is None:
-        if not arch["attn_levels"]:
-            raise ValueError(
-                "cannot tell the resolution from the weights (no attention level to anchor it); "
-                "give it explicitly (config=... or resolution=...)"
-            )
-        resolution = 16 * 2 ** arch["attn_levels"][0]
-    levels = [resolution // 2**i for i in range(len(arch["ch_mult"]))]
-    widths = [arch["ch"] * m for m in arch["ch_mult"]]
-    groups = next(g for g in (32, 16, 8, 4, 2, 1) if all(w % g == 0 for w in widths))
-    return UNetConfig(
-        in_channels=arch["in_channels"], out_channels=arch["out_channels"], resolution=resolution,
-        ch=arch["ch"], ch_mult=arch["ch_mult"], num_res_blocks=arch["num_res_blocks"],
-        attn_resolutions=tuple(levels[i] for i in arch["attn_levels"]),
-        resamp_with_conv=arch["resamp_with_conv"], num_groups=groups, num_classes=arch["num_classes"],
-    )
-
-
-def describe_weights(state_dict: dict) -> str:
-    """One line: what architecture these weights look like, and which preset (if any) that is."""
-    try:
-        arch = _shape_facts(state_dict)
-    except ValueError as e:
-        return str(e)
-    text = (f"the weights look like in_channels={arch['in_channels']}, out_channels={arch['out_channels']}, "
-            f"ch={arch['ch']}, ch_mult={arch['ch_mult']}, num_res_blocks={arch['num_res_blocks']}, "
-            f"attention at level(s) {list(arch['attn_levels'])}, resamp_with_conv={arch['resamp_with_conv']}")
-    n = arch["num_classes"]
-    if n is not None:
-        text += f", num_classes={n}"
-    fits = [p for p in PRESETS if _facts_of(replace(UNetConfig.preset(p), num_classes=n)) == arch]
-    if fits:
-        return text + f": that is UNetConfig.{fits[0]}()" + (f" with num_classes={n}" if n is not None else "")
-    try:
-        return text + f": e.g. {infer_config(state_dict)}"
-    except ValueError:
-        return text + " (no preset has these shapes; give a UNetConfig with them)"
-
-
-def _facts_of(cfg: UNetConfig) -> dict:
-    return {"in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "ch": cfg.ch,
-            "ch_mult": cfg.ch_mult, "num_res_blocks": cfg.num_res_blocks, "attn_levels": cfg.attn_levels,
-            "resamp_with_conv": cfg.resamp_with_conv or len(cfg.ch_mult) == 1, "num_classes": cfg.num_classes}
-
-
-def _shape_facts(sd: dict) -> dict:
-    """Architecture facts read from the key names and shapes of an official-layout state dict."""
-    need = ("conv_in.weight", "conv_out.weight", "down.0.block.0.conv1.weight")
-    missing = [k for k in need if k not in sd]
-    if missing:
-        sample = sorted(sd)[:5]
-        raise ValueError(
-            f"these weights are not a DDPM UNet in the official key layout (no {missing[0]!r}; "
-            f"keys start with {sample})"
-        )
-    ch, in_channels = sd["conv_in.weight"].shape[:2]
-    out_channels = sd["conv_out.weight"].shape[0]
-    levels = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("down."))
-    blocks = {int(k.split(".")[3]) for k in sd if k.startswith("down.0.block.")}
-    ch_mult = []
-    for i in range(levels):
-        key = f"down.{i}.block.0.conv1.weight"
-        width = sd[key].shape[0] if key in sd else 0
-        ch_mult.append(width // ch if width % ch == 0 else width / ch)
-    attn = tuple(i for i in range(levels) if f"down.{i}.attn.0.q.weight" in sd)
-    labels = sd.get("label_emb.weight")  # (N + 1, 4ch): N labels and the null label
-    num_classes = int(labels.shape[0]) - 1 if labels is not None else None
-    if num_classes is not None and num_classes < 1:
-        raise ValueError(f"label_emb.weight has {labels.shape[0]} row(s); a class-conditional UNet has N + 1 "
-                         "(N labels and the null label), so these weights are damaged")
-    return {"in_channels": int(in_channels), "out_channels": int(out_channels), "ch": int(ch),
-            "ch_mult": tuple(ch_mult), "num_res_blocks": len(blocks), "attn_levels": attn,
-            "resamp_with_conv": levels == 1 or "down.0.downsample.conv.weight" in sd,
-            "num_classes": num_classes}

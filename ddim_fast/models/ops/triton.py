@@ -1,6 +1,6 @@
 """The UNet's fusable ops on the fused Triton kernels (`model.set_ops("triton")`).
 
-Implements the contract of ops.py with ddim_fast.kernels: GroupNorm (+ the time-embedding add)
+Implements the contract of ops/__init__.py with ddim_fast.kernels: GroupNorm (+ the time-embedding add)
 (+ SiLU) in one kernel, attention in one flash-style kernel. Convolutions and linear layers stay
 PyTorch (cuDNN / cuBLAS). The kernels need CUDA tensors, or TRITON_INTERPRET=1 set before they
 are imported (the slow CPU interpreter used by the tests); anything else is refused with a
@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..kernels import attention as _attention
-from ..kernels import group_norm as _group_norm
-from .ops import ReferenceOps
+from ...kernels import attention as _attention
+from ...kernels import group_norm as _group_norm
+from .reference import ReferenceOps
 
 MAX_HEAD_DIM = 512  # the attention kernel's limit (LSUN-256: 512 channels at 16x16)
 
