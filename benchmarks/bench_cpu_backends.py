@@ -12,7 +12,7 @@ Rows (all on the same weights, measured round-robin in one process so load drift
   diffusers        diffusers' DDIMPipeline on a UNet2DModel holding the same weights (if installed)
 Also measured at batch 1: ORT session settings (threads, spinning, parallel execution), and
 for the unrolled and Loop graphs at several S (--graph-steps): build time (no validation), file
-size, session creation and one sampling call, which decides UNROLL_MAX_STEPS in ddim_fast/onnx.py.
+size, session creation and one sampling call, which decides UNROLL_MAX_STEPS in ddim_fast/onnx/export.py.
 Latency is the median wall-clock time of a whole sampling call divided by the batch size. Prints a
 table; writes benchmarks/results/cpu-backends-<host>-<date>.json with the machine and load average.
 """

@@ -552,9 +552,9 @@ class Suite:
         started = self.budget.elapsed()
         base = dict(asdict(row), ms=None, ms_per_image=None, **precision_flags())
         if row.backend == "onnxruntime":
-            from ddim_fast.engine import onnxruntime_status
+            from ddim_fast.backends.onnxruntime import OnnxRuntimeBackend
 
-            why = onnxruntime_status(torch.device("cuda"))
+            why = OnnxRuntimeBackend.unavailable(torch.device("cuda"))
             if why is not None:
                 return self.record("timings", dict(base, status="skipped", note=why), started)
         est = self.estimator.row_s(row)
@@ -748,21 +748,22 @@ def fake_cuda():
     import torch
 
     from ddim_fast import engine
+    from ddim_fast.backends.cuda_graph import CudaGraphBackend
 
     class _Replay:  # replaying a "captured" graph runs its body again, eagerly
         def __init__(self, body):
             self.replay = body
 
-    choose = engine._choose_backend
+    choose = engine.choose_backend
 
     def choose_backend(backend, device):
         if backend == "cuda_graph" and device.type == "cpu":
             return "cuda_graph", "dry run: the captured body is replayed eagerly"
         return choose(backend, device)
 
-    engine._choose_backend = choose_backend
-    engine._GraphRunner._warm_up = lambda self, body: body()
-    engine._GraphRunner._record = lambda self, body: _Replay(body)
+    engine.choose_backend = choose_backend
+    CudaGraphBackend._warm_up = lambda self, body: body()
+    CudaGraphBackend._record = lambda self, body: _Replay(body)
     torch.compile = lambda model=None, **kw: model
 
 

@@ -22,7 +22,7 @@ COMMANDS = {
     "encode": ("ddim_fast.commands", "images -> x_T latents (.npz) by DDIM inversion"),
     "decode": ("ddim_fast.commands", "x_T latents (.npz) -> images"),
     "interpolate": ("ddim_fast.commands", "slerp between two seeds or latents, decoded to a strip PNG"),
-    "export": ("ddim_fast.onnx", "export the eps-model or the whole sampler to ONNX (checked in ONNX Runtime)"),
+    "export": ("ddim_fast.onnx.command", "export the eps-model or the whole sampler to ONNX (checked in ONNX Runtime)"),
     "train": ("ddim_fast.train", "train a UNet with the DDPM objective"),
     "convert": ("ddim_fast.models.convert", "import an official ckpt.pth or a diffusers folder"),
     "bench": ("ddim_fast.commands", "run a benchmark script from a source checkout (benchmarks/)"),

@@ -71,29 +71,29 @@ def pytest_runtest_makereport(item, call):
 
 
 # DESIGN.md: a fast path's error against a float64 reference may be at most twice the error of
-# the reference run in the same low precision, plus this absolute slack.
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# the reference run in the same low precision, plus an absolute slack: one definition, the library's.
+from ddim_fast.precision import NAMES, atol  # noqa: E402
 
 
 def assert_close_to_reference(fast, reference, truth, dtype, what=""):
     """The tolerance rule for every fast path (max-abs errors over the whole tensor):
 
-        max|fast - truth| <= 2 * max|reference - truth| + ATOL[dtype]
+        max|fast - truth| <= 2 * max|reference - truth| + ATOL[dtype] (ddim_fast.precision)
 
     fast:      the fast path's output;  reference: the reference path run in the same (low)
     precision;  truth: the reference path in float64;  dtype: the precision of the run (the
     network's dtype, e.g. fp16 even when the output is fp32). NaN or inf anywhere fails.
     """
-    if dtype not in ATOL:
-        raise ValueError(f"no tolerance for {dtype}; the rule covers {list(ATOL)}")
+    if dtype not in NAMES:
+        raise ValueError(f"no tolerance for {dtype}; the rule covers {list(NAMES)}")
     assert fast.shape == truth.shape == reference.shape, (fast.shape, reference.shape, truth.shape)
     truth = truth.double()
     assert torch.isfinite(fast).all(), f"{what}: the fast path produced NaN/inf"
     assert torch.isfinite(truth).all() and torch.isfinite(reference).all(), f"{what}: non-finite reference"
     err = (fast.double() - truth).abs().max().item()
     ref_err = (reference.double() - truth).abs().max().item()
-    bound = 2 * ref_err + ATOL[dtype]
-    assert err <= bound, f"{what}: error {err:.3g} > 2 x reference error {ref_err:.3g} + atol {ATOL[dtype]:g}"
+    bound = 2 * ref_err + atol(dtype)
+    assert err <= bound, f"{what}: error {err:.3g} > 2 x reference error {ref_err:.3g} + atol {atol(dtype):g}"
 
 
 class MarkerPayload:
@@ -154,3 +154,37 @@ def shared_tiny_unet(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DDIM_FAST_CACHE", str(base / "shared-onnx-cache"))
         yield ck
+
+
+# -- the ONNX tests' shared model and cache (test_onnx_*.py, test_backend_onnxruntime.py) ---------------------
+@pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory):
+    """One ddim-fast cache folder for every ONNX test module: the tiny UNet's torch export (the slow
+    part) happens once; each module points DDIM_FAST_CACHE here (see their `cache` fixtures)."""
+    return tmp_path_factory.mktemp("ddim-fast-cache")
+
+
+@pytest.fixture(scope="session")
+def onnx_tiny():
+    """The ONNX tests' tiny UNet: seeded, norms and biases away from their init (every parameter
+    matters), the linear schedule."""
+    import ddim_fast as dd
+
+    torch.manual_seed(0)
+    m = dd.UNet(dd.UNetConfig.tiny()).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    m.schedule = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
+    return m
+
+
+@pytest.fixture(scope="session")
+def onnx_tiny_eps(onnx_tiny, onnx_cache, tmp_path_factory):
+    """The eps-model export of onnx_tiny (its network lands in onnx_cache for the later exports)."""
+    import ddim_fast as dd
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DDIM_FAST_CACHE", str(onnx_cache))
+        return dd.export_onnx(onnx_tiny, tmp_path_factory.mktemp("eps") / "tiny.onnx")

@@ -34,11 +34,13 @@ def _plan(S=10, **kw):
 # -- choice and errors --------------------------------------------------------------------------------
 def test_auto_on_cpu_picks_onnxruntime_when_installed(analytic, monkeypatch):
     import ddim_fast.engine as engine
+    from ddim_fast.backends.onnxruntime import OnnxRuntimeBackend
 
-    monkeypatch.setattr(engine, "onnxruntime_status", lambda device: None)
-    backend, reason = engine._choose_backend("auto", torch.device("cpu"))
+    monkeypatch.setattr(OnnxRuntimeBackend, "unavailable", classmethod(lambda cls, device: None))
+    backend, reason = engine.choose_backend("auto", torch.device("cpu"))
     assert backend == "onnxruntime" and "ONNX Runtime" in reason
-    monkeypatch.setattr(engine, "onnxruntime_status", lambda device: "onnxruntime is not installed")
+    monkeypatch.setattr(OnnxRuntimeBackend, "unavailable",
+                        classmethod(lambda cls, device: "onnxruntime is not installed"))
     eng = dd.Engine(analytic, _plan(), shape=SHAPE, device="cpu")
     assert eng.backend == "reference" and "without onnxruntime" in eng.backend_reason
 
@@ -49,9 +51,10 @@ def test_explicit_backends_that_cannot_run_say_what_is_missing(analytic, monkeyp
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BackendUnavailable, match=r"needs a CUDA device, or TRITON_INTERPRET=1|Triton is not installed"):
         dd.Engine(analytic, _plan(), backend="triton", shape=SHAPE, device="cpu")
-    import ddim_fast.engine as engine
+    from ddim_fast.backends.onnxruntime import OnnxRuntimeBackend
 
-    monkeypatch.setattr(engine, "onnxruntime_status", lambda d: "onnxruntime is not installed: pip install x")
+    monkeypatch.setattr(OnnxRuntimeBackend, "unavailable",
+                        classmethod(lambda cls, d: "onnxruntime is not installed: pip install x"))
     with pytest.raises(BackendUnavailable, match="pip install"):
         dd.Engine(analytic, _plan(), backend="onnxruntime", shape=SHAPE, device="cpu")
 
@@ -219,7 +222,7 @@ def test_graph_warm_up_leaves_cudnn_and_tf32_settings_alone(analytic, monkeypatc
     TF32, deterministic and enabled stay what the caller set (cudnn.flags() reset them)."""
     import contextlib
 
-    from ddim_fast import engine
+    from ddim_fast.backends import cuda_graph
 
     b = torch.backends
     saved = (b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic, b.cudnn.benchmark)
@@ -234,10 +237,8 @@ def test_graph_warm_up_leaves_cudnn_and_tf32_settings_alone(analytic, monkeypatc
         seen.update(benchmark=b.cudnn.benchmark, conv_tf32=b.cudnn.allow_tf32, matmul_tf32=b.cuda.matmul.allow_tf32,
                     deterministic=b.cudnn.deterministic, enabled=b.cudnn.enabled)
 
-    runner = engine._GraphRunner(copy.deepcopy(analytic), torch.device("cpu"), torch.float32, False, fused=False,
-                                 max_graphs=1)
     try:
-        runner._warm_up(body)
+        cuda_graph.warm_up(body, torch.device("cpu"))
         after = (b.cudnn.benchmark, b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic)
     finally:
         b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic, b.cudnn.benchmark = saved
@@ -340,23 +341,23 @@ class _ReplayBody:
 
 def test_graph_runner_bookkeeping(analytic, monkeypatch):
     pytest.importorskip("triton")  # the runner's fused step kernel (in the interpreter here)
-    from ddim_fast import engine
+    from ddim_fast.backends.cuda_graph import CudaGraphBackend
 
-    monkeypatch.setattr(engine._GraphRunner, "_warm_up", lambda self, body: body())
-    monkeypatch.setattr(engine._GraphRunner, "_record", lambda self, body: _ReplayBody(body))
+    monkeypatch.setattr(CudaGraphBackend, "_warm_up", lambda self, body: body())
+    monkeypatch.setattr(CudaGraphBackend, "_record", lambda self, body: _ReplayBody(body))
     plan = _plan(4, eta=1.0)
-    runner = engine._GraphRunner(copy.deepcopy(analytic), torch.device("cpu"), torch.float32, False,
-                                 fused=True, max_graphs=2)
+    runner = CudaGraphBackend(analytic, plan, device=torch.device("cpu"), dtype=torch.float32, shape=SHAPE,
+                              max_graphs=2)
     ref = dd.Engine(analytic, plan, shape=SHAPE, backend="reference", device="cpu")
-    a = runner.sample(2, SHAPE, plan, seed=1, first_index=0)
+    a = runner.sample(2, plan, seed=1, first_index=0)
     held = a.clone()
-    b = runner.sample(2, SHAPE, plan, seed=2, first_index=3)
+    b = runner.sample(2, plan, seed=2, first_index=3)
     assert runner.captures == 1 and torch.equal(a, held)  # new seed / first_index: same graph
     torch.testing.assert_close(b.clamp(-1, 1), ref.sample(2, seed=2, first_index=3), rtol=0, atol=1e-5)
-    runner.sample(3, SHAPE, plan, seed=1, first_index=0)
+    runner.sample(3, plan, seed=1, first_index=0)
     runner.run(a, plan, seed=1, noise=None, first_index=0)
     assert runner.captures == 3 and len(runner.graphs) == 2  # new batch, new start; LRU cap of 2
-    assert torch.equal(runner.sample(2, SHAPE, plan, seed=1, first_index=0), held)
+    assert torch.equal(runner.sample(2, plan, seed=1, first_index=0), held)
 
 
 def test_graph_engine_with_chunks_and_thresholding_on_cpu(analytic, monkeypatch):
@@ -364,12 +365,13 @@ def test_graph_engine_with_chunks_and_thresholding_on_cpu(analytic, monkeypatch)
     dry run does): a threshold plan runs through the captured body, 5 samples above a limit of 2
     run as 2 + 2 + 1 with one graph for both 2s, and the result is the reference's."""
     from ddim_fast import engine
+    from ddim_fast.backends.cuda_graph import CudaGraphBackend
     from ddim_fast.kernels import ddim_step as step_mod
 
     monkeypatch.setattr(step_mod, "MAX_BATCH", 2)
-    monkeypatch.setattr(engine, "_choose_backend", lambda backend, device: ("cuda_graph", "test: replayed body"))
-    monkeypatch.setattr(engine._GraphRunner, "_warm_up", lambda self, body: body())
-    monkeypatch.setattr(engine._GraphRunner, "_record", lambda self, body: _ReplayBody(body))
+    monkeypatch.setattr(engine, "choose_backend", lambda backend, device: ("cuda_graph", "test: replayed body"))
+    monkeypatch.setattr(CudaGraphBackend, "_warm_up", lambda self, body: body())
+    monkeypatch.setattr(CudaGraphBackend, "_record", lambda self, body: _ReplayBody(body))
     plan = _plan(4, eta=0.5, threshold=0.8, threshold_max=1.3)
     eng = dd.Engine(GaussianEps(SCHED, mu=0.8, std=1.5), plan, shape=SHAPE, device="cpu")  # wide: s > 1
     got = eng.sample(5, seed=4)

@@ -1,0 +1,109 @@
+"""backend="onnxruntime": the exported whole sampler (ddim_fast.onnx) in ONNX Runtime, the CPU EP or
+the CUDA EP with IO binding (onnxruntime-gpu).
+
+The sampling plan's graph is exported (or found in the cache) on construction, an inversion plan's
+on its first use. ONNX has no counter-based generator, so for eta > 0 the host draws the noise
+with ddim_fast.rng and feeds it in (host_noise): a seed gives the reference backend's samples.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .. import rng
+from ..onnx.export import EXPORT_DTYPES, export_cached, model_fingerprint, plan_fingerprint
+from ..onnx.network import eval_copy
+from ..onnx.runtime import OrtRunner, execution_providers, import_ort
+from ..plan import SamplingPlan
+from .base import Backend
+
+
+class OnnxRuntimeBackend(Backend):
+    """The whole exported sampler in one ONNX Runtime call.
+
+    The sampling plan's graph is exported (or found in the cache) on construction; an inversion
+    plan's graph on its first use. Noise for eta > 0 is generated on the host side with
+    ddim_fast.rng (on `device`) and fed in, so a seed gives the reference backend's samples.
+    """
+
+    name = "onnxruntime"
+    summary = "ONNX Runtime (fastest measured on CPU)"
+
+    @classmethod
+    def unavailable(cls, device):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return "onnxruntime is not installed: pip install 'ddim-fast[onnx]' (CPU) or 'ddim-fast[gpu]' (CUDA)"
+        if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            return ("onnxruntime has no CUDAExecutionProvider here: pip install 'ddim-fast[gpu]' "
+                    "(onnxruntime-gpu) or use device='cpu'")
+        return None
+
+    def __init__(self, model, plan: SamplingPlan, *, device, dtype, shape, channels_last=False, max_graphs=4,
+                 opset: int | None = None, unroll: bool | None = None, threads: int | None = None,
+                 cuda_graph: bool = False):
+        """opset, unroll: of the export (ddim_fast.onnx.export_onnx); threads: CPU EP intra-op threads;
+        cuda_graph: ORT's own CUDA graph on the CUDA EP. channels_last and max_graphs do not apply."""
+        import_ort()
+        if dtype not in EXPORT_DTYPES:
+            raise ValueError(f"the onnxruntime backend runs the network in fp32 or fp16, got {dtype}; "
+                             "use backend='reference' (or 'cuda_graph' on CUDA) for bfloat16")
+        super().__init__(model, plan, device=device, dtype=dtype, shape=shape)
+        execution_providers(self.device, cuda_graph)  # fail early on a missing CUDA EP, before any export
+        self.model = eval_copy(model, torch.float32)  # the caller's model may change later; this may not
+        self.model_fp = model_fingerprint(self.model)
+        self.opset, self.unroll = opset, unroll
+        self.threads, self.cuda_graph = threads, cuda_graph
+        if self.device.type == "cuda" and unroll is None:
+            self.unroll = True  # control flow (Loop) breaks ORT's CUDA graph and splits CUDA-EP partitions
+        self._runners = {}  # plan fingerprint -> (plan, OrtRunner)
+        self.paths = {}
+        self.runner(plan)
+
+    def runner(self, plan: SamplingPlan) -> OrtRunner:
+        key = plan_fingerprint(plan)
+        if key not in self._runners:
+            path = self._export(plan)
+            try:
+                runner = OrtRunner(path, device=self.device, threads=self.threads, cuda_graph=self.cuda_graph)
+            except ValueError as e:
+                if "damaged or truncated" not in str(e):
+                    raise
+                warnings.warn(f"re-exporting the damaged cache entry {path}", stacklevel=2)
+                path.unlink(missing_ok=True)
+                path = self._export(plan)
+                runner = OrtRunner(path, device=self.device, threads=self.threads, cuda_graph=self.cuda_graph)
+            self._runners[key] = (plan, runner)
+            self.paths[plan.direction] = path
+        return self._runners[key][1]
+
+    def _export(self, plan):
+        return export_cached(self.model, plan, self.dtype, self.opset, shape=self.shape, unroll=self.unroll,
+                             model_fp=self.model_fp)
+
+    @torch.no_grad()
+    def run(self, x, plan, *, seed, noise, first_index):
+        """x (B, C, H, W) float32 on the device -> the final state (B, C, H, W), unclamped."""
+        runner = self.runner(plan)
+        x = x.to(self.device, torch.float32).contiguous()
+        x_in = "x_T" if plan.direction == "sample" else "x0"
+        feeds = {x_in: x}
+        if plan.needs_noise:
+            feeds["noise"] = noise.to(self.device, torch.float32) if noise is not None else \
+                host_noise(plan, seed, x.shape, first_index=first_index, device=self.device)
+        return runner(**feeds).to(self.device)
+
+
+def host_noise(plan: SamplingPlan, seed: int, shape, *, first_index: int = 0, device=None) -> torch.Tensor:
+    """The (S, B, C, H, W) `noise` input of a sampler graph for `seed`: rng.step_noise for every step
+    with sigma != 0 (zeros where the plan draws none), exactly what the other backends draw."""
+    z = torch.zeros(plan.steps, *shape, device=device)
+    sigma = plan.column("sigma")
+    for i in range(plan.steps):
+        if sigma[i] != 0:
+            z[i] = rng.step_noise(seed, i, shape, first_index=first_index, device=device)
+    return z
+

@@ -1,0 +1,84 @@
+"""backend="triton": the UNet with fused Triton ops (GroupNorm + time-embedding add + SiLU, flash
+attention) and the fused step kernel, which draws its noise in-kernel (the stream of ddim_fast.rng),
+launched eagerly. CUDA, or CPU under TRITON_INTERPRET=1 (for tests: very slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .base import Backend, net_input, prepare_model, raise_if_flagged
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    summary = "fused Triton kernels, eager launches"
+
+    @classmethod
+    def unavailable(cls, device):
+        if importlib.util.find_spec("triton") is None:  # found, not imported: importing fixes interpreter mode
+            return "Triton is not installed: pip install 'ddim-fast[gpu]' (Linux)"
+        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return (f"the triton backend needs a CUDA device, or TRITON_INTERPRET=1 set before import to run its "
+                f"kernels in the (slow) interpreter on {device.type}")
+
+    def __init__(self, model, plan, *, device, dtype, shape, channels_last=False, max_graphs=4):
+        super().__init__(model, plan, device=device, dtype=dtype, shape=shape)
+        from ..kernels import attention, ddim_step
+
+        self.ddim_step, self.initial_noise = ddim_step.ddim_step, ddim_step.initial_noise
+        self.max_batch = min(ddim_step.MAX_BATCH, attention.MAX_BATCH)  # the batch is a grid axis
+        self.net = prepare_model(model, self.device, dtype, channels_last, "triton")
+        self.channels_last = channels_last
+        self._tables = {}
+
+    def tables(self, plan):
+        """Device copies of the plan's tables, made once per plan."""
+        key = id(plan)
+        if key not in self._tables:
+            p = plan.to(self.device, torch.float32)
+            steps = torch.arange(plan.steps, dtype=torch.int32, device=self.device)  # (S,) step indices
+            self._tables[key] = (plan, p.coef, p.timesteps, steps)
+        return self._tables[key][1:]
+
+    def loop(self, x, plan, seed_t, first_t, noise, flag):
+        """The S steps on the state x (updated in place): the body the cuda_graph backend captures."""
+        coef, ts, steps = self.tables(plan)
+        B = x.shape[0]
+        clip = plan.clip_x0
+        threshold = (plan.threshold, plan.threshold_max) if plan.threshold is not None else None
+        seeded = seed_t if noise is None and plan.needs_noise else None
+        for i in range(plan.steps):
+            t = ts[i : i + 1].expand(B)  # (B,) a view of device memory: no host work per step
+            m = self.net(net_input(x, self.dtype, self.channels_last), t).contiguous()
+            self.ddim_step(x, m, coef, steps[i : i + 1], seed=seeded, first_index=first_t, clip=clip,
+                           threshold=threshold, flag=flag)
+            if noise is not None and plan.needs_noise:
+                x.add_(coef[i, 5] * noise[i])  # explicit z: sigma_i z_i on top of the noise-free step
+        return x
+
+    def keys(self, seed, first_index):
+        """(seed, first_index) as (1,) int64 device tensors, as the kernels read them."""
+        return (torch.tensor([seed], dtype=torch.int64, device=self.device),
+                torch.tensor([first_index], dtype=torch.int64, device=self.device))
+
+    @torch.no_grad()
+    def run(self, x, plan, *, seed, noise, first_index):
+        x = x.clone().contiguous()
+        flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.loop(x, plan, *self.keys(seed, first_index), noise, flag)
+        raise_if_flagged(flag, self.name)
+        return x
+
+    @torch.no_grad()
+    def sample(self, batch, plan, *, seed, first_index):
+        """From the seed: x_T drawn in-kernel (the stream of rng.initial_noise)."""
+        seed_t, first_t = self.keys(seed, first_index)
+        x = self.initial_noise(torch.empty(batch, *self.shape, device=self.device), seed_t, first_t)
+        flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.loop(x, plan, seed_t, first_t, None, flag)
+        raise_if_flagged(flag, self.name)
+        return x

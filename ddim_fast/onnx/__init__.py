@@ -1,0 +1,42 @@
+"""ONNX export of the eps-model and of the whole sampler, and the ONNX Runtime runner.
+
+    dd.export_onnx(model, "unet.onnx")                    # eps-model: x (B, C, H, W), t (B,) -> prediction
+    dd.export_onnx(model, "ddim10.onnx", plan=plan)       # whole sampler: x_T [, noise] -> x0
+    runner = OrtRunner("ddim10.onnx")                     # an ONNX Runtime session on torch tensors
+    x0 = runner(x_T=x_T)
+
+    network.py    the network as exported (a CPU copy in the export dtype), traced by torch.onnx
+    graph.py      the sampler written in ONNX around it: the step and the two layouts (unrolled, Loop)
+    validate.py   every export checked in ONNX Runtime against the float64 reference first
+    export.py     export_onnx / export_cached: the on-disk cache, fingerprints, metadata, the write
+    runtime.py    session options, providers, OrtRunner (CPU EP, or the CUDA EP with IO binding)
+
+Noise. ONNX has no counter-based generator (Philox), so plans with eta > 0 take an input
+`noise` (S, B, C, H, W) that the host fills with ddim_fast.rng.step_noise(seed, i, ...) for
+every step i: the same numbers the other backends draw, so a seed gives the same image here.
+
+Precision. dtype=float16 runs the network in fp16 (casts at its input and output); the sampler
+state, the coefficients and the step arithmetic stay float32, as in every other backend.
+The final state is returned unclamped; the Engine clamps it.
+"""
+
+from .export import (
+    EXPORT_DTYPES,
+    GRAPH_VERSION,
+    UNROLL_MAX_STEPS,
+    cache_dir,
+    export_cached,
+    export_onnx,
+    model_fingerprint,
+    onnx_metadata,
+    plan_fingerprint,
+    stats,
+)
+from .runtime import OnnxRuntimeMissing, OrtRunner, physical_cores, session_options
+from .validate import ExportValidationError, validate_export
+
+__all__ = [
+    "EXPORT_DTYPES", "GRAPH_VERSION", "UNROLL_MAX_STEPS", "ExportValidationError", "OnnxRuntimeMissing", "OrtRunner",
+    "cache_dir", "export_cached", "export_onnx", "model_fingerprint", "onnx_metadata", "physical_cores",
+    "plan_fingerprint", "session_options", "stats", "validate_export",
+]

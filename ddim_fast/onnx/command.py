@@ -1,0 +1,91 @@
+"""The `ddim-fast export` command (moves to ddim_fast/cli/ with the other commands)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..plan import SamplingPlan
+from .export import export_onnx, onnx_metadata
+from .runtime import import_onnx, import_ort
+
+
+def add_cli_arguments(p):
+    import argparse
+
+    from ..commands import clip_arg
+    from ..plan import VARIANCES
+    from ..schedule import SPACINGS
+
+    p.add_argument("--model", default="digits", help="checkpoint folder, official ckpt.pth, diffusers folder "
+                   "or bundled name (default: digits)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--whole-sampler", action="store_true",
+                   help="export the whole S-step sampler (x_T [, noise] -> x0) instead of the eps-model")
+    p.add_argument("--invert", action="store_true", help="with --whole-sampler: export the DDIM encoder x0 -> x_T")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps S (default: 20)")
+    p.add_argument("--eta", type=float, default=None, help="0 = DDIM (default), 1 = DDPM; > 0 adds a noise input")
+    p.add_argument("--spacing", default=None, choices=SPACINGS,
+                   help="timestep sub-sequence (default: the model's own, e.g. a diffusers scheduler's, else uniform)")
+    p.add_argument("--variance", default=None, choices=VARIANCES, help="'large' = the paper's sigma-hat")
+    p.add_argument("--clip-x0", type=clip_arg, default=argparse.SUPPRESS, metavar="C",
+                   help="clip the x0 estimate to [-C, C], or 'none' (default: the model's own setting, else none)")
+    p.add_argument("--threshold", type=float, default=None, metavar="P", help="dynamic thresholding quantile")
+    p.add_argument("--graph", default="auto", choices=("auto", "unrolled", "loop"), help="layout of the S steps")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="network precision")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch.onnx's)")
+    p.add_argument("--no-validate", dest="validate", action="store_false",
+                   help="skip the ONNX Runtime check against the reference")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+
+
+def cli_main(args) -> int:
+    import time
+
+    from ..commands import _load
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".onnx":
+        raise ValueError(f"--out must name an .onnx file, got {out}")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    parent = next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"cannot write {out}: {parent} is not a writable folder; choose another --out")
+    sampler_opts = {k: getattr(args, k, None) for k in ("steps", "eta", "spacing", "variance", "clip_x0", "threshold")}
+    given = [k for k, v in sampler_opts.items() if v is not None or (k == "clip_x0" and hasattr(args, k))]
+    given += ["invert"] if args.invert else []
+    if not args.whole_sampler and given:
+        raise ValueError(f"--{given[0].replace('_', '-')} only applies to --whole-sampler; add --whole-sampler "
+                         "or drop it")
+    import_onnx()  # the extras, before any work
+    import_ort()
+    model = _load(args)
+    plan = None
+    if args.whole_sampler:
+        if model.schedule is None:
+            raise ValueError(f"{args.model} carries no noise schedule; convert it with `ddim-fast convert`")
+        steps = 20 if sampler_opts["steps"] is None else sampler_opts["steps"]
+        eta = 0.0 if sampler_opts["eta"] is None else sampler_opts["eta"]
+        overrides = {k: sampler_opts[k] for k in given if k in ("spacing", "clip_x0", "threshold")}
+        plan = SamplingPlan.for_model(model, steps, eta=eta, variance=sampler_opts["variance"] or "ddim", **overrides)
+        if args.invert:
+            plan = plan.inverse()
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    unroll = {"auto": None, "unrolled": True, "loop": False}[args.graph]
+    t0 = time.perf_counter()
+
+    def log(line):
+        print(f"  [{time.perf_counter() - t0:5.1f} s] {line}...", flush=True)
+
+    export_onnx(model, out, plan, dtype=dtype, opset=args.opset, validate=args.validate, unroll=unroll, log=log)
+    meta = onnx_metadata(out)
+    kind = "sampler" if plan is not None and plan.direction == "sample" else "DDIM encoder"
+    what = "eps-model" if plan is None else f"{kind}, {plan.steps} steps, {meta['graph']}"
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; {what}; {meta['dtype']}; opset {meta['opset']}"
+          f"{'; validated against the reference' if args.validate else ''}) in {time.perf_counter() - t0:.1f} s")
+    inputs = sorted(meta["inputs"].items(), key=lambda kv: kv[0] == "noise")  # the state first
+    print("inputs: " + "; ".join(f"{k} {v}" for k, v in inputs))
+    return 0

@@ -1,0 +1,310 @@
+"""Exporting the eps-model or the whole sampler: the torch export of the network (cached on disk),
+the sampler graph around it, the check in ONNX Runtime, the metadata, and the atomic write.
+
+torch.onnx traces only the network, once per (weights, dtype, opset, shape); that is the slow part
+(tens of seconds for the CIFAR-10 UNet), so the result is cached on disk (cache_dir()), keyed by
+content fingerprints. `unroll=None` picks unrolled up to UNROLL_MAX_STEPS steps and an ONNX Loop
+above (the NOTE there has the measurement).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..checks import is_int, sample_shape
+from ..files import atomic_write_bytes
+from ..plan import SamplingPlan
+from ..precision import NAMES
+from .graph import sampler_proto
+from .network import opset_of, torch_export
+from .runtime import damaged, existing, import_onnx
+from .validate import check_loop_tables, head, validate_export
+
+GRAPH_VERSION = 1  # bump when the graph layout changes: part of every cache key
+EXPORT_DTYPES = {dtype: NAMES[dtype] for dtype in (torch.float32, torch.float16)}  # what ONNX export runs
+META_PREFIX = "ddim_fast."
+# NOTE: unrolled vs Loop, CIFAR-10 UNet, batch 1, ORT 1.32 CPU EP, 2-core AMD EPYC VM shared with other
+# jobs (bench_cpu_backends.py, graph rows; two runs): one sampling call takes 2.75 / 12.9 / 27.2 s
+# unrolled vs 3.08 / 14.5 / 31.3 s as a Loop at S = 10 / 50 / 100 (2 threads), and 2.59 / 12.5 s vs
+# 2.60 / 14.0 s at S = 10 / 50 (1 thread): the Loop is 0-15% slower (per-iteration subgraph overhead,
+# no cross-step memory planning). Creating the unrolled session takes 2.0-2.4 / 13-18 / 52 s
+# (superlinear in S) against 0.1-0.35 s for the Loop. Unrolled up to S=50 (session ~ one sampling
+# call, repaid within ~10 calls), the Loop above.
+UNROLL_MAX_STEPS = 50
+VALIDATE_LOOP_STEPS = 20  # a Loop export is validated on its first steps plus an exact check of its tables
+
+# Counts of the expensive work, for tests and logs: torch exports of a network, sampler graphs built.
+stats = {"torch_exports": 0, "sampler_builds": 0, "cache_hits": 0}
+
+
+# -- fingerprints and the cache -----------------------------------------------------------------------
+def cache_dir() -> Path:
+    """Where exported graphs are kept: $DDIM_FAST_CACHE/onnx, default ~/.cache/ddim-fast/onnx."""
+    root = os.environ.get("DDIM_FAST_CACHE")
+    if root:
+        return Path(root).expanduser() / "onnx"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "ddim-fast" / "onnx"
+
+
+def _plain(value):
+    """A JSON-able stand-in for a model attribute, or None to leave it out of the fingerprint."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        return list(value)
+    if callable(getattr(value, "to_dict", None)):
+        return value.to_dict()
+    return None
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of what decides a model's output: class, parameters and buffers (non-persistent ones
+    too), and the plain attributes of every submodule (numbers, strings, configs with to_dict)."""
+    h = hashlib.sha256()
+    h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    for name, tensor in sorted(tensors.items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    attrs = {}
+    for mod_name, mod in model.named_modules():
+        for k, v in vars(mod).items():
+            if k.startswith("_") or k == "training":
+                continue
+            plain = _plain(v)
+            if plain is not None:
+                attrs[f"{mod_name}.{k}"] = plain
+    h.update(json.dumps(attrs, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def plan_fingerprint(plan: SamplingPlan) -> str:
+    h = hashlib.sha256(json.dumps(plan.describe(), sort_keys=True).encode())
+    h.update(plan.coef.to(torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _export_key(model_fp: str, plan: SamplingPlan | None, dtype, opset, shape, unroll) -> str:
+    parts = {
+        "model": model_fp,
+        "plan": plan_fingerprint(plan) if plan is not None else None,
+        "unroll": unroll if plan is not None else None,
+        "dtype": EXPORT_DTYPES[dtype],
+        "opset": opset,
+        "shape": list(shape),
+        "ddim_fast": __version__,
+        "graph": GRAPH_VERSION,
+        "torch": torch.__version__,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_path(key: str, plan: SamplingPlan | None, dtype) -> Path:
+    if plan is None:
+        name = f"eps-{EXPORT_DTYPES[dtype]}-{key[:20]}.onnx"
+    else:
+        name = f"{plan.direction}-S{plan.steps}-{EXPORT_DTYPES[dtype]}-{key[:20]}.onnx"
+    return cache_dir() / name
+
+
+
+# -- metadata -----------------------------------------------------------------------------------------
+def _metadata(model, plan, dtype, shape, key, unroll, opset) -> dict:
+    cfg = getattr(model, "config", None)
+    sched = getattr(model, "schedule", None)
+    meta = {
+        "version": __version__,
+        "kind": "eps_model" if plan is None else "sampler",
+        "model_class": type(model).__name__,
+        "model_config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
+        "schedule": sched.to_dict() if hasattr(sched, "to_dict") else None,
+        "prediction": getattr(model, "prediction", plan.prediction if plan is not None else "eps"),
+        "dtype": EXPORT_DTYPES[dtype],
+        "shape": list(shape),
+        "opset": opset,
+        "key": key,
+    }
+    if plan is None:
+        meta["inputs"] = {"x": "(B, C, H, W) float32", "t": "(B,) int64 training timesteps"}
+        meta["outputs"] = {"prediction": f"(B, C, H, W) float32, the model's {meta['prediction']} prediction"}
+    else:
+        x_in, x_out = ("x_T", "x0") if plan.direction == "sample" else ("x0", "x_T")
+        meta["plan"] = plan.describe()
+        meta["graph"] = "unrolled" if unroll else "loop"
+        meta["inputs"] = {x_in: "(B, C, H, W) float32"}
+        if plan.needs_noise:
+            meta["inputs"]["noise"] = (
+                "(S, B, C, H, W) float32: z for every step; ONNX has no Philox generator, so the host draws "
+                "ddim_fast.rng.step_noise(seed, i, (B, C, H, W), first_index=...) for step i (zeros where sigma=0)"
+            )
+        meta["outputs"] = {x_out: "(B, C, H, W) float32, the final state, not clamped"}
+    return meta
+
+
+def _set_metadata(proto, meta: dict):
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META_PREFIX + k, json.dumps(v, sort_keys=True)
+
+
+def onnx_metadata(path) -> dict:
+    """The ddim-fast metadata of an exported file, JSON values decoded (kind, model_config,
+    schedule, plan, prediction, dtype, shape, version, ...)."""
+    onnx = import_onnx()
+    path = existing(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise damaged(path, e) from None
+    if not proto.graph.output:  # protobuf parses an empty (or zeroed) file as an empty model
+        raise damaged(path, ValueError("the model has no graph"))
+    meta = {p.key[len(META_PREFIX):]: json.loads(p.value)
+            for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
+    if not meta:
+        raise ValueError(f"{path} has no ddim-fast metadata: it was not written by ddim_fast.export_onnx")
+    return meta
+
+
+# -- export -------------------------------------------------------------------------------------------
+def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float32, opset: int | None = None,
+                validate: bool = True, *, shape=None, unroll: bool | None = None, log=None) -> Path:
+    """Export `model` (no plan: the eps-model) or the whole sampler of `plan` to `path` (atomically).
+
+    eps-model:  inputs x (B, C, H, W) float32 and t (B,) int64; output `prediction` float32.
+    sampler:    input x_T (x0 for an inversion plan from plan.inverse()), plus `noise`
+                (S, B, C, H, W) when the plan draws noise (eta > 0; the host generates it with
+                ddim_fast.rng, see the module docstring); output x0 (x_T when inverting), unclamped.
+                Clipping and dynamic thresholding are part of the graph.
+    dtype:      torch.float32 or torch.float16 (the network's precision; the state stays float32).
+    opset:      ONNX opset (default: torch.onnx's); shape: (C, H, W), read from model.config if omitted.
+    unroll:     None = unrolled up to UNROLL_MAX_STEPS steps, an ONNX Loop above; True / False force it.
+    validate:   run the graph in ONNX Runtime (CPU) and check it against the float64 reference.
+    log:        a function called with one line at each stage (export, graph, validation), for progress.
+    Returns the path. The file carries its config, schedule, plan and version in metadata_props
+    (read them with onnx_metadata).
+    """
+    proto, _ = _build(model, plan, dtype, opset, shape, unroll, validate, log=log)
+    return _write(path, proto)
+
+
+def _check_args(model, plan, dtype, opset, shape, unroll):
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"export_onnx takes a torch.nn.Module model(x, t), got {type(model).__name__}")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"ONNX export supports dtype torch.float32 or torch.float16, got {dtype}; "
+                         "for bfloat16 use the reference, triton or cuda_graph backend")
+    if opset is not None and (not is_int(opset) or not 18 <= opset <= 23):
+        raise ValueError(f"opset must be an int in [18, 23] (torch.onnx writes opset 18 or newer), got {opset!r}")
+    if plan is not None and not isinstance(plan, SamplingPlan):
+        raise ValueError(f"plan must be a SamplingPlan or None (eps-model only), got {type(plan).__name__}")
+    if plan is not None:
+        pred = getattr(model, "prediction", plan.prediction)
+        if pred != plan.prediction:
+            raise ValueError(f"the model predicts {pred!r} but the plan was built for {plan.prediction!r}: "
+                             f"build the plan with prediction={pred!r}")
+    if unroll not in (None, True, False):
+        raise ValueError(f"unroll must be None (automatic), True or False, got {unroll!r}")
+    return sample_shape(model, shape)
+
+
+def _build(model, plan, dtype, opset, shape, unroll, validate, model_fp=None, log=None):
+    """(proto with metadata, key), validated when asked; log(line) at each stage."""
+    say = log or (lambda line: None)
+    shape = _check_args(model, plan, dtype, opset, shape, unroll)
+    unroll = _resolve_unroll(plan, unroll)
+    model_fp = model_fp or model_fingerprint(model)
+    net_proto = _network(model, model_fp, dtype, opset, shape, say)
+    if plan is not None:
+        say(f"building the {plan.steps}-step sampler graph ({'unrolled' if unroll else 'one ONNX Loop'})")
+    proto = net_proto if plan is None else _sampler(net_proto, plan, unroll, shape)
+    if validate:
+        say("validating the graph in ONNX Runtime against the float64 reference")
+    key = _export_key(model_fp, plan, dtype, opset, shape, unroll)
+    _set_metadata(proto, _metadata(model, plan, dtype, shape, key, unroll, opset_of(proto)))
+    if validate and plan is not None and not unroll and plan.steps > VALIDATE_LOOP_STEPS:
+        # A Loop runs one body S times, reading row i of its tables: validating the body on the
+        # first steps and the tables exactly costs VALIDATE_LOOP_STEPS reference steps, not S
+        # (a float64 DDPM-1000 reference of the CIFAR-10 UNet took 20 minutes on 2 CPU cores).
+        first = head(plan, VALIDATE_LOOP_STEPS)
+        validate_export(_sampler(net_proto, first, False, shape), model, first, dtype, shape)
+        check_loop_tables(proto, plan)
+    elif validate:
+        validate_export(proto, model, plan, dtype, shape)
+    return proto, key
+
+
+def _resolve_unroll(plan, unroll):
+    if plan is None:
+        return None
+    return plan.steps <= UNROLL_MAX_STEPS if unroll is None else unroll
+
+
+def _sampler(net_proto, plan, unroll, shape):
+    """graph.sampler_proto, counted in stats."""
+    proto = sampler_proto(net_proto, plan, unroll, shape)
+    stats["sampler_builds"] += 1
+    return proto
+
+
+def _network(model, model_fp, dtype, opset, shape, say=lambda line: None):
+    """The eps-model graph, from the cache when this (model, dtype, opset, shape) was exported before."""
+    onnx = import_onnx()
+    key = _export_key(model_fp, None, dtype, opset, shape, None)
+    path = _cache_path(key, None, dtype)
+    if path.is_file():
+        try:
+            proto = onnx.load(str(path))
+            stats["cache_hits"] += 1
+            return proto
+        except Exception as e:  # a damaged cache entry is rebuilt, not fatal
+            warnings.warn(f"ignoring the damaged cache entry {path} ({type(e).__name__}); re-exporting", stacklevel=3)
+    say(f"exporting the network with torch.onnx ({EXPORT_DTYPES[dtype]}; the slow part: seconds for a small "
+        "model, a minute for a large one)")
+    proto = torch_export(model, dtype, opset, shape)
+    stats["torch_exports"] += 1
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next export
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _set_metadata(proto, _metadata(model, None, dtype, shape, key, None, opset_of(proto)))
+        atomic_write_bytes(path, proto.SerializeToString())
+    return proto
+
+
+def _write(path, proto) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.onnx'}")
+    size = proto.ByteSize()
+    if size >= 2**31 - 1:
+        raise ValueError(f"the graph is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for one file; "
+                         "export the eps-model, or use fewer steps with unroll=False")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(path, proto.SerializeToString())
+
+
+def export_cached(model, plan: SamplingPlan | None = None, dtype=torch.float32, opset: int | None = None, *,
+                  shape=None, unroll: bool | None = None, model_fp: str | None = None) -> Path:
+    """export_onnx into the cache folder (cache_dir()), keyed by a content hash of the weights, config,
+    plan, dtype, opset and ddim-fast version: a second call with the same inputs returns the file
+    without exporting. model_fp: model_fingerprint(model), when the caller already has it."""
+    shape = _check_args(model, plan, dtype, opset, shape, unroll)
+    unroll = _resolve_unroll(plan, unroll)
+    model_fp = model_fp or model_fingerprint(model)
+    path = _cache_path(_export_key(model_fp, plan, dtype, opset, shape, unroll), plan, dtype)
+    if path.is_file():
+        stats["cache_hits"] += 1
+        return path
+    proto, _ = _build(model, plan, dtype, opset, shape, unroll, True, model_fp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _write(path, proto)

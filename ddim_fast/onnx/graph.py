@@ -1,0 +1,200 @@
+"""The sampler written in ONNX around the exported network: the ONNX statement of the update.
+
+One step is the plan's update (*) of plan.py,
+
+    x' = d0 * clip(cx * x + ce * m) + dx * x + de * m + sigma * z,
+
+with `clip` the identity, a fixed range (Clip) or Imagen's dynamic thresholding (TopK quantile),
+written once in `step_ops` (the operations and their order are those of ddim_fast.sampling.step).
+Two layouts of the S steps are built from the same network graph:
+  unrolled   S copies of the network nodes, sharing one set of weights, each step's coefficients
+             and timestep as constants (ORT can fold and plan every step);
+  loop       one ONNX Loop whose body is the network plus the step, reading its row of the (S, 6)
+             coefficient table and its timestep by the iteration number (graph size independent of S).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..plan import COEF_COLUMNS, SamplingPlan
+from .runtime import import_onnx
+
+
+class Builder:
+    """Collects nodes and initializers with unique names under a prefix."""
+
+    def __init__(self, prefix="ddim/"):
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.prefix = prefix
+        self.nodes, self.inits = [], []
+        self.n = 0
+
+    def name(self, hint):
+        self.n += 1
+        return f"{self.prefix}{hint}_{self.n}"
+
+    def const(self, value, dtype=np.float32, hint="c"):
+        name = self.name(hint)
+        self.inits.append(self.numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type, inputs, hint=None, n_out=1, **attrs):
+        outs = [self.name(hint or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), outs, name=self.name(op_type), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+
+def step_ops(b: Builder, plan: SamplingPlan, x: str, m: str, c: dict, z: str | None, numel: int) -> str:
+    """Append one update (*) to `b`; c maps column names to scalar tensors. Returns the new state.
+    The operations and their order are those of ddim_fast.sampling.step (same float32 rounding)."""
+    x0 = b.op("Add", [b.op("Mul", [c["cx"], x]), b.op("Mul", [c["ce"], m])], "x0")  # (1) predicted x0
+    if plan.threshold is not None:
+        x0 = threshold_ops(b, x0, plan.threshold, plan.threshold_max, numel)
+    elif plan.clip_x0 is not None:
+        lo, hi = plan.clip_x0
+        x0 = b.op("Clip", [x0, b.const(lo), b.const(hi)], "x0_clip")
+    # (2) sqrt(a') x0 + (3) the direction pointing to x_t, as coefficients of x0, x and m
+    out = b.op("Add", [b.op("Mul", [c["d0"], x0]), b.op("Mul", [c["dx"], x])])
+    out = b.op("Add", [out, b.op("Mul", [c["de"], m])], "x_mean")
+    if z is not None:
+        out = b.op("Add", [out, b.op("Mul", [c["sigma"], z])], "x_next")  # (4) sigma_t z
+    return out
+
+
+def threshold_ops(b: Builder, x0: str, p: float, s_max: float, numel: int) -> str:
+    """Dynamic thresholding as ddim_fast.sampling.dynamic_threshold: s = quantile(|x0|, p) per sample
+    (torch's linear interpolation between order statistics), clamped to [1, s_max]; x0 = clip(x0, -s, s) / s.
+    Only the top order statistics are needed, so TopK(largest) replaces a full sort."""
+    rank = float(np.float32(p) * np.float32(numel - 1))  # torch computes the rank in float32
+    below = int(math.floor(rank))
+    above = min(below + 1, numel - 1)
+    frac = np.float32(rank - below)
+    k = numel - below  # the k largest hold order statistics below..numel-1, descending
+    flat = b.op("Reshape", [b.op("Abs", [x0]), b.const([0, -1], np.int64)], "abs_flat")  # (B, N)
+    top = b.op("TopK", [flat, b.const([k], np.int64)], "top", n_out=2, axis=1, largest=1, sorted=1)[0]  # (B, k)
+    v_lo = b.op("Gather", [top, b.const(k - 1, np.int64)], "q_lo", axis=1)  # (B,) order statistic `below`
+    s = v_lo
+    if frac != 0 and above != below:
+        v_hi = b.op("Gather", [top, b.const(k - 1 - (above - below), np.int64)], "q_hi", axis=1)
+        s = b.op("Add", [v_lo, b.op("Mul", [b.const(frac), b.op("Sub", [v_hi, v_lo])])], "q")
+    s = b.op("Max", [s, b.const(1.0)], "s")
+    if math.isfinite(s_max):
+        s = b.op("Min", [s, b.const(s_max)], "s")
+    s = b.op("Reshape", [s, b.const([-1, 1, 1, 1], np.int64)], "s4")  # (B, 1, 1, 1)
+    clipped = b.op("Max", [b.op("Min", [x0, s]), b.op("Neg", [s])])
+    return b.op("Div", [clipped, s], "x0_thr")
+
+
+def network_parts(net_proto):
+    """(nodes, initializers, x name, t name, output name) of an exported eps-model graph."""
+    g = net_proto.graph
+    if [i.name for i in g.input] != ["x", "t"] or len(g.output) != 1:
+        raise ValueError("not a ddim-fast eps-model graph (inputs x, t; one output): re-export it")
+    for node in g.node:
+        if any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute):
+            raise ValueError(f"the network graph has a control-flow node ({node.op_type}); "
+                             "the sampler export supports feed-forward networks only")
+    return list(g.node), list(g.initializer), "x", "t", g.output[0].name
+
+
+def copy_nodes(nodes, rename, prefix):
+    """Copies of `nodes` with every value not in `rename` (weights, constants kept) prefixed."""
+    out = []
+    for node in nodes:
+        n = type(node)()
+        n.CopyFrom(node)
+        del n.input[:]
+        del n.output[:]
+        n.input.extend(rename.get(v, prefix + v) if v else v for v in node.input)
+        n.output.extend(rename.get(v, prefix + v) if v else v for v in node.output)
+        n.name = prefix + (node.name or node.op_type)
+        n.doc_string = ""
+        del n.metadata_props[:]  # the exporter's per-node stack traces: ~1 KB per node, per copy
+        out.append(n)
+    return out
+
+
+def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape):
+    """The whole sampler as an onnx.ModelProto, built around the exported network."""
+    onnx = import_onnx()
+    from onnx import TensorProto, helper
+
+    nodes, weights, _, _, pred = network_parts(net_proto)
+    keep = {w.name for w in weights} | {""}
+    x_in, x_out = ("x_T", "x0") if plan.direction == "sample" else ("x0", "x_T")
+    noise = plan.needs_noise
+    C, H, W = shape
+    numel = C * H * W
+    p32 = plan.to("cpu", torch.float32)
+    coef = p32.coef.numpy()  # (S, 6): rounded once to float32, as the reference does
+    ts = plan.timesteps.numpy().astype(np.int64)  # (S,)
+
+    b = Builder()
+    batch = b.op("Shape", [x_in], "batch", start=0, end=1)  # (1,) int64
+    state_type = helper.make_tensor_type_proto(TensorProto.FLOAT, ["B", C, H, W])
+
+    if unroll:
+        x = x_in
+        for i in range(plan.steps):
+            pre = f"s{i}/"
+            t = b.op("Expand", [b.const([ts[i]], np.int64, f"t{i}"), batch], f"{pre}t")  # (B,)
+            rename = {"x": x, "t": t, **{k: k for k in keep}}
+            b.nodes.extend(copy_nodes(nodes, rename, pre))
+            m = pre + pred  # (B, C, H, W) the model output at step i
+            z = None
+            if noise and coef[i, 5] != 0:
+                z = b.op("Gather", ["noise", b.const(i, np.int64)], f"{pre}z", axis=0)  # (B, C, H, W)
+            # sigma only where the step adds noise: an initializer no node reads makes plain onnxruntime
+            # warn "Removing initializer ... not used" on every load
+            c = {name: b.const(coef[i, j], hint=f"{pre}{name}") for j, name in enumerate(COEF_COLUMNS)
+                 if name != "sigma" or z is not None}
+            x = step_ops(b, plan, x, m, c, z, numel)
+        b.nodes.append(helper.make_node("Identity", [x], [x_out], name="ddim/out"))
+    else:
+        # The Loop body reads the weights, the tables, `batch` and `noise` from the outer scope.
+        table = b.const(coef, hint="coef_table")  # (S, 6)
+        steps_t = b.const(ts, np.int64, "timesteps")  # (S,)
+        body = Builder("ddim/body/")
+        i, cond, x = "ddim/body/i", "ddim/body/cond", "ddim/body/x"
+        t_i = body.op("Gather", [steps_t, i], "t_i", axis=0)  # () int64
+        t = body.op("Expand", [body.op("Unsqueeze", [t_i, body.const([0], np.int64)]), batch], "t")  # (B,)
+        row = body.op("Gather", [table, i], "row", axis=0)  # (6,)
+        c = {name: body.op("Gather", [row, body.const(j, np.int64)], name, axis=0)
+             for j, name in enumerate(COEF_COLUMNS)}
+        rename = {"x": x, "t": t, **{k: k for k in keep}}
+        body.nodes.extend(copy_nodes(nodes, rename, "ddim/body/net/"))
+        z = body.op("Gather", ["noise", i], "z", axis=0) if noise else None  # (B, C, H, W)
+        x_next = step_ops(body, plan, x, "ddim/body/net/" + pred, c, z, numel)
+        cond_out = body.op("Identity", [cond], "cond_out")
+        x_next = body.op("Identity", [x_next], "x_out")
+        body_graph = helper.make_graph(
+            body.nodes, "ddim_step",
+            [helper.make_tensor_value_info(i, TensorProto.INT64, []),
+             helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
+             helper.make_value_info(x, state_type)],
+            [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []),
+             helper.make_value_info(x_next, state_type)],
+            initializer=body.inits,
+        )
+        trips = b.const(plan.steps, np.int64, "trips")
+        b.nodes.append(helper.make_node("Loop", [trips, "", x_in], [x_out], name="ddim/loop", body=body_graph))
+
+    inputs = [helper.make_value_info(x_in, state_type)]
+    if noise:
+        inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, [plan.steps, "B", C, H, W]))
+    graph = helper.make_graph(b.nodes, f"ddim_{plan.direction}_{plan.steps}", inputs,
+                              [helper.make_value_info(x_out, state_type)], initializer=weights + b.inits)
+    model = helper.make_model(graph, opset_imports=list(net_proto.opset_import), producer_name="ddim-fast",
+                              producer_version=__version__)
+    model.ir_version = net_proto.ir_version
+    model.functions.extend(net_proto.functions)
+    if model.ByteSize() < 2**31 - 1:  # the checker needs one in-memory message
+        onnx.checker.check_model(model)
+    return model

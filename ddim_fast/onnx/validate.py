@@ -1,0 +1,94 @@
+"""Every export checks itself before a file is written: ONNX Runtime runs the graph on random inputs
+and the result must meet DESIGN.md's tolerance rule (ddim_fast.precision) against a float64
+reference (error <= 2 x the error of the torch reference in the same precision + atol)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+from ..checks import sample_shape
+from ..plan import SamplingPlan
+from ..precision import NAMES, atol, tolerance_ok
+from ..sampling import invert, sample
+from .network import Network, eval_copy
+from .runtime import OrtRunner
+
+
+class ExportValidationError(RuntimeError):
+    """ONNX Runtime's result on the exported graph broke the tolerance rule: the file was not written."""
+
+
+@torch.no_grad()
+def validate_export(proto_or_path, model, plan: SamplingPlan | None, dtype=torch.float32, shape=None, *,
+                    batch: int | None = None, seed: int = 0) -> dict:
+    """Run the exported graph in ONNX Runtime (CPU EP) on random inputs and compare it with the
+    float64 reference (the model in float64; ddim_fast.sampling for a sampler). Raises
+    ExportValidationError when the tolerance rule fails; returns the errors otherwise."""
+    shape = sample_shape(model, shape)
+    # batch 3 for the network (traced at 2: checks the dynamic batch); 2 for a sampler, whose float64
+    # reference costs S network calls (per-sample ops such as thresholding still see two samples)
+    batch = batch or (3 if plan is None else 2)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, *shape, generator=gen)  # (B, C, H, W)
+    m64 = eval_copy(model, torch.float64)
+    low = Network(eval_copy(model, dtype), dtype)
+    runner = OrtRunner(proto_or_path, device="cpu")
+    if plan is None:
+        T = getattr(getattr(model, "schedule", None), "T", 1000)
+        t = torch.randint(0, T, (batch,), generator=gen)
+        ref64 = m64(x.double(), t)
+        ref_low = low(x, t)
+        fast = runner(x=x, t=t)
+    else:
+        noise = torch.randn(plan.steps, *x.shape, generator=gen) if plan.needs_noise else None
+        if plan.direction == "invert":
+            ref64, ref_low = invert(m64, x.double(), plan), invert(low, x, plan)
+            fast = runner(x0=x)
+        else:
+            n64 = noise.double() if noise is not None else None
+            ref64, ref_low = sample(m64, x.double(), plan, noise=n64), sample(low, x, plan, noise=noise)
+            feeds = {"x_T": x} if noise is None else {"x_T": x, "noise": noise}
+            fast = runner(**feeds)
+    err_fast = (fast.double() - ref64).abs().max().item()
+    err_low = (ref_low.double() - ref64).abs().max().item()
+    what = "eps-model" if plan is None else f"{plan.direction} sampler ({plan.steps} steps)"
+    if not (math.isfinite(err_fast) and tolerance_ok(err_fast, err_low, dtype)):
+        raise ExportValidationError(
+            f"the exported {what} does not match the reference: max error vs float64 {err_fast:.3g}, but the "
+            f"torch reference in {NAMES[dtype]} has {err_low:.3g} (allowed: 2 x that + "
+            f"{atol(dtype):g}). Nothing was written; please report this with the model config"
+        )
+    return {"err_onnx": err_fast, "err_torch": err_low}
+
+
+def head(plan: SamplingPlan, k: int) -> SamplingPlan:
+    """The first k steps of a plan (same variance, clipping and noise flag), for validation."""
+    head = dataclasses.replace(plan, timesteps=plan.timesteps[:k], alpha=plan.alpha[:k],
+                               alpha_next=plan.alpha_next[:k], coef=plan.coef[:k])
+    if head.needs_noise != plan.needs_noise:  # the noise input would differ: validate with noise on
+        head = dataclasses.replace(head, coef=torch.cat([head.coef[:, :5], head.coef[:, 5:] + 1e-3], dim=1))
+    return head
+
+
+def check_loop_tables(proto, plan: SamplingPlan):
+    """The Loop's trip count, coefficient table and timesteps are exactly the plan's (float32)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+
+    def one(hint):
+        names = [n for n in inits if n.startswith(f"ddim/{hint}_")]
+        if len(names) != 1:
+            raise ExportValidationError(f"the exported Loop has {len(names)} '{hint}' tables; please report this")
+        return numpy_helper.to_array(inits[names[0]])
+
+    coef = plan.to("cpu", torch.float32).coef.numpy()
+    ok = (np.array_equal(one("coef_table"), coef) and np.array_equal(one("timesteps"), plan.timesteps.numpy())
+          and int(one("trips")) == plan.steps)
+    if not ok:
+        raise ExportValidationError("the exported Loop's tables differ from the plan's; nothing was written. "
+                                    "Please report this with the model config")

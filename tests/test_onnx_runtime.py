@@ -1,0 +1,39 @@
+"""ONNX Runtime sessions (onnx/runtime.py): clear errors for a CUDA EP that is missing or cannot load,
+and for damaged, truncated or missing files."""
+
+import pytest
+
+from ddim_fast import onnx as dox
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def tiny_eps(onnx_tiny_eps):
+    return onnx_tiny_eps
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_cuda_provider_that_cannot_load(tiny_eps, monkeypatch):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA EP")
+    with pytest.raises(ValueError, match=r"no CUDAExecutionProvider.*ddim-fast\[gpu\]"):
+        dox.OrtRunner(tiny_eps, device="cuda")
+    # listed (onnxruntime-gpu installed) but its CUDA libraries do not load: ORT falls back to the CPU
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="could not load its CUDAExecutionProvider"):
+        dox.OrtRunner(tiny_eps, device="cuda")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_onnx_file(tiny_eps, tmp_path, damage):
+    data = tiny_eps.read_bytes()
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not an onnx model" * 10, "empty": b""}[damage])
+    with pytest.raises(ValueError, match=r"bad\.onnx.*damaged or truncated.*re-export"):
+        dox.OrtRunner(bad)
+    with pytest.raises(ValueError, match=r"bad\.onnx.*re-export"):
+        dox.onnx_metadata(bad)
+    with pytest.raises(FileNotFoundError, match="export"):
+        dox.OrtRunner(tmp_path / "missing.onnx")
