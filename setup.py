@@ -6,8 +6,8 @@
 from setuptools import setup
 
 setup(
-    packages=["ddim_fast", "ddim_fast.backends", "ddim_fast.models", "ddim_fast.models.ops", "ddim_fast.onnx",
-              "ddim_fast.kernels", "ddim_fast.assets"],
+    packages=["ddim_fast", "ddim_fast.backends", "ddim_fast.cli", "ddim_fast.models", "ddim_fast.models.ops",
+              "ddim_fast.onnx", "ddim_fast.kernels", "ddim_fast.assets"],
     package_dir={"ddim_fast": "ddim_fast", "ddim_fast.kernels": "kernels"},
     package_data={"ddim_fast.assets": ["*/*.json", "*/*.safetensors"]},
     include_package_data=True,

@@ -152,7 +152,7 @@ def load_digits_classifier(path=None, device="cpu") -> DigitsClassifier:
     if not cfg_file.is_file() or not weights.is_file():
         raise FileNotFoundError(
             f"no digits classifier in {str(folder)!r} (needs config.json and model.safetensors); "
-            "train one with `python -m ddim_fast.metrics train-digits-classifier OUT`"
+            "train one with `ddim-fast train-digits-classifier OUT`"
         )
     meta = json.loads(cfg_file.read_text())
     model = DigitsClassifier(DigitsClassifierConfig(**meta["config"]))
@@ -301,39 +301,12 @@ def save_digits_classifier(model: DigitsClassifier, folder, report: dict | None 
     atomic_write_json(folder / "config.json", {"config": asdict(model.config), **(report or {})})
 
 
-def main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m ddim_fast.metrics",
-                                description="train the digits classifier behind FD-digits")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train-digits-classifier", help="train and save the classifier")
-    t.add_argument("out", help="folder to write config.json and model.safetensors into")
-    t.add_argument("--resolution", type=int, default=16)
-    t.add_argument("--epochs", type=int, default=40)
-    t.add_argument("--seed", type=int, default=0)
-    e = sub.add_parser("eval-digits", help="judge a digits model's DDIM samples with the classifier")
-    e.add_argument("model", nargs="?", default="digits", help="a model folder or bundled name (default: digits)")
-    e.add_argument("--n", type=int, default=200, help="samples (seeded: sample i is keyed by (seed, i))")
-    e.add_argument("--steps", type=int, default=20, help="DDIM steps (eta = 0, uniform spacing)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--grid", default=None, help="also write the first 100 samples as a PNG grid here")
-    args = p.parse_args(argv)
-    if args.cmd == "eval-digits":
-        report = evaluate_digits_model(args.model, n=args.n, steps=args.steps, seed=args.seed, grid=args.grid)
-    else:
-        model, report = train_digits_classifier(args.resolution, epochs=args.epochs, seed=args.seed)
-        save_digits_classifier(model, args.out, report)
-    print(json.dumps(report, indent=2))
-    return 0
-
-
 def evaluate_digits_model(model="digits", *, n: int = 200, steps: int = 20, seed: int = 0, grid=None) -> dict:
     """DDIM-`steps` samples of a digits model judged by the classifier, plus FD-digits (test split)."""
     import time
 
     from .checkpoint import load_model
-    from .train import sample_images, write_sample_grid
+    from .images import sample_images, write_sample_grid
 
     m = load_model(model) if not isinstance(model, nn.Module) else model
     t0 = time.perf_counter()
@@ -344,7 +317,3 @@ def evaluate_digits_model(model="digits", *, n: int = 200, steps: int = 20, seed
     if grid:
         write_sample_grid(grid, m, min(n, 100), steps=steps, seed=seed, scale=2)
     return report
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -28,8 +28,12 @@ import torch
 
 from .checks import is_int
 
+# The `purpose` word of a key: what a stream is for. The sampler's x_T and per-step noise, then the
+# trainer's keyed draws (ddim_fast.train: data order per epoch, the batch's t / eps / flips, dropout,
+# class dropout), so no two uses of a seed ever share a stream.
 PURPOSE_XT = 0
 PURPOSE_STEP = 1
+PURPOSE_EPOCH, PURPOSE_BATCH, PURPOSE_DROPOUT, PURPOSE_CLASS = 16, 17, 18, 19
 
 _MASK32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85  # Philox key increments (Weyl sequence)
@@ -141,3 +145,10 @@ def initial_noise(seed: int, shape, *, first_index: int = 0, device=None) -> tor
 def step_noise(seed: int, step: int, shape, *, first_index: int = 0, device=None) -> torch.Tensor:
     """z for the sampler's step `step` (0-based position in the plan, not the timestep)."""
     return normal(seed, shape, step=step, purpose=PURPOSE_STEP, first_index=first_index, device=device)
+
+
+def derived_seed(seed: int, counter: int, purpose: int, index: int = 0) -> int:
+    """A 63-bit seed (for a torch.Generator) from (seed, counter, purpose, index) through the same
+    Philox keys: how the trainer keys every draw of step `counter`."""
+    k0, k1 = sample_keys(seed, torch.tensor([index]), counter, purpose)
+    return (int(k1[0]) << 32 | int(k0[0])) & SEED_MAX

@@ -22,58 +22,42 @@ So a resumed run (step s restored from a checkpoint) draws exactly what the unin
 drew, and 1 or N processes see the same global batch. The global RNG states are also saved in
 each checkpoint and restored, for any other code that draws from them.
 
-Layout of --out:
-    latest                          the name of the newest complete checkpoint (written atomically)
-    checkpoints/step-0004000/       a ddim-fast model folder (config.json, model.safetensors,
-                                    ema.safetensors) plus trainer.safetensors (optimizer state,
-                                    RNG states), trainer.json (step, run arguments) and samples.png
-                                    (DDIM-20 with the EMA weights)
-    log.jsonl                       one JSON object per logged step
-A checkpoint folder is written under a temporary name and renamed when complete, so a crash
-mid-write never replaces or damages the last good checkpoint. Under torchrun, rank 0 alone writes.
+The run folder (--out: checkpoints, `latest`, log.jsonl) and saving / resuming / exporting a
+checkpoint are train_state.py; the checkpoints' sample grids are images.write_sample_grid.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import math
-import os
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import rng
-from .checkpoint import EMA_FILE, MODEL_FILE, TRAINER_JSON, find_latest_checkpoint, save_model
+from . import distributed, rng, train_state
+from .checkpoint import find_latest_checkpoint
 from .data import TensorImages, load_dataset, num_workers_default
-from .files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, fsync_dir, read_safetensors
+from .images import sample_images, write_sample_grid  # noqa: F401  (re-exported: docs/bundled-model.md)
 from .models.unet import PRESETS, UNet, UNetConfig
 from .models.weights import build_model
-from .plan import SamplingPlan
-from .sampling import sample
+from .plan import PREDICTIONS
 from .schedule import NoiseSchedule
+from .train_state import export_ema  # noqa: F401  (re-exported: docs/bundled-model.md)
 
-PREDICTIONS = ("eps", "x0", "v")
 OPTIMIZERS = ("adam", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine")
 LR_SCHEDULES = ("constant", "cosine")
-TRAINER_FILE = "trainer.safetensors"
-GRID_FILE = "samples.png"
 # Fields that must match between a run and its resume (the others may change, e.g. --steps).
 RUN_FIELDS = ("dataset", "config", "batch_size", "lr", "warmup", "lr_schedule", "optimizer", "weight_decay",
               "grad_clip", "ema_decay", "dropout", "prediction", "flip", "precision", "accum", "seed",
               "schedule", "timesteps", "num_classes", "class_dropout")
-# Purposes for the per-step keys (rng.sample_keys' 'purpose' word), distinct from the sampler's.
-_KEY_EPOCH, _KEY_BATCH, _KEY_DROPOUT, _KEY_CLASS = 16, 17, 18, 19
 DEFAULT_CLASS_DROPOUT = 0.1  # classifier-free guidance paper's p_uncond = 0.1 or 0.2; 0.1 keeps more conditional steps
 
 
@@ -158,56 +142,11 @@ class TrainResult:
     checkpoint: Path | None = None  # the newest checkpoint written (rank 0) or None
 
 
-# -- distributed -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(device_arg: str) -> tuple[Dist, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_arg)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device(f"cuda:{local}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device_arg!r} asks for CUDA, which is not available; use --device cpu")
-        torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-    return Dist(rank, world, local), device
-
-
-def _all_mean(x: torch.Tensor, dist: Dist) -> torch.Tensor:
-    if dist.world > 1:
-        x = x.clone()
-        torch.distributed.all_reduce(x)
-        x /= dist.world
-    return x
-
-
-# -- randomness: every draw keyed by (seed, step) ----------------------------------------------------
-def derived_seed(seed: int, counter: int, purpose: int, index: int = 0) -> int:
-    """A 63-bit seed from (seed, counter, purpose, index) through the project's Philox (rng.py)."""
-    k0, k1 = rng.sample_keys(seed, torch.tensor([index]), counter, purpose)
-    return (int(k1[0]) << 32 | int(k0[0])) & rng.SEED_MAX
-
-
+# -- randomness: every draw keyed by (seed, step) (rng.derived_seed) -----------------------------------
 def class_dropout_mask(seed: int, step: int, batch_size: int, p: float, device="cpu") -> torch.Tensor:
     """(B,) bool: which labels of optimizer step `step`'s global batch become the null label, each
     independently with probability p. A pure function of its arguments, like batch_indices."""
-    g = torch.Generator(device).manual_seed(derived_seed(seed, step, _KEY_CLASS))
+    g = torch.Generator(device).manual_seed(rng.derived_seed(seed, step, rng.PURPOSE_CLASS))
     return torch.rand(batch_size, generator=g, device=device) < p  # (B,)
 
 
@@ -219,7 +158,8 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor
     epochs = pos // n
     out = torch.empty_like(pos)
     for e in epochs.unique().tolist():
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, e, _KEY_EPOCH)))
+        g = torch.Generator().manual_seed(rng.derived_seed(seed, e, rng.PURPOSE_EPOCH))
+        perm = torch.randperm(n, generator=g)
         sel = epochs == e
         out[sel] = perm[pos[sel] % n]
     return out  # (B,)
@@ -285,7 +225,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, log=print):
         self.cfg = cfg
         self.log = log
-        self.dist, self.device = _setup_distributed(cfg.device)
+        auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dist, self.device = distributed.setup(auto if cfg.device == "auto" else torch.device(cfg.device))
         if cfg.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         micro, rem = divmod(cfg.batch_size, self.dist.world * cfg.accum)
@@ -322,7 +263,7 @@ class Trainer:
                 "or choose another --out"
             )
         if latest is not None:
-            self._load(latest)
+            train_state.restore(self, latest, RUN_FIELDS)
         elif cfg.resume and self.dist.main:
             self.log(f"--resume: no checkpoint in {self.out}; starting from step 0")
 
@@ -359,7 +300,7 @@ class Trainer:
         cfg, mc, B = self.cfg, self.model_config, self.cfg.batch_size
         x0 = next(self._batches).to(self.device, non_blocking=True)  # (share, C, H, W)
         lo, hi = self._share().start, self._share().stop
-        g = torch.Generator(self.device).manual_seed(derived_seed(cfg.seed, self.step, _KEY_BATCH))
+        g = torch.Generator(self.device).manual_seed(rng.derived_seed(cfg.seed, self.step, rng.PURPOSE_BATCH))
         shape = (B, mc.in_channels, mc.resolution, mc.resolution)
         t = torch.randint(0, self.schedule.T, (B,), generator=g, device=self.device)[lo:hi]
         eps = torch.randn(shape, generator=g, device=self.device)[lo:hi]
@@ -378,7 +319,7 @@ class Trainer:
         lr = lr_at(cfg, self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        torch.manual_seed(derived_seed(cfg.seed, self.step, _KEY_DROPOUT, self.dist.rank))  # dropout
+        torch.manual_seed(rng.derived_seed(cfg.seed, self.step, rng.PURPOSE_DROPOUT, self.dist.rank))  # dropout
         self.model.train()
         x0, eps, t, y = self._global_batch()
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
@@ -406,7 +347,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self._update_ema()
         self.step += 1
-        return float(_all_mean(total, self.dist)), grad_norm
+        return float(distributed.all_mean(total, self.dist)), grad_norm
 
     @torch.no_grad()
     def _update_ema(self):
@@ -423,8 +364,8 @@ class Trainer:
         result = TrainResult(step=self.step, resumed_from=self.resumed_from)
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
-            self._trim_log()
-            self._remove_debris()
+            train_state.trim_log(self.out, self.resumed_from)
+            train_state.remove_debris(self.out)
             self.log(f"training {self.model_config} ({self.model.num_parameters():,} params) on "
                      f"{self.data.name} ({len(self.data)} images, flips {'on' if self.flip else 'off'}), "
                      f"{self.dist.world} process(es) on {self.device}, global batch {cfg.batch_size} = "
@@ -458,7 +399,7 @@ class Trainer:
                 window, t_log = [], now
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 if main:
-                    result.checkpoint = self.save()
+                    result.checkpoint = train_state.save(self)
                     if bar is not None:
                         bar.write(f"saved {result.checkpoint}")
         if bar is not None:
@@ -467,7 +408,7 @@ class Trainer:
         result.checkpoint = result.checkpoint or self.last_checkpoint
         return result
 
-    def _say(self, msg: str):
+    def say(self, msg: str):
         """A progress note on the console, above the bar when there is one."""
         bar = getattr(self, "_bar", None)
         if bar is not None:
@@ -479,145 +420,10 @@ class Trainer:
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(obj) + "\n")
 
-    def _trim_log(self):
-        """On resume, drop log lines past the resumed step (an interrupted run may have logged them)."""
-        path = self.out / "log.jsonl"
-        if self.resumed_from is None or not path.is_file():
-            return
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.resumed_from]
-        if len(keep) != len(lines):
-            atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
-
-    def _remove_debris(self):
-        """Delete half-written checkpoint folders a killed run (SIGKILL, power loss) left behind:
-        they carry a leading dot and never a complete checkpoint's name."""
-        ckdir = self.out / "checkpoints"
-        if ckdir.is_dir():
-            for p in ckdir.glob(".*step-*"):
-                shutil.rmtree(p, ignore_errors=True)
-
-    # -- checkpoints -----------------------------------------------------------------------------
-    def save(self) -> Path:
-        """Write checkpoints/step-NNNNNNN atomically, then point `latest` at it (rank 0 only)."""
-        ckdir = self.out / "checkpoints"
-        ckdir.mkdir(parents=True, exist_ok=True)
-        name = f"step-{self.step:07d}"
-        final = ckdir / name
-        tmp = ckdir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            extra = {"training": {"step": self.step, "dataset": self.cfg.dataset, "weights": "raw + ema",
-                                  **{k: v for k, v in self.cfg.run_fields().items() if k != "dataset"},
-                                  "flips_applied": self.flip}}  # --flip and the data allows it
-            if self.class_dropout is not None:
-                extra["training"].update(class_dropout_applied=self.class_dropout,
-                                         classes=list(self.data.classes or range(self.model_config.num_classes)))
-            save_model(tmp, self.model, ema_state_dict=self.ema, extra=extra)
-            tensors, state = self._trainer_state()
-            atomic_save_safetensors(tmp / TRAINER_FILE, tensors)
-            if self.cfg.grid_size:
-                self._say(f"step {self.step}: drawing the checkpoint's sample grid ({self.cfg.grid_size} images, "
-                          "DDIM-20, EMA weights)...")
-                write_sample_grid(tmp / GRID_FILE, self._ema_model(), self.cfg.grid_size, seed=self.cfg.seed)
-            atomic_write_json(tmp / TRAINER_JSON, state)  # last: its presence marks a complete folder
-            fsync_dir(tmp)
-            if final.exists():  # a re-run of the same step: set the old one aside first
-                aside = ckdir / f".{name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(final, aside)
-                os.replace(tmp, final)
-                shutil.rmtree(aside, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            fsync_dir(ckdir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        atomic_write_bytes(self.out / "latest", (name + "\n").encode())
-        self.last_checkpoint = final
-        self._prune(ckdir, keep=final)
-        return final
-
-    def _prune(self, ckdir: Path, keep: Path):
-        if not self.cfg.keep:
-            return
-        done = sorted(p for p in ckdir.glob("step-*") if (p / TRAINER_JSON).is_file())
-        for p in done[:-self.cfg.keep]:
-            if p != keep:
-                shutil.rmtree(p, ignore_errors=True)
-
-    def _trainer_state(self) -> tuple[dict, dict]:
-        """(tensors, JSON) for everything but the weights: optimizer, scaler, RNG states, step."""
-        sd = self.opt.state_dict()
-        tensors, scalars = {}, {}
-        for pid, st in sd["state"].items():
-            for k, v in st.items():
-                if isinstance(v, torch.Tensor):
-                    tensors[f"optimizer.{pid}.{k}"] = v
-                else:
-                    scalars[f"{pid}.{k}"] = v
-        tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng.cuda.{i}"] = s
-        state = {
-            "step": self.step,
-            "run": self.cfg.run_fields(),
-            "model": self.model_config.to_dict(),
-            "optimizer": {"param_groups": sd["param_groups"], "scalars": scalars},
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "world_size": self.dist.world,
-            "torch": torch.__version__,
-        }
-        return tensors, state
-
-    def _ema_model(self) -> UNet:
+    def ema_model(self) -> UNet:
+        """A UNet holding the current EMA weights (for the checkpoint's sample grid)."""
         return build_model(self.model_config, self.ema, schedule=self.schedule,
                            prediction=self.cfg.prediction, device=self.device, what="the EMA weights")
-
-    def _load(self, folder: Path):
-        try:
-            state = json.loads((folder / TRAINER_JSON).read_text())
-            saved, now = state["run"], self.cfg.run_fields()
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise _damaged_checkpoint(folder, e) from None
-        diff = {k: (saved.get(k), now.get(k)) for k in RUN_FIELDS if saved.get(k) != now.get(k)}
-        if diff:
-            shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"--resume: the options differ from the run in {self.out} ({shown}); "
-                             "give the same options (only --steps, --save-every, --log-every, --keep "
-                             "may change) "
-                             "or choose another --out")
-        try:
-            self._restore(folder, state)
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise _damaged_checkpoint(folder, e) from None
-        if self.dist.main:
-            self.log(f"resuming from step {self.step} ({folder})")
-
-    def _restore(self, folder: Path, state: dict):
-        dev = str(self.device)
-        self.model.load_state_dict(read_safetensors(folder / MODEL_FILE, dev))
-        self.ema = {k: v.float() for k, v in read_safetensors(folder / EMA_FILE, dev).items()}
-        tensors = read_safetensors(folder / TRAINER_FILE)
-        opt_state: dict = {}
-        for key, v in tensors.items():
-            if key.startswith("optimizer."):
-                _, pid, k = key.split(".", 2)
-                opt_state.setdefault(int(pid), {})[k] = v
-        for key, v in state["optimizer"]["scalars"].items():
-            pid, k = key.split(".", 1)
-            opt_state.setdefault(int(pid), {})[k] = v
-        self.opt.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if torch.cuda.is_available():
-            cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-            if len(cuda) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(cuda)
-        self.step = self.resumed_from = int(state["step"])
-        self.last_checkpoint = folder
-
 
 def _class_dropout(cfg: TrainConfig, mc: UNetConfig, data) -> float | None:
     """The class-dropout probability of a conditional run (None for an unconditional one), after
@@ -640,11 +446,6 @@ def _class_dropout(cfg: TrainConfig, mc: UNetConfig, data) -> float | None:
     return DEFAULT_CLASS_DROPOUT if cfg.class_dropout is None else float(cfg.class_dropout)
 
 
-def _damaged_checkpoint(folder: Path, err: Exception) -> ValueError:
-    return ValueError(f"--resume: the checkpoint {folder} is damaged ({type(err).__name__}: {err}); delete that "
-                      "folder to resume from the checkpoint before it, or start over in another --out")
-
-
 class _StepBatches:
     """A batch sampler: this rank's dataset indices for each step in [start, stop)."""
 
@@ -659,137 +460,6 @@ class _StepBatches:
             yield self.trainer._step_indices(step).tolist()
 
 
-def export_ema(checkpoint, dst, *, overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Write the EMA weights of a training checkpoint as a sampling-only model folder at `dst`
-    (config.json + model.safetensors holding the EMA weights, no optimizer state): half the size,
-    which is how the bundled model ships. `extra` adds keys to the "training" record."""
-    from .checkpoint import load_model
-
-    src = Path(checkpoint)
-    if (src / "checkpoints").is_dir():  # a run folder: take its latest checkpoint
-        found = find_latest_checkpoint(src)
-        if found is None:
-            raise FileNotFoundError(f"{src} holds no complete checkpoint yet; train first")
-        src = found
-    model = load_model(src, ema=True)
-    training = dict(model.checkpoint_info.get("training", {}))
-    training.update({"weights": "ema", "source": src.name, **(extra or {})})
-    return save_model(dst, model, extra={"training": training}, overwrite=overwrite)
-
-
 def train(cfg: TrainConfig, log=print) -> TrainResult:
     """Run (or resume) the training run `cfg` up to cfg.steps; see the module docstring."""
     return Trainer(cfg, log=log).run()
-
-
-# -- sample grids ----------------------------------------------------------------------------------
-@torch.no_grad()
-def sample_images(model: UNet, n: int, *, steps: int = 20, seed: int = 0,
-                  batch_size: int = 256, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """n DDIM (eta = 0) samples of `model` with `steps` uniform steps, in [-1, 1]: (n, C, R, R).
-    class_labels (n,): the label of each sample, for a class-conditional model (no guidance)."""
-    c = model.config
-    if class_labels is not None:
-        class_labels = torch.as_tensor(class_labels)
-        if class_labels.shape != (n,):
-            raise ValueError(f"class_labels must have shape ({n},), one label per sample, "
-                             f"got {tuple(class_labels.shape)}")
-    plan = SamplingPlan.build(model.schedule, steps=steps, eta=0.0, prediction=model.prediction)
-    dev = next(model.parameters()).device
-    out = []
-    for lo in range(0, n, batch_size):
-        b = min(batch_size, n - lo)
-        shape = (b, c.in_channels, c.resolution, c.resolution)
-        x_T = rng.initial_noise(seed, shape, first_index=lo, device=dev)  # sample i keyed by (seed, i)
-        net = model
-        if class_labels is not None:
-            y = class_labels[lo:lo + b].to(dev)
-            net = lambda x, t, y=y: model(x, t, class_labels=y)
-        out.append(sample(net, x_T, plan).clamp(-1.0, 1.0).cpu())
-    return torch.cat(out)
-
-
-def write_sample_grid(path, model: UNet, n: int = 64, *, steps: int = 20, seed: int = 0, scale: int = 1):
-    """Sample n images with DDIM-`steps` and write them as one PNG at `path`, atomically. A
-    class-conditional model draws class i % num_classes for sample i (no guidance)."""
-    from PIL import Image
-
-    from .images import image_grid, png_bytes
-
-    k = model.config.num_classes
-    labels = None if k is None else torch.arange(n) % k
-    im = image_grid(sample_images(model, n, steps=steps, seed=seed, class_labels=labels))
-    if scale > 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    atomic_write_bytes(path, png_bytes(im))
-
-
-# -- command line ----------------------------------------------------------------------------------
-def add_cli_arguments(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig(out="")
-    p.add_argument("--dataset", default=d.dataset, help="digits | synthetic[:N] | folder:PATH | cifar10:PATH")
-    p.add_argument("--config", default=d.config,
-                   help=f"UNet preset ({', '.join(PRESETS)}) or a JSON file of UNetConfig fields")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, latest, log.jsonl)")
-    p.add_argument("--steps", type=int, default=d.steps, help="total optimizer steps to reach")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="global batch per optimizer step (split over processes and --accum)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear lr warm-up steps")
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm; 0 disables")
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="train a class-conditional model on the dataset's labels 0..N-1 (N+1 embeddings: N is "
-                        "the null label)")
-    p.add_argument("--class-dropout", type=float, default=None,
-                   help=f"probability of replacing a label by the null label (default {DEFAULT_CLASS_DROPOUT} "
-                        "for a class-conditional model)")
-    p.add_argument("--prediction", choices=PREDICTIONS, default=d.prediction, help="regression target")
-    p.add_argument("--no-flip", dest="flip", action="store_false",
-                   help="no random horizontal flips (digits are never flipped)")
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision, help="autocast dtype (fp16: GPU)")
-    p.add_argument("--accum", type=int, default=d.accum, help="gradient-accumulation micro-batches")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint period in steps")
-    p.add_argument("--keep", type=int, default=d.keep, help="checkpoints to keep (0: all)")
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="noise schedule")
-    p.add_argument("--timesteps", type=int, default=d.timesteps, help="T, training timesteps")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--workers", type=int, default=None, help="data-loader processes (folder datasets)")
-    p.add_argument("--grid-size", type=int, default=d.grid_size, help="images per checkpoint sample grid")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
-
-
-def cli_main(args) -> int:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-    if cfg.dataset == "digits":  # before any work: the data comes with scikit-learn
-        from .checks import require
-
-        require("sklearn.datasets", "train", "the digits dataset (scikit-learn's)")
-    dist_main = int(os.environ.get("RANK", "0")) == 0
-    say = print if dist_main else (lambda *a, **k: None)
-    try:
-        result = train(cfg, log=say)
-    except KeyboardInterrupt:
-        last = find_latest_checkpoint(cfg.out)
-        if last is None:
-            hint = (f"no checkpoint was saved yet (one every --save-every {cfg.save_every} steps); rerun the same "
-                    "command to start again")
-        else:
-            hint = (f"the last checkpoint is {last}; continue from it with the same command"
-                    + ("" if cfg.resume else " plus --resume"))
-        raise KeyboardInterrupt(hint) from None
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    if dist_main:
-        where = result.checkpoint or find_latest_checkpoint(cfg.out)
-        print(f"done: step {result.step}; latest checkpoint {where}")
-    return 0

@@ -16,6 +16,7 @@ from conftest import MarkerPayload
 import ddim_fast as dd
 from ddim_fast import checkpoint as ck
 from ddim_fast import cli
+from ddim_fast.cli.convert import Convert
 from ddim_fast.models import convert as cv
 from ddim_fast.models.unet import UNet, UNetConfig
 from ddim_fast.schedule import NoiseSchedule
@@ -410,9 +411,9 @@ def test_convert_official_with_yaml_via_parser(official, tmp_path):
                    "diffusion: {beta_schedule: linear, beta_start: 0.0001, beta_end: 0.02, "
                    "num_diffusion_timesteps: 1000}\n")
     parser = argparse.ArgumentParser()
-    cv.add_cli_arguments(parser)
+    Convert.add_arguments(parser)
     args = parser.parse_args([str(path), str(tmp_path / "out"), "--config", str(yml)])
-    assert cv.cli_main(args) == 0
+    assert Convert.run(args) == 0
     assert dd.load_model(tmp_path / "out").config == OFFICIAL_CFG
 
 

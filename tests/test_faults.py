@@ -23,7 +23,7 @@ import torch
 
 import ddim_fast as dd
 from ddim_fast import train as T
-from ddim_fast.checkpoint import save_model
+from ddim_fast.checkpoint import TRAINER_JSON, save_model
 from ddim_fast.cli import main
 from ddim_fast.models.analytic import GaussianEps
 from ddim_fast.sampling import NonFiniteError
@@ -82,7 +82,7 @@ def test_sigkill_during_training_then_resume(tmp_path, capsys):
     assert proc.returncode == -signal.SIGKILL
 
     last = T.find_latest_checkpoint(out)  # the last good checkpoint
-    k = json.loads((last / T.TRAINER_JSON).read_text())["step"]
+    k = json.loads((last / TRAINER_JSON).read_text())["step"]
     assert k >= 2 and k % 2 == 0
     model = dd.load_model(last)
     assert model.checkpoint_info["training"]["step"] == k

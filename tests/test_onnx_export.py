@@ -7,7 +7,6 @@ The expensive step, torch.onnx tracing the tiny UNet, happens once for the modul
 folder); GaussianEps exports are cheap.
 """
 
-import argparse
 import copy
 
 import pytest
@@ -17,7 +16,7 @@ from conftest import assert_close_to_reference
 import ddim_fast as dd
 from ddim_fast import onnx as dox
 from ddim_fast.models.analytic import GaussianEps
-from ddim_fast.onnx import command, export, graph
+from ddim_fast.onnx import export, graph
 from ddim_fast.onnx.network import Network, quiet_exporter
 from ddim_fast.onnx.validate import check_loop_tables
 
@@ -230,27 +229,6 @@ def test_bad_export_arguments(tiny, tmp_path):
         dd.export_onnx(GaussianEps(SCHED), tmp_path / "b.onnx")
     with pytest.raises(ValueError, match="bfloat16"):
         dd.Engine(tiny, dd.SamplingPlan.build(SCHED, 3), backend="onnxruntime", device="cpu", dtype=torch.bfloat16)
-
-
-# -- the CLI hook ---------------------------------------------------------------------------------------
-def test_cli_export(tiny, tmp_path, capsys):
-    from ddim_fast.checkpoint import save_model
-
-    save_model(tmp_path / "ckpt", tiny)
-    parser = argparse.ArgumentParser()
-    command.add_cli_arguments(parser)
-    out = tmp_path / "cli.onnx"
-    argv = ["--model", str(tmp_path / "ckpt"), "--out", str(out), "--whole-sampler", "--steps", "3",
-            "--eta", "0.5", "--graph", "loop"]
-    assert command.cli_main(parser.parse_args(argv)) == 0
-    meta = dox.onnx_metadata(out)
-    assert meta["plan"]["steps"] == 3 and meta["plan"]["eta"] == 0.5 and meta["graph"] == "loop"
-    assert "noise" in meta["inputs"] and "wrote" in capsys.readouterr().out
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        command.cli_main(parser.parse_args(argv))
-    with pytest.raises(ValueError, match="--whole-sampler"):
-        command.cli_main(parser.parse_args(["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "e.onnx"),
-                                        "--steps", "3"]))
 
 
 def test_long_loop_exports_validate_the_body_and_the_tables(gauss, tmp_path, monkeypatch):

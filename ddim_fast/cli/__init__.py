@@ -1,11 +1,17 @@
-"""The `ddim-fast` command.
+"""The `ddim-fast` command: one convention for every sub-command.
 
-Each sub-command lives next to the code it drives: a module that provides a sub-command has
-    add_cli_arguments(parser)   fill in an argparse sub-parser
-    cli_main(args) -> int       run it (returns the exit code)
-and is listed in COMMANDS. Errors a user can fix (ValueError, FileNotFoundError, ...; an
-OSError from the file system, e.g. a full disk; a mistyped or unknown option) are printed as one
-line, without a traceback, and exit with status 2.
+A sub-command is a class with two static methods,
+    add_arguments(parser)   fill in its argparse sub-parser
+    run(args) -> int        run it (returns the exit code)
+in the file of its family (sample.py: sample, encode, decode, interpolate; export.py; train.py;
+convert.py; bench.py; metrics.py: eval-digits, train-digits-classifier; aot.py), listed in COMMANDS.
+Options several commands share (the model, the plan from arguments, device and dtype) are in
+common.py, the torchrun setup in ddim_fast.distributed. Errors a user can fix (ValueError,
+FileNotFoundError, ...; an OSError from the file system, e.g. a full disk; a mistyped or unknown
+option) are printed as one line, without a traceback, and exit with status 2.
+
+    ddim-fast ...                    the console script (ddim_fast.cli:main)
+    python -m ddim_fast.cli ...      the same (torchrun: -m ddim_fast.cli)
 """
 
 from __future__ import annotations
@@ -16,17 +22,27 @@ import sys
 import warnings
 from importlib import import_module
 
-# name -> (module, one-line help)
+# name -> (module in this package, class, one-line help)
 COMMANDS = {
-    "sample": ("ddim_fast.commands", "sample images (grid PNG, folder of PNGs, or .npz); torchrun-aware"),
-    "encode": ("ddim_fast.commands", "images -> x_T latents (.npz) by DDIM inversion"),
-    "decode": ("ddim_fast.commands", "x_T latents (.npz) -> images"),
-    "interpolate": ("ddim_fast.commands", "slerp between two seeds or latents, decoded to a strip PNG"),
-    "export": ("ddim_fast.onnx.command", "export the eps-model or the whole sampler to ONNX (checked in ONNX Runtime)"),
-    "train": ("ddim_fast.train", "train a UNet with the DDPM objective"),
-    "convert": ("ddim_fast.models.convert", "import an official ckpt.pth or a diffusers folder"),
-    "bench": ("ddim_fast.commands", "run a benchmark script from a source checkout (benchmarks/)"),
+    "sample": ("sample", "Sample", "sample images (grid PNG, folder of PNGs, or .npz); torchrun-aware"),
+    "encode": ("sample", "Encode", "images -> x_T latents (.npz) by DDIM inversion"),
+    "decode": ("sample", "Decode", "x_T latents (.npz) -> images"),
+    "interpolate": ("sample", "Interpolate", "slerp between two seeds or latents, decoded to a strip PNG"),
+    "export": ("export", "Export", "export the eps-model or the whole sampler to ONNX (checked in ONNX Runtime)"),
+    "train": ("train", "Train", "train a UNet with the DDPM objective"),
+    "convert": ("convert", "Convert", "import an official ckpt.pth or a diffusers folder"),
+    "bench": ("bench", "Bench", "run a benchmark script from a source checkout (benchmarks/)"),
+    "eval-digits": ("metrics", "EvalDigits", "judge a digits model's DDIM samples with the digits classifier "
+                    "(FD-digits)"),
+    "train-digits-classifier": ("metrics", "TrainDigitsClassifier", "train and save the classifier behind FD-digits"),
 }
+
+
+def command(name: str):
+    """The class of sub-command `name` (its module imported on first use)."""
+    module, cls, _ = COMMANDS[name]
+    return getattr(import_module(f".{module}", __name__), cls)
+
 
 EPILOG = """examples:
   ddim-fast sample --out samples.png                       # the bundled digits model, DDIM-20
@@ -63,7 +79,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(
         prog="ddim-fast",
@@ -73,17 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ddim-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (_, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
-        mod = import_module(module)
-        if module == "ddim_fast.commands":  # one module, several commands
-            getattr(mod, f"add_{name}_arguments")(p)
-        else:
-            mod.add_cli_arguments(p)
+        command(name).add_arguments(p)
         for action in p._actions:  # argparse prints nothing for an option without help: give it its default
             if action.help is None and action.option_strings and action.nargs != 0 and action.default is not None:
                 action.help = "(default: %(default)s)"
-        p.set_defaults(_module=module)
     return parser
 
 
@@ -136,9 +147,7 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():  # warnings print as one line each: "ddim-fast CMD: warning: ..."
         warnings.showwarning = lambda message, *_a, **_k: print(f"{prog}: warning: {message}", file=sys.stderr)
         try:
-            mod = import_module(args._module)
-            run = getattr(mod, f"run_{args.command}") if args._module == "ddim_fast.commands" else mod.cli_main
-            return int(run(args) or 0)
+            return int(command(args.command).run(args) or 0)
         except USER_ERRORS as e:
             print(f"{prog}: error: {error_message(e)}", file=sys.stderr)
             return 2
@@ -147,5 +156,3 @@ def main(argv=None) -> int:
             return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""`python -m ddim_fast.cli ...`: the `ddim-fast` command (torchrun runs it this way: -m ddim_fast.cli)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""`ddim-fast export` (cli/export.py): the whole sampler with its options, refusals before any work."""
+
+import argparse
+
+import pytest
+
+from ddim_fast import onnx as dox
+from ddim_fast.cli.export import Export
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(onnx_cache):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DDIM_FAST_CACHE", str(onnx_cache))
+        yield onnx_cache / "onnx"
+
+
+@pytest.fixture(scope="module")
+def tiny(onnx_tiny):
+    return onnx_tiny
+
+
+def test_cli_export(tiny, tmp_path, capsys):
+    from ddim_fast.checkpoint import save_model
+
+    save_model(tmp_path / "ckpt", tiny)
+    parser = argparse.ArgumentParser()
+    Export.add_arguments(parser)
+    out = tmp_path / "cli.onnx"
+    argv = ["--model", str(tmp_path / "ckpt"), "--out", str(out), "--whole-sampler", "--steps", "3",
+            "--eta", "0.5", "--graph", "loop"]
+    assert Export.run(parser.parse_args(argv)) == 0
+    meta = dox.onnx_metadata(out)
+    assert meta["plan"]["steps"] == 3 and meta["plan"]["eta"] == 0.5 and meta["graph"] == "loop"
+    assert "noise" in meta["inputs"] and "wrote" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        Export.run(parser.parse_args(argv))
+    with pytest.raises(ValueError, match="--whole-sampler"):
+        Export.run(parser.parse_args(["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "e.onnx"),
+                                        "--steps", "3"]))
