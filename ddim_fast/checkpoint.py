@@ -218,6 +218,11 @@ def bundled_names() -> list[str]:
     return sorted(p.name for p in ASSETS.iterdir() if _read_own_config(p) is not None)
 
 
+def bundled_configs() -> dict:
+    """{name: UNetConfig} of the bundled models, read from their config.json (no weights loaded)."""
+    return {name: UNetConfig.from_dict(_read_own_config(ASSETS / name)["model"]) for name in bundled_names()}
+
+
 def _resolve(path_or_name) -> Path:
     path = Path(path_or_name)
     if path.exists():

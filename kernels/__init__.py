@@ -7,8 +7,9 @@ symlink ddim_fast/kernels -> ../kernels.
     group_norm.py   group_norm(x, weight, bias, num_groups, eps, *, add, silu, out)
                     GroupNorm with fp32 statistics, the time-embedding add before it, SiLU after
     attention.py    attention(q, k, v, *, out): single-head flash attention, head_dim <= 512
-    aot.py          `python -m ddim_fast.kernels.aot`: compile every shipped configuration for
-                    sm_80/sm_90 on a machine without a GPU; registers, shared memory, spills
+    aot.py          compile every shipped configuration for sm_80/sm_90 on a machine without a
+                    GPU; registers, shared memory, spills (run it: `ddim-fast aot`)
+    checks.py       the launchers' shared input checks
 
 Each file also has `<op>_ref`, the same computation in plain PyTorch. These files import nothing
 from the rest of ddim_fast. On a CPU the kernels run only under TRITON_INTERPRET=1, which must be

@@ -9,28 +9,30 @@ read back with the `ptxas -v` that Triton itself uses: registers per thread, spi
 and Triton's shared memory. A spill in the step or GroupNorm kernel (memory-bound: a spill costs
 bandwidth) is a failure; attention spills are reported.
 
-    python -m ddim_fast.kernels.aot            # the table for sm_80 and sm_90; exit 1 on a failure
-    python -m ddim_fast.kernels.aot --cc 90 --kernel attention
+    ddim-fast aot                              # the table for sm_80 and sm_90; exit 1 on a failure
+    ddim-fast aot --cc 90 --kernel attention   # (or python -m ddim_fast.cli aot ...)
 
 Which configurations: the step kernel in every constexpr combination (noise, clip mode, x0
 output, non-finite flag) for an fp16 model output, and the heaviest one for fp32/bf16; the
 dynamic-thresholding order statistics at each shipped model's sample size;
-GroupNorm in each tile configuration its launcher picks for the GroupNorm shapes of the DDPM
-UNets (CIFAR-10, CelebA, LSUN; batch 1 and 64) with its heaviest flags, plus every flag, layout
-and dtype on the CIFAR-10 tile; attention for every head-dim class up to 512 in every dtype,
-with NCHW and channels_last strides. Must run WITHOUT TRITON_INTERPRET=1 (with it, @triton.jit
-returns interpreter objects that cannot be compiled).
+GroupNorm in each tile configuration its launcher picks for the GroupNorm shapes of the shipped
+UNets (batch 1 and 64) with its heaviest flags, plus every flag, layout and dtype on the CIFAR-10
+tile; attention for every head-dim class up to 512 in every dtype, with NCHW and channels_last
+strides. Must run WITHOUT TRITON_INTERPRET=1 (with it, @triton.jit returns interpreter objects
+that cannot be compiled).
+
+The UNet shapes come from the caller as `models`: (name, ModelShapes) pairs. This file imports
+nothing of ddim_fast (DESIGN.md), so the table is built there, from the network itself: `ddim-fast
+aot` (ddim_fast/cli/aot.py) records the GroupNorm inputs of a forward pass of every UNetConfig
+preset and bundled model and hands them in.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -47,13 +49,15 @@ from . import group_norm as gn_mod
 CCS = (80, 90)
 NO_SPILL = ("ddim_step", "initial_noise", "group_norm", "group_norm_stats", "abs_order_stats")  # a spill fails
 _TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# The DDPM UNets whose GroupNorm shapes are shipped: (ch, ch_mult, resolution, blocks, groups).
-MODELS = {
-    "cifar10": (128, (1, 2, 2, 2), 32, 2, 32),
-    "celeba": (128, (1, 2, 2, 2, 4), 64, 2, 32),
-    "lsun": (128, (1, 1, 2, 2, 4, 4), 256, 2, 32),
-    "tiny": (32, (1, 2), 16, 1, 8),
-}
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """What the launchers see of one UNet: the (C, H*W, groups) of its GroupNorm inputs, and the
+    elements of one sample (the order-statistics kernel's row length)."""
+
+    group_norm: tuple  # ((C, HW, G), ...)
+    sample_numel: int
 
 
 @dataclass(frozen=True)
@@ -94,13 +98,15 @@ def initial_noise_configs():
                     dict(BLOCK=step_mod.BLOCK), step_mod.NUM_WARPS, aligned=("X", "N"))]
 
 
-def order_stats_configs():
+def order_stats_configs(models):
     """The dynamic-thresholding select at each shipped model's sample size (its loop bound is a
     constant, so each size is its own compile)."""
     names, types = ["A", "OUT", "N", "K_LO", "K_HI"], ["*fp32", "*fp32", "i32", "i32", "i32"]
+    sizes = {}  # sample size -> the first model that has it
+    for model, shapes in models:
+        sizes.setdefault(shapes.sample_numel, model)
     out = []
-    for model, (_, _, resolution, _, _) in MODELS.items():
-        n = 3 * resolution * resolution
+    for n, model in sizes.items():
         block, chunks, warps = step_mod.select_config(n)
         out.append(_config("abs_order_stats", f"{model} n={n} block={block} chunks={chunks} w{warps}",
                            step_mod._abs_order_stats_kernel, names, types, dict(BLOCK=block, CHUNKS=chunks), warps,
@@ -108,37 +114,14 @@ def order_stats_configs():
     return out
 
 
-def ddpm_group_norm_shapes(ch, ch_mult, resolution, blocks, groups):
-    """{(C, H*W, groups)} of every GroupNorm input of the official DDPM UNet architecture."""
-    shapes, res = set(), resolution
-    block_in = ch
-    skips = [ch]
-    for i, mult in enumerate(ch_mult):  # down: ResBlocks (norm1 on the input, norm2 on the output)
-        for _ in range(blocks):
-            shapes |= {(block_in, res * res), (ch * mult, res * res)}
-            block_in = ch * mult
-            skips.append(block_in)
-        if i != len(ch_mult) - 1:
-            res //= 2
-            skips.append(block_in)
-    shapes.add((block_in, res * res))  # middle
-    for i in reversed(range(len(ch_mult))):  # up: ResBlocks on [h, skip]
-        for _ in range(blocks + 1):
-            shapes |= {(block_in + skips.pop(), res * res), (ch * ch_mult[i], res * res)}
-            block_in = ch * ch_mult[i]
-        if i != 0:
-            res *= 2
-    return {(c, hw, groups) for c, hw in shapes}
-
-
-def group_norm_configs():
+def group_norm_configs(models):
     names = ["X", "ADD", "W", "BIAS", "Y", "PART", "C", "HW", "CPG", "chunk", "eps", "stride_xb",
              "stride_xc", "stride_xp", "stride_yb", "stride_yc", "stride_yp", "stride_ab", "stride_ac"]
     stat_names = ["X", "ADD", "PART", "C", "HW", "CPG", "chunk", "stride_xb", "stride_xc", "stride_xp",
                   "stride_ab", "stride_ac"]
     tiles = {}  # (mode, BLOCK_C, BLOCK_P, warps) -> the first shape that picks it
-    for model, spec in MODELS.items():
-        for C, HW, G in sorted(ddpm_group_norm_shapes(*spec)):
+    for model, shapes in models:
+        for C, HW, G in sorted(set(shapes.group_norm)):
             for B in (1, 64):
                 mode, bc, bp, split, warps = gn_mod._config(B, C, HW, C // G, torch.device("cpu"), None, None)
                 tiles.setdefault((mode, bc, bp, warps), f"{model} C={C} HW={HW} B={B}")
@@ -207,9 +190,10 @@ def attention_configs():
     return out
 
 
-def shipped_configs(kernel: str | None = None):
-    """Every configuration, optionally only those of one kernel name (prefix match)."""
-    cfgs = (step_configs() + initial_noise_configs() + order_stats_configs() + group_norm_configs()
+def shipped_configs(models, kernel: str | None = None):
+    """Every configuration for `models` ((name, ModelShapes) pairs), optionally only those of one
+    kernel name (prefix match)."""
+    cfgs = (step_configs() + initial_noise_configs() + order_stats_configs(models) + group_norm_configs(models)
             + attention_configs())
     return [c for c in cfgs if kernel is None or c.kernel.startswith(kernel)]
 
@@ -267,18 +251,20 @@ def parse_ptxas(log: str) -> dict:
 
 
 @functools.cache
-def _configs(kernel):
-    return shipped_configs(kernel)
+def _configs(models, kernel):
+    return shipped_configs(models, kernel)
 
 
 def _compile_indexed(args):  # a worker process rebuilds the configs (kernels do not pickle)
-    kernel, index, cc = args
-    return compile_config(_configs(kernel)[index], cc)
+    models, kernel, index, cc = args
+    return compile_config(_configs(models, kernel)[index], cc)
 
 
-def report(ccs=CCS, kernel=None, jobs=None) -> list[dict]:
-    """Compile every shipped configuration for every cc; rows in a stable order."""
-    work = [(kernel, i, cc) for i in range(len(_configs(kernel))) for cc in ccs]
+def report(models, ccs=CCS, kernel=None, jobs=None) -> list[dict]:
+    """Compile every shipped configuration of `models` ((name, ModelShapes) pairs, a tuple) for every
+    cc; rows in a stable order."""
+    models = tuple(models)
+    work = [(models, kernel, i, cc) for i in range(len(_configs(models, kernel))) for cc in ccs]
     jobs = jobs or min(len(work), os.cpu_count() or 1)
     if jobs <= 1:
         return [_compile_indexed(w) for w in work]
@@ -309,30 +295,3 @@ def format_table(rows) -> str:
         lines.append(f"{r['kernel']:<17} {r['cc']:>3} {r['registers']:>5} {spill:>12} {r['stack']:>6} "
                      f"{r['shared']:>7}  {r['config']}")
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ddim_fast.kernels.aot", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cc", type=int, action="append", help="compute capability (repeatable); default 80 and 90")
-    ap.add_argument("--kernel", help="only kernels whose name starts with this")
-    ap.add_argument("--jobs", type=int, help="parallel compiles (default: CPU count)")
-    ap.add_argument("--json", help="also write the rows to this JSON file")
-    args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        print("unset TRITON_INTERPRET: ahead-of-time compilation needs the real Triton compiler", file=sys.stderr)
-        return 2
-    rows = report(tuple(args.cc or CCS), args.kernel, args.jobs)
-    print(format_table(rows))
-    if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"rows": rows, "failures": failures(rows), "triton": triton.__version__}, f, indent=1)
-        os.replace(tmp, args.json)
-    bad = failures(rows)
-    for line in bad:
-        print("FAIL", line, file=sys.stderr)
-    return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

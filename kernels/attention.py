@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import batch_fits, check, float_tensor, runnable
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
 MAX_BATCH = 65535  # the batch is grid axis 2, whose size CUDA caps at 2**16 - 1
@@ -164,31 +166,16 @@ def config(C, dtype, upcast=False):
 
 def _check(q, k, v, out):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 3 or t.dtype not in DTYPES:
-            raise ValueError(
-                f"{name} must be a (B, C, N) float32/float16/bfloat16 tensor, got "
-                f"{getattr(t, 'shape', type(t))} {getattr(t, 'dtype', '')}"
-            )
-    if not (q.shape == k.shape == v.shape) or not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(
-            f"q, k, v must share shape and dtype, got {tuple(q.shape)} {q.dtype}, {tuple(k.shape)} "
-            f"{k.dtype}, {tuple(v.shape)} {v.dtype}"
-        )
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.device.type != "cuda" and isinstance(_attention_kernel, triton.runtime.JITFunction):
-        raise ValueError(
-            f"attention needs CUDA tensors (got {q.device}); on CPU set TRITON_INTERPRET=1 before "
-            "the kernels are imported, or use the reference ops"
-        )
+        check(float_tensor(t, DTYPES, ndim=3), f"{name} must be a (B, C, N) float32/float16/bfloat16 tensor, got "
+              f"{getattr(t, 'shape', type(t))} {getattr(t, 'dtype', '')}")
+    check(q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype, f"q, k, v must share shape and dtype, "
+          f"got {tuple(q.shape)} {q.dtype}, {tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}")
+    check(q.device == k.device == v.device, f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    runnable(q, _attention_kernel, "attention", "or use the reference ops", tensors="CUDA tensors")
     B, C, N = q.shape
-    if B < 1 or C < 1 or N < 1:
-        raise ValueError(f"q must have B, C, N >= 1, got {tuple(q.shape)}")
-    if C > 512:
-        raise ValueError(f"head_dim C={C} is above the supported 512; use the reference ops")
-    if B > MAX_BATCH:
-        raise ValueError(f"a batch of {B} is more than one launch takes: the batch is a CUDA grid axis of at most "
-                         f"{MAX_BATCH} programs; run it in chunks of at most {MAX_BATCH}")
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
-        raise ValueError("out must be a (B, C, N) tensor of q's dtype on q's device")
+    check(B >= 1 and C >= 1 and N >= 1, f"q must have B, C, N >= 1, got {tuple(q.shape)}")
+    check(C <= 512, f"head_dim C={C} is above the supported 512; use the reference ops")
+    batch_fits(B, MAX_BATCH)
+    check(out is None or (out.shape == q.shape and out.dtype == q.dtype and out.device == q.device),
+          "out must be a (B, C, N) tensor of q's dtype on q's device")
     return B, C, N

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import batch_fits, check, device_scalar, float_tensor, is_int, runnable
+
 NUM_COEF = 6  # (cx, ce, d0, dx, de, sigma), ddim_fast/plan.py COEF_COLUMNS
 PURPOSE_STEP = 1  # the counter word that separates per-step noise from x_T (ddim_fast/rng.py)
 CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
@@ -208,12 +210,6 @@ def ddim_step(x, m, coef, step, *, seed=None, first_index=0, clip=None, threshol
     return x
 
 
-def _check_batch(B):
-    if B > MAX_BATCH:
-        raise ValueError(f"a batch of {B} samples is more than one launch takes: the batch is a CUDA grid axis of "
-                         f"at most {MAX_BATCH} programs; run it in chunks of at most {MAX_BATCH} (Engine does this)")
-
-
 def _first_index_tensor(first_index, device):
     if isinstance(first_index, torch.Tensor):
         return first_index
@@ -222,13 +218,11 @@ def _first_index_tensor(first_index, device):
 
 def _check_first_index(first_index, x):
     if isinstance(first_index, torch.Tensor):
-        if first_index.dtype != torch.int64 or first_index.numel() != 1 or first_index.device != x.device:
-            raise ValueError("first_index must be an int or a (1,) int64 tensor on x's device")
-        return
-    if isinstance(first_index, bool) or not isinstance(first_index, int) or not (
-        0 <= first_index and first_index + x.shape[0] <= 2**31 - 1
-    ):
-        raise ValueError(f"first_index must be an int with 0 <= first_index + B < 2**31, got {first_index!r}")
+        check(device_scalar(first_index, torch.int64, x.device),
+              "first_index must be an int or a (1,) int64 tensor on x's device")
+    else:
+        check(is_int(first_index) and 0 <= first_index and first_index + x.shape[0] <= 2**31 - 1,
+              f"first_index must be an int with 0 <= first_index + B < 2**31, got {first_index!r}")
 
 
 # -- the start noise x_T -------------------------------------------------------------------------
@@ -255,12 +249,11 @@ def initial_noise(x, seed, first_index=0):
     """Fill x (B, ...) float32 contiguous IN PLACE with the start noise x_T of samples
     first_index .. first_index + B - 1 of `seed` ((1,) int64 device tensor); returns x.
     Graph-capturable: seed and first_index (a (1,) int64 tensor) are read on the device."""
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.ndim < 2 or not x.is_contiguous():
-        raise ValueError("x must be a contiguous float32 tensor (B, ...)")
-    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
-        raise ValueError("seed must be a (1,) int64 tensor on x's device")
+    check(float_tensor(x, (torch.float32,)) and x.ndim >= 2 and x.is_contiguous(),
+          "x must be a contiguous float32 tensor (B, ...)")
+    check(device_scalar(seed, torch.int64, x.device), "seed must be a (1,) int64 tensor on x's device")
     _check_first_index(first_index, x)
-    _check_batch(x.shape[0])
+    batch_fits(x.shape[0], MAX_BATCH)
     B = x.shape[0]
     N = x.numel() // B
     grid = (triton.cdiv(N, BLOCK), B)
@@ -291,17 +284,13 @@ def abs_order_stats(a, k_lo, k_hi):
     """(B, 2) float32: the k_lo-th and k_hi-th smallest (0-based) of |a[b]| for each row of
     a (B, n) float32 contiguous, with k_lo <= k_hi <= min(k_lo + 1, n - 1); NaN for a row holding
     NaN (as torch.quantile). Exact (ties included), one program per row, graph-capturable."""
-    if not isinstance(a, torch.Tensor) or a.dtype != torch.float32 or a.ndim != 2 or not a.is_contiguous():
-        raise ValueError("a must be a contiguous float32 tensor (B, n)")
-    if a.device.type != "cuda" and isinstance(_abs_order_stats_kernel, triton.runtime.JITFunction):
-        raise ValueError(f"abs_order_stats needs a CUDA tensor (got {a.device}); on CPU set TRITON_INTERPRET=1 "
-                         "before the kernels are imported")
+    check(float_tensor(a, (torch.float32,), ndim=2) and a.is_contiguous(),
+          "a must be a contiguous float32 tensor (B, n)")
+    runnable(a, _abs_order_stats_kernel, "abs_order_stats")
     B, n = a.shape
-    if B < 1 or n < 1 or n >= 2**31:
-        raise ValueError(f"a must have 1 <= B and 1 <= n < 2**31, got {tuple(a.shape)}")
-    if not (0 <= k_lo <= k_hi <= min(k_lo + 1, n - 1)):
-        raise ValueError(f"ranks must satisfy 0 <= k_lo <= k_hi <= min(k_lo + 1, n - 1), got {k_lo}, {k_hi} "
-                         f"for n={n}")
+    check(B >= 1 and 1 <= n < 2**31, f"a must have 1 <= B and 1 <= n < 2**31, got {tuple(a.shape)}")
+    check(0 <= k_lo <= k_hi <= min(k_lo + 1, n - 1),
+          f"ranks must satisfy 0 <= k_lo <= k_hi <= min(k_lo + 1, n - 1), got {k_lo}, {k_hi} for n={n}")
     out = torch.empty((B, 2), dtype=torch.float32, device=a.device)
     block, chunks, warps = select_config(n)
     _abs_order_stats_kernel[(B,)](a, out, n, int(k_lo), int(k_hi), BLOCK=block, CHUNKS=chunks, num_warps=warps)
@@ -315,49 +304,35 @@ def select_config(n):
 
 
 def _check(x, m, coef, step, seed, first_index, clip, threshold, x0_out, flag):
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.ndim < 2:
-        raise ValueError("x must be a float32 tensor (B, ...): the sampler state stays fp32; pass x.float()")
-    if not x.is_contiguous():
-        raise ValueError("x must be contiguous (it is updated in place); pass x.contiguous() once")
-    if x.device.type != "cuda" and isinstance(_ddim_step_kernel, triton.runtime.JITFunction):
-        raise ValueError(
-            f"ddim_step needs a CUDA tensor (got {x.device}); on CPU set TRITON_INTERPRET=1 before "
-            "the kernels are imported, or use the reference sampler"
-        )
-    if not isinstance(m, torch.Tensor) or m.shape != x.shape or m.dtype not in M_DTYPES:
-        raise ValueError(
-            f"m must have x's shape {tuple(x.shape)} and dtype float32/float16/bfloat16, got "
-            f"{getattr(m, 'shape', type(m))} {getattr(m, 'dtype', '')}"
-        )
-    if not m.is_contiguous() or m.device != x.device:
-        raise ValueError("m must be contiguous and on x's device; pass m.contiguous()")
-    if coef.dtype != torch.float32 or coef.ndim != 2 or coef.shape[1] != NUM_COEF or not coef.is_contiguous():
-        raise ValueError("coef must be the plan's (S, 6) float32 contiguous table: plan.to(device).coef")
-    if coef.device != x.device:
-        raise ValueError(f"coef is on {coef.device} but x on {x.device}: plan.to(x.device)")
-    if step.dtype != torch.int32 or step.numel() != 1 or step.device != x.device:
-        raise ValueError("step must be a (1,) int32 tensor on x's device (the step index lives on the device)")
-    if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device):
-        raise ValueError("seed must be None (no noise) or a (1,) int64 tensor on x's device")
-    _check_batch(x.shape[0])
+    check(float_tensor(x, (torch.float32,)) and x.ndim >= 2,
+          "x must be a float32 tensor (B, ...): the sampler state stays fp32; pass x.float()")
+    check(x.is_contiguous(), "x must be contiguous (it is updated in place); pass x.contiguous() once")
+    runnable(x, _ddim_step_kernel, "ddim_step", "or use the reference sampler")
+    check(float_tensor(m, M_DTYPES) and m.shape == x.shape, f"m must have x's shape {tuple(x.shape)} and dtype "
+          f"float32/float16/bfloat16, got {getattr(m, 'shape', type(m))} {getattr(m, 'dtype', '')}")
+    check(m.is_contiguous() and m.device == x.device, "m must be contiguous and on x's device; pass m.contiguous()")
+    check(coef.dtype == torch.float32 and coef.ndim == 2 and coef.shape[1] == NUM_COEF and coef.is_contiguous(),
+          "coef must be the plan's (S, 6) float32 contiguous table: plan.to(device).coef")
+    check(coef.device == x.device, f"coef is on {coef.device} but x on {x.device}: plan.to(x.device)")
+    check(device_scalar(step, torch.int32, x.device),
+          "step must be a (1,) int32 tensor on x's device (the step index lives on the device)")
+    check(seed is None or device_scalar(seed, torch.int64, x.device),
+          "seed must be None (no noise) or a (1,) int64 tensor on x's device")
+    batch_fits(x.shape[0], MAX_BATCH)
     n = x.numel() // x.shape[0]
-    if n >= 2**31:
-        raise ValueError(f"a sample has {n} elements; the kernel and the noise stream address fewer than 2**31")
+    check(n < 2**31, f"a sample has {n} elements; the kernel and the noise stream address fewer than 2**31")
     _check_first_index(first_index, x)
-    if clip is not None and threshold is not None:
-        raise ValueError("give clip or threshold, not both (thresholding already clips)")
+    check(clip is None or threshold is None, "give clip or threshold, not both (thresholding already clips)")
     if clip is not None:
         lo, hi = (float(v) for v in clip)
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise ValueError(f"clip must be finite (lo, hi) with lo < hi, got {clip!r}")
+        check(math.isfinite(lo) and math.isfinite(hi) and lo < hi,
+              f"clip must be finite (lo, hi) with lo < hi, got {clip!r}")
     if threshold is not None:
         p, s_max = threshold
-        if not (0 < p <= 1 and s_max >= 1):
-            raise ValueError(f"threshold must be (p, s_max) with 0 < p <= 1 and s_max >= 1, got {threshold!r}")
-    if x0_out is not None and (
-        x0_out.shape != x.shape or x0_out.dtype != torch.float32 or not x0_out.is_contiguous()
-        or x0_out.device != x.device
-    ):
-        raise ValueError("x0_out must be a float32 contiguous tensor of x's shape on x's device")
-    if flag is not None and (flag.dtype != torch.int32 or flag.numel() != 1 or flag.device != x.device):
-        raise ValueError("flag must be a (1,) int32 tensor on x's device (zero it before the loop)")
+        check(0 < p <= 1 and s_max >= 1,
+              f"threshold must be (p, s_max) with 0 < p <= 1 and s_max >= 1, got {threshold!r}")
+    check(x0_out is None or (float_tensor(x0_out, (torch.float32,)) and x0_out.shape == x.shape
+                             and x0_out.is_contiguous() and x0_out.device == x.device),
+          "x0_out must be a float32 contiguous tensor of x's shape on x's device")
+    check(flag is None or device_scalar(flag, torch.int32, x.device),
+          "flag must be a (1,) int32 tensor on x's device (zero it before the loop)")

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .checks import check, float_tensor, is_int, runnable
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SINGLE_MAX = 8192  # largest group (pow2-padded) kept in registers; NOTE: not yet tuned on a GPU
 TILE = 2048  # elements per tile when looping over a group; NOTE: not yet tuned on a GPU
@@ -247,42 +249,30 @@ def _is_channels_last(t):
 
 
 def _check(x, weight, bias, num_groups, add, out, split, tile):
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.dtype not in DTYPES:
-        raise ValueError(
-            f"x must be a (B, C, H, W) float32/float16/bfloat16 tensor, got "
-            f"{getattr(x, 'shape', type(x))} {getattr(x, 'dtype', '')}"
-        )
-    if x.numel() > MAX_NUMEL:  # before the device check, so a meta tensor can test it
-        raise ValueError(f"x {tuple(x.shape)} has {x.numel()} elements, more than one launch takes ({MAX_NUMEL}); "
-                         f"run the batch in chunks (ddim_fast's triton ops do this)")
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        raise ValueError("x must be NCHW-contiguous or channels_last; pass x.contiguous()")
-    if x.device.type != "cuda" and isinstance(_group_norm_kernel, triton.runtime.JITFunction):
-        raise ValueError(
-            f"group_norm needs a CUDA tensor (got {x.device}); on CPU set TRITON_INTERPRET=1 before "
-            "the kernels are imported, or use the reference ops"
-        )
+    check(float_tensor(x, DTYPES, ndim=4), f"x must be a (B, C, H, W) float32/float16/bfloat16 tensor, got "
+          f"{getattr(x, 'shape', type(x))} {getattr(x, 'dtype', '')}")
+    check(x.numel() <= MAX_NUMEL,  # before the device check, so a meta tensor can test it
+          f"x {tuple(x.shape)} has {x.numel()} elements, more than one launch takes ({MAX_NUMEL}); "
+          f"run the batch in chunks (ddim_fast's triton ops do this)")
+    check(x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last),
+          "x must be NCHW-contiguous or channels_last; pass x.contiguous()")
+    runnable(x, _group_norm_kernel, "group_norm", "or use the reference ops")
     B, C, H, W = x.shape
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or C % num_groups:
-        raise ValueError(f"num_groups must be a positive int dividing C={C}, got {num_groups!r}")
+    check(is_int(num_groups) and num_groups >= 1 and C % num_groups == 0,
+          f"num_groups must be a positive int dividing C={C}, got {num_groups!r}")
     for name, t in (("weight", weight), ("bias", bias)):
-        if not isinstance(t, torch.Tensor) or t.shape != (C,) or not t.is_contiguous() or not t.is_floating_point():
-            raise ValueError(f"{name} must be a contiguous float tensor of shape ({C},)")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x on {x.device}; move the module to x's device")
+        check(isinstance(t, torch.Tensor) and t.shape == (C,) and t.is_contiguous() and t.is_floating_point(),
+              f"{name} must be a contiguous float tensor of shape ({C},)")
+        check(t.device == x.device, f"{name} is on {t.device} but x on {x.device}; move the module to x's device")
     if add is not None:
-        if not isinstance(add, torch.Tensor) or add.shape != (B, C) or not add.is_floating_point():
-            got = getattr(add, "shape", add)
-            raise ValueError(f"add must be a float tensor of shape (B, C) = ({B}, {C}), got {got}")
-        if add.device != x.device:
-            raise ValueError(f"add is on {add.device} but x on {x.device}")
-    if out is not None and (
-        not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype
-        or out.device != x.device or out.stride() != x.stride()
-    ):
-        raise ValueError("out must be a tensor of x's shape, dtype, device and memory format (torch.empty_like(x))")
-    if split is not None and (isinstance(split, bool) or not isinstance(split, int) or not 1 <= split <= MAX_SPLIT):
-        raise ValueError(f"split must be None or an int in [1, {MAX_SPLIT}], got {split!r}")
-    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 16 or tile & (tile - 1)):
-        raise ValueError(f"tile must be None or a power of two >= 16, got {tile!r}")
+        check(isinstance(add, torch.Tensor) and add.shape == (B, C) and add.is_floating_point(),
+              f"add must be a float tensor of shape (B, C) = ({B}, {C}), got {getattr(add, 'shape', add)}")
+        check(add.device == x.device, f"add is on {add.device} but x on {x.device}")
+    check(out is None or (isinstance(out, torch.Tensor) and out.shape == x.shape and out.dtype == x.dtype
+                          and out.device == x.device and out.stride() == x.stride()),
+          "out must be a tensor of x's shape, dtype, device and memory format (torch.empty_like(x))")
+    check(split is None or (is_int(split) and 1 <= split <= MAX_SPLIT),
+          f"split must be None or an int in [1, {MAX_SPLIT}], got {split!r}")
+    check(tile is None or (is_int(tile) and tile >= 16 and tile & (tile - 1) == 0),
+          f"tile must be None or a power of two >= 16, got {tile!r}")
     return B, C, H, W, C // num_groups

@@ -2,9 +2,10 @@
 needed), with registers, shared memory and spills from ptxas. Catches what the interpreter
 forgives; a spill in the memory-bound step or GroupNorm kernels fails.
 
-Runs `python -m ddim_fast.kernels.aot` in a subprocess without TRITON_INTERPRET (under it,
-@triton.jit returns interpreter objects that cannot be compiled). The table is printed
-(pytest -s shows it) and attached to any failure.
+Runs `python -m ddim_fast.cli aot` (`ddim-fast aot`) in a subprocess without TRITON_INTERPRET
+(under it, @triton.jit returns interpreter objects that cannot be compiled). The table is printed
+(pytest -s shows it) and attached to any failure. The UNet shapes it compiles for are recorded
+from the UNetConfig presets and the bundled models (ddim_fast/cli/aot.py); a test ties them.
 """
 
 import json
@@ -22,7 +23,7 @@ def aot(tmp_path_factory):
     path = tmp_path_factory.mktemp("aot") / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
-    run = subprocess.run([sys.executable, "-m", "ddim_fast.kernels.aot", "--json", str(path)], env=env,
+    run = subprocess.run([sys.executable, "-m", "ddim_fast.cli", "aot", "--json", str(path)], env=env,
                          capture_output=True, text=True, timeout=900)
     print(run.stdout)
     assert path.exists(), f"the AOT run wrote nothing (rc {run.returncode}):\n{run.stdout}\n{run.stderr}"
@@ -65,3 +66,46 @@ def test_ptxas_log_parsing():
     assert parse_ptxas(log) == dict(registers=168, spill_stores=16, spill_loads=12, stack=24)
     with pytest.raises(RuntimeError, match="registers"):
         parse_ptxas("nothing here")
+
+
+def _ddpm_group_norm_shapes(cfg):
+    """{(C, H*W, groups)} of every GroupNorm input of the DDPM UNet, restated from the architecture
+    (the table kernels/aot.py used to carry for four presets)."""
+    ch, mult, res, blocks = cfg.ch, cfg.ch_mult, cfg.resolution, cfg.num_res_blocks
+    shapes, block_in, skips = set(), ch, [ch]
+    for i, m in enumerate(mult):  # down: ResBlocks (norm1 on the input, norm2 on the output)
+        for _ in range(blocks):
+            shapes |= {(block_in, res * res), (ch * m, res * res)}
+            block_in = ch * m
+            skips.append(block_in)
+        if i != len(mult) - 1:
+            res //= 2
+            skips.append(block_in)
+    shapes.add((block_in, res * res))  # middle
+    for i in reversed(range(len(mult))):  # up: ResBlocks on [h, skip]
+        for _ in range(blocks + 1):
+            shapes |= {(block_in + skips.pop(), res * res), (ch * mult[i], res * res)}
+            block_in = ch * mult[i]
+        if i != 0:
+            res *= 2
+    return {(c, hw, cfg.num_groups) for c, hw in shapes}
+
+
+def test_the_compiled_shapes_are_every_preset_and_bundled_model():
+    """aot compiles for what the network really runs: the GroupNorm inputs recorded from a forward
+    pass of every UNetConfig preset and every bundled model (the bundled digits models included),
+    equal to the architecture's restatement, and each model's sample size."""
+    from ddim_fast.checkpoint import bundled_configs, bundled_names
+    from ddim_fast.cli.aot import model_shapes
+    from ddim_fast.models.unet import PRESETS, UNetConfig
+
+    table = model_shapes()
+    assert set(table) == set(PRESETS) | {f"bundled:{n}" for n in bundled_names()}
+    assert {"bundled:digits", "bundled:digits-cond"} <= set(table)
+    configs = {n: UNetConfig.preset(n) for n in PRESETS}
+    configs.update({f"bundled:{n}": c for n, c in bundled_configs().items()})
+    for name, cfg in configs.items():
+        group_norm, numel = table[name]
+        assert set(group_norm) == _ddpm_group_norm_shapes(cfg), name
+        assert numel == cfg.in_channels * cfg.resolution**2
+    assert table["cifar10"][1] == 3 * 32 * 32 and table["bundled:digits"][1] == 16 * 16

@@ -124,7 +124,7 @@ def test_no_import_cycles():
 
 
 @pytest.mark.parametrize("module", ["kernels/ddim_step.py", "kernels/group_norm.py", "kernels/attention.py",
-                                    "kernels/aot.py", "kernels/__init__.py"])
+                                    "kernels/aot.py", "kernels/checks.py", "kernels/__init__.py"])
 def test_kernel_files_import_nothing_from_the_rest_of_ddim_fast(module):
     name = next(n for n, p in module_files().items() if p == ROOT / module)
     outside = sorted(t for t in import_graph()[name] if not t.startswith("ddim_fast.kernels"))

@@ -35,6 +35,7 @@ COMMANDS = {
     "eval-digits": ("metrics", "EvalDigits", "judge a digits model's DDIM samples with the digits classifier "
                     "(FD-digits)"),
     "train-digits-classifier": ("metrics", "TrainDigitsClassifier", "train and save the classifier behind FD-digits"),
+    "aot": ("aot", "Aot", "compile every shipped Triton kernel for sm_80/sm_90 without a GPU: registers, spills"),
 }
 
 
