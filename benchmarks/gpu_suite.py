@@ -448,9 +448,6 @@ class Context:
             torch.cuda.empty_cache()
 
 
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
 def user_loop(net, plan, shape, dtype, channels_last, device):
     """The loop a user writes (diffusers-style): x_T on the device, then per step one network call
     and the update (ddim_fast.sampling.step), no host sync anywhere. Returns x_0 (B, C, H, W)."""
@@ -488,8 +485,9 @@ def make_call(row: Row, ctx: Context):
     import torch
 
     import ddim_fast as dd
+    from ddim_fast.precision import DTYPES
 
-    dtype = getattr(torch, _DTYPES[row.dtype])
+    dtype = DTYPES[row.dtype]
     plan = ctx.plan(row.steps, row.eta)
     shape = (row.batch, *ctx.shape)
     if row.kind == "engine":
@@ -824,7 +822,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the goal rows and the kernels only")
     ap.add_argument("--skip-tests", action="store_true", help="no test tier")
     ap.add_argument("--tests", nargs="+",
-                    help="test paths for the tier (default: tests; dry run: tests/test_engine.py)")
+                    help="test paths for the tier (default: tests; dry run: tests/test_backend_cuda_graph.py)")
     ap.add_argument("--dry-run", action="store_true", help="on a CPU, CUDA faked: checks the harness, not speed")
     ap.add_argument("--child-row", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -866,7 +864,7 @@ def main(argv=None) -> int:
         size = "dry" if args.dry_run else ("quick" if args.quick else "full")
         cap = min(TESTS_SHARE * budget.seconds, budget.left() - FINAL_RESERVE_S - KERNEL_RESERVE_S[size])
         print(f"\nGPU test tier (at most {cap:.0f} s) ...", flush=True)
-        paths = args.tests or (["tests/test_engine.py"] if args.dry_run else ["tests"])
+        paths = args.tests or (["tests/test_backend_cuda_graph.py"] if args.dry_run else ["tests"])
         tests = run_tests(paths, max(cap, 1.0), results.log_path)
         print(f"  -> {tests['summary']}", flush=True)
         results.update(tests=tests)

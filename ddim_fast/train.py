@@ -47,11 +47,12 @@ from .images import sample_images, write_sample_grid  # noqa: F401  (re-exported
 from .models.unet import PRESETS, UNet, UNetConfig
 from .models.weights import build_model
 from .plan import PREDICTIONS
+from .precision import DTYPES
 from .schedule import NoiseSchedule
 from .train_state import export_ema  # noqa: F401  (re-exported: docs/bundled-model.md)
 
 OPTIMIZERS = ("adam", "adamw")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16")  # names of precision.DTYPES
 SCHEDULES = ("linear", "cosine")
 LR_SCHEDULES = ("constant", "cosine")
 # Fields that must match between a run and its resume (the others may change, e.g. --steps).
@@ -322,7 +323,7 @@ class Trainer:
         torch.manual_seed(rng.derived_seed(cfg.seed, self.step, rng.PURPOSE_DROPOUT, self.dist.rank))  # dropout
         self.model.train()
         x0, eps, t, y = self._global_batch()
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        amp_dtype = None if cfg.precision == "fp32" else DTYPES[cfg.precision]  # autocast's
         total = torch.zeros((), device=self.device)
         for k in range(cfg.accum):
             s = slice(k * self.micro, (k + 1) * self.micro)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..plan import PREDICTIONS
 from ..schedule import NoiseSchedule
 
 
@@ -24,7 +25,7 @@ class GaussianEps(nn.Module):
 
     def __init__(self, schedule: NoiseSchedule, mu: float = 0.3, std: float = 0.5, prediction: str = "eps"):
         super().__init__()
-        if prediction not in ("eps", "x0", "v"):
+        if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be 'eps', 'x0' or 'v', got {prediction!r}")
         if not std > 0:
             raise ValueError(f"std must be > 0, got {std}")
