@@ -72,7 +72,7 @@ def check_scale(args):
         raise ValueError(f"--scale must be in [1, 64], got {args.scale}")
 
 
-def device(arg) -> torch.device:
+def parse_device(arg) -> torch.device:
     """--device: auto (CUDA when available), cpu, cuda or cuda:N."""
     if arg == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,14 +117,15 @@ def plan_for(args, model, *, steps=None, **sampler):
     return SamplingPlan.for_model(model, args.steps if steps is None else steps, **given, **sampler)
 
 
-def engine(args, *, eta=0.0, variance="ddim", device_=None, model=None, plan=None):
+def engine(args, *, eta=0.0, variance="ddim", device=None, model=None, plan=None):
     """(Engine, model) for a sampling command: --model loaded unless given, its plan, --backend,
     --device and --dtype."""
     model = model if model is not None else load(args)
     plan = plan if plan is not None else plan_for(args, model, eta=eta, variance=variance)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    eng = Engine(model, plan, backend=args.backend, device=device_ or device(args.device), dtype=DTYPES[args.dtype])
+    device = device or parse_device(args.device)
+    eng = Engine(model, plan, backend=args.backend, device=device, dtype=DTYPES[args.dtype])
     return eng, model
 
 

@@ -26,10 +26,10 @@ from .common import (
     add_sampler_options,
     check_scale,
     describe,
-    device,
     engine,
     load,
     params,
+    parse_device,
     plan_for,
     progress,
 )
@@ -155,7 +155,7 @@ def _sample_folder(args):
     out = Path(args.out)
     if io.output_kind(out) != "folder":
         raise ValueError(f"distributed sampling writes a folder of PNGs: give --out DIR, not {out}")
-    dist, dev = distributed.Dist.from_env(), device(args.device)
+    dist, dev = distributed.Dist.from_env(), parse_device(args.device)
     if dist.world > 1:
         dist, dev = distributed.setup(dev)
     rank, world = dist.rank, dist.world
@@ -177,7 +177,7 @@ def _sample_folder(args):
                 pending = {"complete": False, "settings": settings}
                 atomic_write_bytes(manifest, json.dumps(pending, indent=1).encode())
         distributed.barrier(dist)
-        eng, _ = engine(args, device_=dev, model=model, plan=plan)
+        eng, _ = engine(args, device=dev, model=model, plan=plan)
         batches = list(range(0, args.num, args.batch_size))[rank::world]
         todo = [lo for lo in batches if not all((out / f"{i:06d}.png").exists()
                                                for i in range(lo, min(lo + args.batch_size, args.num)))]
