@@ -100,14 +100,14 @@ class Engine:
                 f"build the plan with prediction={self.prediction!r}"
             )
         self.backend, self.backend_reason = choose_backend(backend, self.device)
-        if onnx_options and self.backend != "onnxruntime":
+        cls = backend_class(self.backend)
+        if onnx_options and not cls.options:
             raise ValueError(f"onnx_options apply to the onnxruntime backend only, and this engine runs "
                              f"{self.backend!r} ({self.backend_reason}); drop them or pick backend='onnxruntime'")
         self.config = getattr(model, "config", None)
         self.schedule = getattr(model, "schedule", None)
-        self._backend = backend_class(self.backend)(model, plan, device=self.device, dtype=dtype, shape=self.shape,
-                                                    channels_last=channels_last, max_graphs=int(max_graphs),
-                                                    **(onnx_options or {}))
+        self._backend = cls(model, plan, device=self.device, dtype=dtype, shape=self.shape, channels_last=channels_last,
+                            max_graphs=int(max_graphs), **(onnx_options or {}))
 
     # -- public -------------------------------------------------------------------------------
     def sample(self, batch_size: int, seed: int = 0, *, first_index: int = 0) -> torch.Tensor:

@@ -26,6 +26,7 @@ from ..sampling import NonFiniteError
 class Backend:
     name = ""  # the REGISTRY name
     summary = ""  # what it is, in a few words: `auto` says it when it picks this backend
+    options: tuple = ()  # its own keyword arguments (Engine's onnx_options), beyond the common ones
     max_batch: int | None = None  # the largest batch one run takes (None: no limit); the Engine chunks above
     captures = 0  # CUDA graphs captured so far (0 for eager backends)
 

@@ -30,6 +30,7 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
     summary = "ONNX Runtime (fastest measured on CPU)"
+    options = ("opset", "unroll", "threads", "cuda_graph")
 
     @classmethod
     def unavailable(cls, device):
