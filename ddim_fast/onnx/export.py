@@ -2,17 +2,28 @@
 the sampler graph around it, the check in ONNX Runtime, the metadata, and the atomic write.
 
 torch.onnx traces only the network, once per (weights, dtype, opset, shape); that is the slow part
-(tens of seconds for the CIFAR-10 UNet), so the result is cached on disk (cache_dir()), keyed by
-content fingerprints. `unroll=None` picks unrolled up to UNROLL_MAX_STEPS steps and an ONNX Loop
-above (the NOTE there has the measurement).
+(10-30 s on a CPU, for the bundled model as for the CIFAR-10 UNet: mostly fixed cost), so the result
+is cached on disk (cache_dir()), keyed by content fingerprints. `unroll=None` picks unrolled up to
+UNROLL_MAX_STEPS steps and an ONNX Loop above (the NOTE there has the measurement); `table_inputs`
+builds a Loop that takes the plan's table and timesteps as inputs, so one cached graph serves every
+plan of the same structure (graph.structure): what the Engine uses on a CPU.
+
+The cache. Folder: $DDIM_FAST_CACHE/onnx (default ~/.cache/ddim-fast/onnx). Size: at most
+$DDIM_FAST_CACHE_MAX_MB megabytes (default 2048); after each write the least recently used files go
+first (a cache hit counts as a use), never the file just written. An unwritable cache is not an
+error: one warning, and this process keeps its exports in a temporary folder (the next command
+exports again). timings.json there records the last torch export's duration (export_estimate_s).
 """
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -23,7 +34,7 @@ from ..checks import is_int, sample_shape
 from ..files import atomic_write_bytes
 from ..plan import SamplingPlan
 from ..precision import NAMES
-from .graph import sampler_proto
+from .graph import sampler_proto, structure
 from .network import opset_of, torch_export
 from .runtime import damaged, existing, import_onnx
 from .validate import check_loop_tables, head, validate_export
@@ -40,6 +51,10 @@ META_PREFIX = "ddim_fast."
 # call, repaid within ~10 calls), the Loop above.
 UNROLL_MAX_STEPS = 50
 VALIDATE_LOOP_STEPS = 20  # a Loop export is validated on its first steps plus an exact check of its tables
+CACHE_MAX_MB = 2048  # default size limit of the cache ($DDIM_FAST_CACHE_MAX_MB)
+# The torch export's duration before one was measured on this machine: 11-28 s measured on the 2-core
+# VM (bundled digits model and the CIFAR-10 UNet alike, torch 2.13, dynamo exporter), rounded up.
+DEFAULT_EXPORT_S = 30.0
 
 # Counts of the expensive work, for tests and logs: torch exports of a network, sampler graphs built.
 stats = {"torch_exports": 0, "sampler_builds": 0, "cache_hits": 0}
@@ -53,6 +68,95 @@ def cache_dir() -> Path:
         return Path(root).expanduser() / "onnx"
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "ddim-fast" / "onnx"
+
+
+def cache_limit_bytes() -> int:
+    """The cache's size limit: $DDIM_FAST_CACHE_MAX_MB megabytes, default CACHE_MAX_MB."""
+    raw = os.environ.get("DDIM_FAST_CACHE_MAX_MB")
+    try:
+        mb = float(raw) if raw else CACHE_MAX_MB
+    except ValueError:
+        raise ValueError(f"DDIM_FAST_CACHE_MAX_MB must be a number of megabytes, got {raw!r}") from None
+    if not mb >= 0:
+        raise ValueError(f"DDIM_FAST_CACHE_MAX_MB must be >= 0, got {raw!r}")
+    return int(mb * 2**20)
+
+
+def prune_cache(keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used .onnx files of cache_dir() until it fits cache_limit_bytes()
+    (never `keep`). Returns what was deleted."""
+    folder = cache_dir()
+    files = []
+    for path in folder.glob("*.onnx"):
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # removed meanwhile by another process
+        files.append((st.st_mtime, st.st_size, path))
+    total, limit, gone = sum(size for _, size, _ in files), cache_limit_bytes(), []
+    for _, size, path in sorted(files):
+        if total <= limit:
+            break
+        if keep is not None and path == keep:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
+        gone.append(path)
+    return gone
+
+
+_fallback = {}  # "dir": this process's temporary folder once the cache proved unwritable
+
+
+def _store(path: Path, data: bytes) -> Path:
+    """Write a cache entry atomically and prune the cache; where the cache cannot be written, say so
+    once and keep the entry in a temporary folder for this process."""
+    if "dir" not in _fallback:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, data)
+            prune_cache(keep=path)
+            return path
+        except OSError as e:
+            folder = tempfile.mkdtemp(prefix="ddim-fast-onnx-")
+            atexit.register(shutil.rmtree, folder, True)
+            _fallback["dir"] = Path(folder)
+            warnings.warn(f"the ONNX cache {cache_dir()} cannot be written ({type(e).__name__}: "
+                          f"{e.strerror or e}); exports are kept in a temporary folder for this process only, so the "
+                          "next command exports again: set DDIM_FAST_CACHE to a writable folder", stacklevel=3)
+    return atomic_write_bytes(_fallback["dir"] / path.name, data)
+
+
+def _lookup(path: Path) -> Path | None:
+    """The cached file for `path` (in the cache, or this process's fallback folder), marked as used."""
+    for candidate in (path, _fallback["dir"] / path.name if "dir" in _fallback else None):
+        if candidate is not None and candidate.is_file():
+            try:
+                os.utime(candidate)  # least recently used goes first when pruning
+            except OSError:
+                pass
+            return candidate
+    return None
+
+
+def export_estimate_s() -> float:
+    """How long a torch export of a network takes here: the last one measured on this machine
+    (timings.json in the cache), else DEFAULT_EXPORT_S."""
+    try:
+        return float(json.loads((cache_dir() / "timings.json").read_text())["torch_export_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_EXPORT_S
+
+
+def _record_export_time(seconds: float):
+    path = cache_dir() / "timings.json"
+    try:
+        atomic_write_bytes(path, json.dumps({"torch_export_s": round(seconds, 2)}).encode())
+    except OSError:
+        pass  # an unwritable cache has already said so
 
 
 def _plain(value):
@@ -95,11 +199,16 @@ def plan_fingerprint(plan: SamplingPlan) -> str:
     return h.hexdigest()
 
 
-def _export_key(model_fp: str, plan: SamplingPlan | None, dtype, opset, shape, unroll) -> str:
+def _export_key(model_fp: str, plan: SamplingPlan | None, dtype, opset, shape, unroll, table=False) -> str:
+    """The cache key; a table-input graph keys on the plan's structure, not on its table."""
+    if plan is None:
+        plan_part = None
+    else:
+        plan_part = structure(plan) if table else plan_fingerprint(plan)
     parts = {
         "model": model_fp,
-        "plan": plan_fingerprint(plan) if plan is not None else None,
-        "unroll": unroll if plan is not None else None,
+        "plan": plan_part,
+        "unroll": ("table" if table else unroll) if plan is not None else None,
         "dtype": EXPORT_DTYPES[dtype],
         "opset": opset,
         "shape": list(shape),
@@ -110,17 +219,17 @@ def _export_key(model_fp: str, plan: SamplingPlan | None, dtype, opset, shape, u
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _cache_path(key: str, plan: SamplingPlan | None, dtype) -> Path:
+def _cache_path(key: str, plan: SamplingPlan | None, dtype, table=False) -> Path:
     if plan is None:
         name = f"eps-{EXPORT_DTYPES[dtype]}-{key[:20]}.onnx"
     else:
-        name = f"{plan.direction}-S{plan.steps}-{EXPORT_DTYPES[dtype]}-{key[:20]}.onnx"
+        name = f"{plan.direction}-{'table' if table else f'S{plan.steps}'}-{EXPORT_DTYPES[dtype]}-{key[:20]}.onnx"
     return cache_dir() / name
 
 
 
 # -- metadata -----------------------------------------------------------------------------------------
-def _metadata(model, plan, dtype, shape, key, unroll, opset) -> dict:
+def _metadata(model, plan, dtype, shape, key, unroll, opset, table=False) -> dict:
     cfg = getattr(model, "config", None)
     sched = getattr(model, "schedule", None)
     meta = {
@@ -141,13 +250,18 @@ def _metadata(model, plan, dtype, shape, key, unroll, opset) -> dict:
     else:
         x_in, x_out = ("x_T", "x0") if plan.direction == "sample" else ("x0", "x_T")
         meta["plan"] = plan.describe()
-        meta["graph"] = "unrolled" if unroll else "loop"
+        meta["graph"] = "table" if table else "unrolled" if unroll else "loop"
         meta["inputs"] = {x_in: "(B, C, H, W) float32"}
         if plan.needs_noise:
             meta["inputs"]["noise"] = (
                 "(S, B, C, H, W) float32: z for every step; ONNX has no Philox generator, so the host draws "
                 "ddim_fast.rng.step_noise(seed, i, (B, C, H, W), first_index=...) for step i (zeros where sigma=0)"
             )
+        if table:
+            meta["structure"] = structure(plan)  # any plan with this structure runs here; `plan`: the one validated
+            meta["inputs"]["coef"] = ("(S, 6) float32: the plan's coefficient table, columns "
+                                      "cx ce d0 dx de sigma (ddim_fast.onnx.graph.table_feeds(plan))")
+            meta["inputs"]["timesteps"] = "(S,) int64: the plan's timesteps; S = their number"
         meta["outputs"] = {x_out: "(B, C, H, W) float32, the final state, not clamped"}
     return meta
 
@@ -179,7 +293,8 @@ def onnx_metadata(path) -> dict:
 
 # -- export -------------------------------------------------------------------------------------------
 def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float32, opset: int | None = None,
-                validate: bool = True, *, shape=None, unroll: bool | None = None, log=None) -> Path:
+                validate: bool = True, *, shape=None, unroll: bool | None = None, table_inputs: bool = False,
+                log=None) -> Path:
     """Export `model` (no plan: the eps-model) or the whole sampler of `plan` to `path` (atomically).
 
     eps-model:  inputs x (B, C, H, W) float32 and t (B,) int64; output `prediction` float32.
@@ -190,16 +305,19 @@ def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float
     dtype:      torch.float32 or torch.float16 (the network's precision; the state stays float32).
     opset:      ONNX opset (default: torch.onnx's); shape: (C, H, W), read from model.config if omitted.
     unroll:     None = unrolled up to UNROLL_MAX_STEPS steps, an ONNX Loop above; True / False force it.
+    table_inputs: a Loop that takes the table and timesteps as inputs `coef` (S, 6) float32 and
+                `timesteps` (S,) int64 (graph.table_feeds(plan)): one file for every plan of the
+                same structure (graph.structure: direction, clipping, thresholding, noise).
     validate:   run the graph in ONNX Runtime (CPU) and check it against the float64 reference.
     log:        a function called with one line at each stage (export, graph, validation), for progress.
     Returns the path. The file carries its config, schedule, plan and version in metadata_props
     (read them with onnx_metadata).
     """
-    proto, _ = _build(model, plan, dtype, opset, shape, unroll, validate, log=log)
+    proto, _ = _build(model, plan, dtype, opset, shape, unroll, validate, log=log, table=table_inputs)
     return _write(path, proto)
 
 
-def _check_args(model, plan, dtype, opset, shape, unroll):
+def _check_args(model, plan, dtype, opset, shape, unroll, table=False):
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"export_onnx takes a torch.nn.Module model(x, t), got {type(model).__name__}")
     if dtype not in EXPORT_DTYPES:
@@ -216,24 +334,34 @@ def _check_args(model, plan, dtype, opset, shape, unroll):
                              f"build the plan with prediction={pred!r}")
     if unroll not in (None, True, False):
         raise ValueError(f"unroll must be None (automatic), True or False, got {unroll!r}")
+    if table not in (True, False):
+        raise ValueError(f"table_inputs must be True or False, got {table!r}")
+    if table and (plan is None or unroll):
+        raise ValueError("table_inputs=True needs a plan (a sampler graph) and the Loop layout (unroll None or False): "
+                         "an unrolled graph holds every step's coefficients as constants")
     return sample_shape(model, shape)
 
 
-def _build(model, plan, dtype, opset, shape, unroll, validate, model_fp=None, log=None):
+def _build(model, plan, dtype, opset, shape, unroll, validate, model_fp=None, log=None, table=False):
     """(proto with metadata, key), validated when asked; log(line) at each stage."""
     say = log or (lambda line: None)
-    shape = _check_args(model, plan, dtype, opset, shape, unroll)
-    unroll = _resolve_unroll(plan, unroll)
+    shape = _check_args(model, plan, dtype, opset, shape, unroll, table)
+    unroll = False if table else _resolve_unroll(plan, unroll)
     model_fp = model_fp or model_fingerprint(model)
     net_proto = _network(model, model_fp, dtype, opset, shape, say)
-    if plan is not None:
+    if table:
+        say("building the sampler graph (one ONNX Loop; the plan's table and timesteps are inputs)")
+    elif plan is not None:
         say(f"building the {plan.steps}-step sampler graph ({'unrolled' if unroll else 'one ONNX Loop'})")
-    proto = net_proto if plan is None else _sampler(net_proto, plan, unroll, shape)
+    proto = net_proto if plan is None else _sampler(net_proto, plan, unroll, shape, table)
     if validate:
         say("validating the graph in ONNX Runtime against the float64 reference")
-    key = _export_key(model_fp, plan, dtype, opset, shape, unroll)
-    _set_metadata(proto, _metadata(model, plan, dtype, shape, key, unroll, opset_of(proto)))
-    if validate and plan is not None and not unroll and plan.steps > VALIDATE_LOOP_STEPS:
+    key = _export_key(model_fp, plan, dtype, opset, shape, unroll, table)
+    _set_metadata(proto, _metadata(model, plan, dtype, shape, key, unroll, opset_of(proto), table))
+    if validate and table:
+        # the graph is the same for every plan of this structure: checked on the first steps of this one
+        validate_export(proto, model, head(plan, min(plan.steps, VALIDATE_LOOP_STEPS)), dtype, shape)
+    elif validate and plan is not None and not unroll and plan.steps > VALIDATE_LOOP_STEPS:
         # A Loop runs one body S times, reading row i of its tables: validating the body on the
         # first steps and the tables exactly costs VALIDATE_LOOP_STEPS reference steps, not S
         # (a float64 DDPM-1000 reference of the CIFAR-10 UNet took 20 minutes on 2 CPU cores).
@@ -251,9 +379,9 @@ def _resolve_unroll(plan, unroll):
     return plan.steps <= UNROLL_MAX_STEPS if unroll is None else unroll
 
 
-def _sampler(net_proto, plan, unroll, shape):
+def _sampler(net_proto, plan, unroll, shape, table=False):
     """graph.sampler_proto, counted in stats."""
-    proto = sampler_proto(net_proto, plan, unroll, shape)
+    proto = sampler_proto(net_proto, plan, unroll, shape, table)
     stats["sampler_builds"] += 1
     return proto
 
@@ -262,23 +390,32 @@ def _network(model, model_fp, dtype, opset, shape, say=lambda line: None):
     """The eps-model graph, from the cache when this (model, dtype, opset, shape) was exported before."""
     onnx = import_onnx()
     key = _export_key(model_fp, None, dtype, opset, shape, None)
-    path = _cache_path(key, None, dtype)
-    if path.is_file():
+    path = _lookup(_cache_path(key, None, dtype))
+    if path is not None:
         try:
             proto = onnx.load(str(path))
             stats["cache_hits"] += 1
             return proto
         except Exception as e:  # a damaged cache entry is rebuilt, not fatal
             warnings.warn(f"ignoring the damaged cache entry {path} ({type(e).__name__}); re-exporting", stacklevel=3)
-    say(f"exporting the network with torch.onnx ({EXPORT_DTYPES[dtype]}; the slow part: seconds for a small "
-        "model, a minute for a large one)")
+    say(f"exporting the network with torch.onnx ({EXPORT_DTYPES[dtype]}; once per model and precision, then "
+        f"cached; about {export_estimate_s():.0f} s here)")
+    t0 = time.perf_counter()
     proto = torch_export(model, dtype, opset, shape)
+    _record_export_time(time.perf_counter() - t0)
     stats["torch_exports"] += 1
-    with contextlib.suppress(OSError):  # a read-only cache only costs the next export
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _set_metadata(proto, _metadata(model, None, dtype, shape, key, None, opset_of(proto)))
-        atomic_write_bytes(path, proto.SerializeToString())
+    _set_metadata(proto, _metadata(model, None, dtype, shape, key, None, opset_of(proto)))
+    _store(_cache_path(key, None, dtype), proto.SerializeToString())
     return proto
+
+
+def network_cached(model, dtype=torch.float32, opset: int | None = None, *, shape=None,
+                   model_fp: str | None = None) -> bool:
+    """Whether the torch export of this (model, dtype, opset, shape) is in the cache: if so, any
+    sampler graph around it is built in a second or two; if not, the export costs export_estimate_s()."""
+    shape = _check_args(model, None, dtype, opset, shape, None)
+    key = _export_key(model_fp or model_fingerprint(model), None, dtype, opset, shape, None)
+    return _lookup(_cache_path(key, None, dtype)) is not None
 
 
 def _write(path, proto) -> Path:
@@ -294,17 +431,24 @@ def _write(path, proto) -> Path:
 
 
 def export_cached(model, plan: SamplingPlan | None = None, dtype=torch.float32, opset: int | None = None, *,
-                  shape=None, unroll: bool | None = None, model_fp: str | None = None) -> Path:
+                  shape=None, unroll: bool | None = None, table_inputs: bool = False, model_fp: str | None = None,
+                  log=None) -> Path:
     """export_onnx into the cache folder (cache_dir()), keyed by a content hash of the weights, config,
-    plan, dtype, opset and ddim-fast version: a second call with the same inputs returns the file
-    without exporting. model_fp: model_fingerprint(model), when the caller already has it."""
-    shape = _check_args(model, plan, dtype, opset, shape, unroll)
-    unroll = _resolve_unroll(plan, unroll)
+    plan (its structure only, with table_inputs), dtype, opset and ddim-fast version: a second call with
+    the same inputs returns the file without exporting. model_fp: model_fingerprint(model), when the
+    caller already has it; log(line): progress of a fresh export."""
+    shape = _check_args(model, plan, dtype, opset, shape, unroll, table_inputs)
+    unroll = False if table_inputs else _resolve_unroll(plan, unroll)
     model_fp = model_fp or model_fingerprint(model)
-    path = _cache_path(_export_key(model_fp, plan, dtype, opset, shape, unroll), plan, dtype)
-    if path.is_file():
+    key = _export_key(model_fp, plan, dtype, opset, shape, unroll, table_inputs)
+    path = _cache_path(key, plan, dtype, table_inputs)
+    found = _lookup(path)
+    if found is not None:
         stats["cache_hits"] += 1
-        return path
-    proto, _ = _build(model, plan, dtype, opset, shape, unroll, True, model_fp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return _write(path, proto)
+        return found
+    proto, _ = _build(model, plan, dtype, opset, shape, unroll, True, model_fp, log=log, table=table_inputs)
+    size = proto.ByteSize()
+    if size >= 2**31 - 1:
+        raise ValueError(f"the graph is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for one file; "
+                         "use fewer steps or the Loop layout")
+    return _store(path, proto.SerializeToString())

@@ -11,6 +11,10 @@ Two layouts of the S steps are built from the same network graph:
              and timestep as constants (ORT can fold and plan every step);
   loop       one ONNX Loop whose body is the network plus the step, reading its row of the (S, 6)
              coefficient table and its timestep by the iteration number (graph size independent of S).
+A Loop can also take its table and timesteps as graph inputs (`table_inputs`: `coef` (S, 6) float32,
+`timesteps` (S,) int64, the trip count read from their length): one graph then serves every plan of
+the same structure (structure(): direction, clipping, thresholding, noise), whatever its steps,
+spacing or eta, and the host feeds table_feeds(plan), the same float32 numbers a baked graph holds.
 """
 
 from __future__ import annotations
@@ -121,8 +125,32 @@ def copy_nodes(nodes, rename, prefix):
     return out
 
 
-def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape):
-    """The whole sampler as an onnx.ModelProto, built around the exported network."""
+# What a table-input graph does not depend on: only the table's values and length change with these.
+TABLE_ONLY = ("T", "steps", "timesteps", "eta", "variance", "spacing", "eps_at", "final_alpha")
+
+
+def structure(plan: SamplingPlan) -> dict:
+    """What a table-input sampler graph depends on: the plan's record without the fields that only
+    change the table's values (TABLE_ONLY), plus whether it takes noise. Every other field, including
+    any added later, keeps two plans apart, so a graph is never reused for a plan it cannot run."""
+    out = {k: v for k, v in plan.describe().items() if k not in TABLE_ONLY}
+    out["needs_noise"] = plan.needs_noise
+    out["columns"] = list(COEF_COLUMNS)
+    return out
+
+
+def table_feeds(plan: SamplingPlan) -> dict:
+    """The `coef` and `timesteps` inputs of a table-input graph for `plan`: its table rounded once to
+    float32 (as the reference and a baked graph use it) and its timesteps."""
+    return {"coef": plan.to("cpu", torch.float32).coef.contiguous(), "timesteps": plan.timesteps.to("cpu")}
+
+
+def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inputs: bool = False):
+    """The whole sampler as an onnx.ModelProto, built around the exported network. table_inputs (Loop
+    only): the table and timesteps are graph inputs instead of constants, `plan` gives the structure."""
+    if table_inputs and unroll:
+        raise ValueError("an unrolled graph holds each step's coefficients as constants; table inputs need the "
+                         "Loop layout (unroll=False)")
     onnx = import_onnx()
     from onnx import TensorProto, helper
 
@@ -159,8 +187,11 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape):
         b.nodes.append(helper.make_node("Identity", [x], [x_out], name="ddim/out"))
     else:
         # The Loop body reads the weights, the tables, `batch` and `noise` from the outer scope.
-        table = b.const(coef, hint="coef_table")  # (S, 6)
-        steps_t = b.const(ts, np.int64, "timesteps")  # (S,)
+        if table_inputs:
+            table, steps_t = "coef", "timesteps"  # graph inputs: (S, 6) float32, (S,) int64
+        else:
+            table = b.const(coef, hint="coef_table")  # (S, 6)
+            steps_t = b.const(ts, np.int64, "timesteps")  # (S,)
         body = Builder("ddim/body/")
         i, cond, x = "ddim/body/i", "ddim/body/cond", "ddim/body/x"
         t_i = body.op("Gather", [steps_t, i], "t_i", axis=0)  # () int64
@@ -183,13 +214,20 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape):
              helper.make_value_info(x_next, state_type)],
             initializer=body.inits,
         )
-        trips = b.const(plan.steps, np.int64, "trips")
+        if table_inputs:  # as many iterations as timesteps were fed
+            trips = b.op("Squeeze", [b.op("Shape", [steps_t], "S", start=0, end=1), b.const([0], np.int64)], "trips")
+        else:
+            trips = b.const(plan.steps, np.int64, "trips")
         b.nodes.append(helper.make_node("Loop", [trips, "", x_in], [x_out], name="ddim/loop", body=body_graph))
 
     inputs = [helper.make_value_info(x_in, state_type)]
+    S = "S" if table_inputs else plan.steps
     if noise:
-        inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, [plan.steps, "B", C, H, W]))
-    graph = helper.make_graph(b.nodes, f"ddim_{plan.direction}_{plan.steps}", inputs,
+        inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, [S, "B", C, H, W]))
+    if table_inputs:
+        inputs.append(helper.make_tensor_value_info("coef", TensorProto.FLOAT, [S, len(COEF_COLUMNS)]))
+        inputs.append(helper.make_tensor_value_info("timesteps", TensorProto.INT64, [S]))
+    graph = helper.make_graph(b.nodes, f"ddim_{plan.direction}_{S}", inputs,
                               [helper.make_value_info(x_out, state_type)], initializer=weights + b.inits)
     model = helper.make_model(graph, opset_imports=list(net_proto.opset_import), producer_name="ddim-fast",
                               producer_version=__version__)
