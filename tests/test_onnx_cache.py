@@ -53,32 +53,47 @@ def _check(eng, ref_eng, model, plan, seed=3, batch=3):
 
 # -- one graph for every plan of a structure ------------------------------------------------------------
 def test_one_table_graph_serves_every_plan_of_a_structure(tiny):
-    plans = [dd.SamplingPlan.build(SCHED, 3), dd.SamplingPlan.build(SCHED, 5, spacing="quad"),
+    """Unrolled (the CPU default up to UNROLL_MAX_STEPS): one graph per structure and S."""
+    plans = [dd.SamplingPlan.build(SCHED, 4), dd.SamplingPlan.build(SCHED, 4, spacing="quad"),
              dd.SamplingPlan.build(SCHED, 4, spacing="trailing", final_alpha=1.0)]
     before = dict(dox.stats)
     for plan in plans:
         eng = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu")
         assert eng._backend.table_inputs  # the CPU default
         _check(eng, dd.Engine(tiny, plan, backend="reference", device="cpu"), tiny, plan)
-    # at most one sampler graph for the three plans (none if an earlier test built this structure)
+    # at most one sampler graph for the three plans (none if an earlier test built this one)
     assert dox.stats["sampler_builds"] - before["sampler_builds"] <= 1
-    assert dox.stats["torch_exports"] == before["torch_exports"] or before["torch_exports"] == 0
-    # noise is structure: eta > 0 takes another graph, which then serves every eta > 0
-    noisy = [dd.SamplingPlan.build(SCHED, 4, eta=0.5), dd.SamplingPlan.build(SCHED, 6, eta=1.0, spacing="quad")]
+    # noise is structure: eta > 0 takes another graph, which then serves every eta > 0 at this S
+    noisy = [dd.SamplingPlan.build(SCHED, 4, eta=0.5), dd.SamplingPlan.build(SCHED, 4, eta=1.0, spacing="quad")]
     before = dict(dox.stats)
     for plan in noisy:
         eng = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu")
         got = _check(eng, dd.Engine(tiny, plan, backend="reference", device="cpu"), tiny, plan)
         assert (eng.sample(3, seed=4) - got).abs().max() > 1e-2  # the seed drives the fed noise
     assert dox.stats["sampler_builds"] - before["sampler_builds"] <= 1
+    # a new S builds a graph around the cached network: no torch export
+    before = dict(dox.stats)
+    plan = dd.SamplingPlan.build(SCHED, 7, spacing="quad")
+    _check(dd.Engine(tiny, plan, backend="onnxruntime", device="cpu"),
+           dd.Engine(tiny, plan, backend="reference", device="cpu"), tiny, plan)
+    assert dox.stats["torch_exports"] == before["torch_exports"]
 
 
-def test_table_graph_equals_the_baked_loop(tiny):
+def test_one_table_loop_serves_every_number_of_steps(tiny):
+    before = dict(dox.stats)
+    for plan in (dd.SamplingPlan.build(SCHED, 3), dd.SamplingPlan.build(SCHED, 6, spacing="quad")):
+        eng = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu", onnx_options={"unroll": False})
+        _check(eng, dd.Engine(tiny, plan, backend="reference", device="cpu"), tiny, plan)
+    assert dox.stats["sampler_builds"] - before["sampler_builds"] <= 1
+
+
+@pytest.mark.parametrize("unroll", [True, False])
+def test_table_graph_equals_the_baked_graph(tiny, unroll):
     """The same operations on the same float32 numbers: fed or baked, the table gives the same result."""
     plan = dd.SamplingPlan.build(SCHED, 5, eta=0.3, clip_x0=1.0)
-    table = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu")
+    table = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu", onnx_options={"unroll": unroll})
     baked = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu",
-                      onnx_options={"unroll": False, "table_inputs": False})
+                      onnx_options={"unroll": unroll, "table_inputs": False})
     assert table._backend.table_inputs and not baked._backend.table_inputs
     a, b = table.sample(4, seed=11), baked.sample(4, seed=11)
     assert (a - b).abs().max().item() <= 1e-6
@@ -106,9 +121,11 @@ def test_structure_keys_what_the_graph_depends_on():
 
 
 def test_exported_table_file_runs_any_plan(tiny, tmp_path):
-    path = dd.export_onnx(tiny, tmp_path / "t.onnx", plan=dd.SamplingPlan.build(SCHED, 3), table_inputs=True)
+    path = dd.export_onnx(tiny, tmp_path / "t.onnx", plan=dd.SamplingPlan.build(SCHED, 3), table_inputs=True,
+                          unroll=False)
     meta = dox.onnx_metadata(path)
-    assert meta["graph"] == "table" and meta["structure"] == structure(dd.SamplingPlan.build(SCHED, 3))
+    assert meta["graph"] == "loop" and meta["table_inputs"]
+    assert meta["structure"] == structure(dd.SamplingPlan.build(SCHED, 3))
     assert {"coef", "timesteps", "x_T"} <= set(meta["inputs"])
     runner = OrtRunner(path)
     for plan in (dd.SamplingPlan.build(SCHED, 7, spacing="quad"), dd.SamplingPlan.build(SCHED, 2)):
@@ -119,13 +136,11 @@ def test_exported_table_file_runs_any_plan(tiny, tmp_path):
 
 
 def test_table_inputs_refusals(tiny, tmp_path):
-    plan = dd.SamplingPlan.build(SCHED, 3)
-    with pytest.raises(ValueError, match="Loop layout"):
-        dd.export_onnx(tiny, tmp_path / "a.onnx", plan=plan, unroll=True, table_inputs=True)
     with pytest.raises(ValueError, match="needs a plan"):
         dd.export_onnx(tiny, tmp_path / "a.onnx", table_inputs=True)
-    with pytest.raises(ValueError, match="Loop layout"):
-        dd.Engine(tiny, plan, backend="onnxruntime", device="cpu", onnx_options={"unroll": True, "table_inputs": True})
+    with pytest.raises(ValueError, match="table_inputs must be"):
+        dd.Engine(tiny, dd.SamplingPlan.build(SCHED, 3), backend="onnxruntime", device="cpu",
+                  onnx_options={"table_inputs": "yes"})
 
 
 # -- the cache: size limit, least recently used first, unwritable ---------------------------------------

@@ -2,12 +2,13 @@
 the CUDA EP with IO binding (onnxruntime-gpu).
 
 The sampling plan's graph is exported (or found in the cache) on construction, an inversion plan's
-on its first use. On a CPU that graph is, by default, the Loop that takes the plan's table and
-timesteps as inputs (table_inputs): one graph per (model, dtype, plan structure), so a new number of
-steps, spacing or eta costs neither an export nor a new session. On CUDA it is the unrolled graph
-(ORT's CUDA graph and CUDA-EP partitions do not survive a Loop). ONNX has no counter-based
-generator, so for eta > 0 the host draws the noise with ddim_fast.rng and feeds it in (host_noise):
-a seed gives the reference backend's samples.
+on its first use. On a CPU the graph takes the plan's table and timesteps as inputs (table_inputs):
+one graph and one session per (model, dtype, plan structure, S), so a new spacing or eta costs
+neither an export nor a new session, and a new S only a graph build (the network's torch export is
+cached). Unrolled up to UNROLL_MAX_STEPS steps (batch-invariant to the bit, and the fastest per call),
+an ONNX Loop above. On CUDA the graphs are baked and unrolled (ORT's CUDA graph and CUDA-EP partitions
+do not survive a Loop). ONNX has no counter-based generator, so for eta > 0 the host draws the noise
+with ddim_fast.rng and feeds it in (host_noise): a seed gives the reference backend's samples.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import warnings
 import torch
 
 from .. import rng
-from ..onnx.export import EXPORT_DTYPES, export_cached, model_fingerprint, plan_fingerprint
+from ..onnx.export import EXPORT_DTYPES, UNROLL_MAX_STEPS, export_cached, model_fingerprint, plan_fingerprint
 from ..onnx.graph import structure, table_feeds
 from ..onnx.network import eval_copy
 from ..onnx.runtime import OrtRunner, execution_providers, import_ort
@@ -53,7 +54,7 @@ class OnnxRuntimeBackend(Backend):
                  opset: int | None = None, unroll: bool | None = None, table_inputs: bool | None = None,
                  threads: int | None = None, cuda_graph: bool = False, log=None):
         """opset, unroll, table_inputs: of the export (ddim_fast.onnx.export_onnx; table_inputs None =
-        on a CPU unless unroll=True); threads: CPU EP intra-op threads; cuda_graph: ORT's own CUDA graph
+        on a CPU); threads: CPU EP intra-op threads; cuda_graph: ORT's own CUDA graph
         on the CUDA EP; log(line): progress of a fresh export. channels_last and max_graphs do not apply."""
         import_ort()
         if dtype not in EXPORT_DTYPES:
@@ -67,20 +68,19 @@ class OnnxRuntimeBackend(Backend):
         self.threads, self.cuda_graph, self.log = threads, cuda_graph, log
         if table_inputs not in (None, True, False):
             raise ValueError(f"table_inputs must be None (automatic), True or False, got {table_inputs!r}")
-        if table_inputs and unroll:
-            raise ValueError("table_inputs=True needs the Loop layout; drop unroll=True (an unrolled graph bakes "
-                             "the table in)")
-        if table_inputs is None:
-            table_inputs = self.device.type == "cpu" and not unroll
-        self.table_inputs = table_inputs
-        if self.device.type == "cuda" and unroll is None and not table_inputs:
+        self.table_inputs = self.device.type == "cpu" if table_inputs is None else table_inputs
+        if self.device.type == "cuda" and unroll is None:
             self.unroll = True  # control flow (Loop) breaks ORT's CUDA graph and splits CUDA-EP partitions
         self._runners = {}  # plan fingerprint (table inputs: plan structure) -> OrtRunner
         self.paths = {}
         self.runner(plan)
 
     def runner(self, plan: SamplingPlan) -> OrtRunner:
-        key = json.dumps(structure(plan), sort_keys=True) if self.table_inputs else plan_fingerprint(plan)
+        if self.table_inputs:  # one graph per structure (unrolled: and steps), whatever the table
+            unrolled = plan.steps <= UNROLL_MAX_STEPS if self.unroll is None else self.unroll
+            key = json.dumps([structure(plan), plan.steps if unrolled else None], sort_keys=True)
+        else:
+            key = plan_fingerprint(plan)
         if key not in self._runners:
             path = self._export(plan)
             try:

@@ -70,7 +70,7 @@ class Export:
                 plan = plan.inverse()
         if args.graph == "table" and not args.whole_sampler:
             raise ValueError("--graph table only applies to --whole-sampler; add --whole-sampler or drop it")
-        unroll = {"auto": None, "unrolled": True, "loop": False, "table": None}[args.graph]
+        unroll = {"auto": None, "unrolled": True, "loop": False, "table": False}[args.graph]
         t0 = time.perf_counter()
 
         def log(line):
@@ -80,8 +80,9 @@ class Export:
                     unroll=unroll, table_inputs=args.graph == "table", log=log)
         meta = onnx_metadata(out)
         kind = "sampler" if plan is not None and plan.direction == "sample" else "DDIM encoder"
-        steps = "any steps" if meta.get("graph") == "table" else f"{plan.steps if plan else 0} steps"
-        what = "eps-model" if plan is None else f"{kind}, {steps}, {meta['graph']}"
+        table = meta.get("table_inputs") and meta["graph"] == "loop"
+        steps = "any steps" if table else f"{plan.steps if plan else 0} steps"
+        what = "eps-model" if plan is None else f"{kind}, {steps}, {meta['graph']}{' (table inputs)' if table else ''}"
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; {what}; {meta['dtype']}; opset {meta['opset']}"
               f"{'; validated against the reference' if args.validate else ''}) in {time.perf_counter() - t0:.1f} s")
         inputs = sorted(meta["inputs"].items(), key=lambda kv: kv[0] not in ("x_T", "x0"))  # the state first

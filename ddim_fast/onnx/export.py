@@ -5,8 +5,8 @@ torch.onnx traces only the network, once per (weights, dtype, opset, shape); tha
 (10-30 s on a CPU, for the bundled model as for the CIFAR-10 UNet: mostly fixed cost), so the result
 is cached on disk (cache_dir()), keyed by content fingerprints. `unroll=None` picks unrolled up to
 UNROLL_MAX_STEPS steps and an ONNX Loop above (the NOTE there has the measurement); `table_inputs`
-builds a Loop that takes the plan's table and timesteps as inputs, so one cached graph serves every
-plan of the same structure (graph.structure): what the Engine uses on a CPU.
+makes the plan's table and timesteps graph inputs, so one cached graph serves every plan of the same
+structure (graph.structure) and, unrolled, the same steps: what the Engine uses on a CPU.
 
 The cache. Folder: $DDIM_FAST_CACHE/onnx (default ~/.cache/ddim-fast/onnx). Size: at most
 $DDIM_FAST_CACHE_MAX_MB megabytes (default 2048); after each write the least recently used files go
@@ -203,12 +203,14 @@ def _export_key(model_fp: str, plan: SamplingPlan | None, dtype, opset, shape, u
     """The cache key; a table-input graph keys on the plan's structure, not on its table."""
     if plan is None:
         plan_part = None
+    elif table:  # an unrolled table graph fixes S; a Loop takes any
+        plan_part = {**structure(plan), "steps": plan.steps if unroll else None}
     else:
-        plan_part = structure(plan) if table else plan_fingerprint(plan)
+        plan_part = plan_fingerprint(plan)
     parts = {
         "model": model_fp,
         "plan": plan_part,
-        "unroll": ("table" if table else unroll) if plan is not None else None,
+        "unroll": unroll if plan is not None else None,
         "dtype": EXPORT_DTYPES[dtype],
         "opset": opset,
         "shape": list(shape),
@@ -216,14 +218,17 @@ def _export_key(model_fp: str, plan: SamplingPlan | None, dtype, opset, shape, u
         "graph": GRAPH_VERSION,
         "torch": torch.__version__,
     }
+    if table:
+        parts["table_inputs"] = True  # added only here: the keys of baked graphs are as before
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _cache_path(key: str, plan: SamplingPlan | None, dtype, table=False) -> Path:
+def _cache_path(key: str, plan: SamplingPlan | None, dtype, table=False, unroll=None) -> Path:
     if plan is None:
         name = f"eps-{EXPORT_DTYPES[dtype]}-{key[:20]}.onnx"
     else:
-        name = f"{plan.direction}-{'table' if table else f'S{plan.steps}'}-{EXPORT_DTYPES[dtype]}-{key[:20]}.onnx"
+        layout = ("table-" if table else "") + ("loop" if table and not unroll else f"S{plan.steps}")
+        name = f"{plan.direction}-{layout}-{EXPORT_DTYPES[dtype]}-{key[:20]}.onnx"
     return cache_dir() / name
 
 
@@ -250,7 +255,8 @@ def _metadata(model, plan, dtype, shape, key, unroll, opset, table=False) -> dic
     else:
         x_in, x_out = ("x_T", "x0") if plan.direction == "sample" else ("x0", "x_T")
         meta["plan"] = plan.describe()
-        meta["graph"] = "table" if table else "unrolled" if unroll else "loop"
+        meta["graph"] = "unrolled" if unroll else "loop"
+        meta["table_inputs"] = bool(table)
         meta["inputs"] = {x_in: "(B, C, H, W) float32"}
         if plan.needs_noise:
             meta["inputs"]["noise"] = (
@@ -258,10 +264,12 @@ def _metadata(model, plan, dtype, shape, key, unroll, opset, table=False) -> dic
                 "ddim_fast.rng.step_noise(seed, i, (B, C, H, W), first_index=...) for step i (zeros where sigma=0)"
             )
         if table:
-            meta["structure"] = structure(plan)  # any plan with this structure runs here; `plan`: the one validated
+            # any plan with this structure (and, unrolled, these steps) runs here; `plan`: the one validated
+            meta["structure"] = structure(plan)
+            S = f"S = {plan.steps}" if unroll else "S = their number, any"
             meta["inputs"]["coef"] = ("(S, 6) float32: the plan's coefficient table, columns "
                                       "cx ce d0 dx de sigma (ddim_fast.onnx.graph.table_feeds(plan))")
-            meta["inputs"]["timesteps"] = "(S,) int64: the plan's timesteps; S = their number"
+            meta["inputs"]["timesteps"] = f"(S,) int64: the plan's timesteps; {S}"
         meta["outputs"] = {x_out: "(B, C, H, W) float32, the final state, not clamped"}
     return meta
 
@@ -305,9 +313,10 @@ def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float
     dtype:      torch.float32 or torch.float16 (the network's precision; the state stays float32).
     opset:      ONNX opset (default: torch.onnx's); shape: (C, H, W), read from model.config if omitted.
     unroll:     None = unrolled up to UNROLL_MAX_STEPS steps, an ONNX Loop above; True / False force it.
-    table_inputs: a Loop that takes the table and timesteps as inputs `coef` (S, 6) float32 and
-                `timesteps` (S,) int64 (graph.table_feeds(plan)): one file for every plan of the
-                same structure (graph.structure: direction, clipping, thresholding, noise).
+    table_inputs: the table and timesteps are inputs `coef` (S, 6) float32 and `timesteps` (S,)
+                int64 (graph.table_feeds(plan)): one file for every plan of the same structure
+                (graph.structure: direction, clipping, thresholding, noise), of any S as a Loop,
+                of this S unrolled.
     validate:   run the graph in ONNX Runtime (CPU) and check it against the float64 reference.
     log:        a function called with one line at each stage (export, graph, validation), for progress.
     Returns the path. The file carries its config, schedule, plan and version in metadata_props
@@ -336,9 +345,8 @@ def _check_args(model, plan, dtype, opset, shape, unroll, table=False):
         raise ValueError(f"unroll must be None (automatic), True or False, got {unroll!r}")
     if table not in (True, False):
         raise ValueError(f"table_inputs must be True or False, got {table!r}")
-    if table and (plan is None or unroll):
-        raise ValueError("table_inputs=True needs a plan (a sampler graph) and the Loop layout (unroll None or False): "
-                         "an unrolled graph holds every step's coefficients as constants")
+    if table and plan is None:
+        raise ValueError("table_inputs=True needs a plan: the table belongs to a sampler graph, not the eps-model")
     return sample_shape(model, shape)
 
 
@@ -346,20 +354,19 @@ def _build(model, plan, dtype, opset, shape, unroll, validate, model_fp=None, lo
     """(proto with metadata, key), validated when asked; log(line) at each stage."""
     say = log or (lambda line: None)
     shape = _check_args(model, plan, dtype, opset, shape, unroll, table)
-    unroll = False if table else _resolve_unroll(plan, unroll)
+    unroll = _resolve_unroll(plan, unroll)
     model_fp = model_fp or model_fingerprint(model)
     net_proto = _network(model, model_fp, dtype, opset, shape, say)
-    if table:
-        say("building the sampler graph (one ONNX Loop; the plan's table and timesteps are inputs)")
-    elif plan is not None:
-        say(f"building the {plan.steps}-step sampler graph ({'unrolled' if unroll else 'one ONNX Loop'})")
+    if plan is not None:
+        say(f"building the {plan.steps}-step sampler graph ({'unrolled' if unroll else 'one ONNX Loop'}"
+            f"{'; the table and timesteps are inputs' if table else ''})")
     proto = net_proto if plan is None else _sampler(net_proto, plan, unroll, shape, table)
     if validate:
         say("validating the graph in ONNX Runtime against the float64 reference")
     key = _export_key(model_fp, plan, dtype, opset, shape, unroll, table)
     _set_metadata(proto, _metadata(model, plan, dtype, shape, key, unroll, opset_of(proto), table))
-    if validate and table:
-        # the graph is the same for every plan of this structure: checked on the first steps of this one
+    if validate and table and not unroll:
+        # the Loop is the same for every plan of this structure: checked on the first steps of this one
         validate_export(proto, model, head(plan, min(plan.steps, VALIDATE_LOOP_STEPS)), dtype, shape)
     elif validate and plan is not None and not unroll and plan.steps > VALIDATE_LOOP_STEPS:
         # A Loop runs one body S times, reading row i of its tables: validating the body on the
@@ -438,10 +445,10 @@ def export_cached(model, plan: SamplingPlan | None = None, dtype=torch.float32, 
     the same inputs returns the file without exporting. model_fp: model_fingerprint(model), when the
     caller already has it; log(line): progress of a fresh export."""
     shape = _check_args(model, plan, dtype, opset, shape, unroll, table_inputs)
-    unroll = False if table_inputs else _resolve_unroll(plan, unroll)
+    unroll = _resolve_unroll(plan, unroll)
     model_fp = model_fp or model_fingerprint(model)
     key = _export_key(model_fp, plan, dtype, opset, shape, unroll, table_inputs)
-    path = _cache_path(key, plan, dtype, table_inputs)
+    path = _cache_path(key, plan, dtype, table_inputs, unroll)
     found = _lookup(path)
     if found is not None:
         stats["cache_hits"] += 1

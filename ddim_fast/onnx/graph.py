@@ -11,10 +11,11 @@ Two layouts of the S steps are built from the same network graph:
              and timestep as constants (ORT can fold and plan every step);
   loop       one ONNX Loop whose body is the network plus the step, reading its row of the (S, 6)
              coefficient table and its timestep by the iteration number (graph size independent of S).
-A Loop can also take its table and timesteps as graph inputs (`table_inputs`: `coef` (S, 6) float32,
-`timesteps` (S,) int64, the trip count read from their length): one graph then serves every plan of
-the same structure (structure(): direction, clipping, thresholding, noise), whatever its steps,
-spacing or eta, and the host feeds table_feeds(plan), the same float32 numbers a baked graph holds.
+Either layout can take the table and timesteps as graph inputs instead of constants (`table_inputs`:
+`coef` (S, 6) float32, `timesteps` (S,) int64; the host feeds table_feeds(plan), the same float32
+numbers a baked graph holds). One graph then serves every plan of the same structure (structure():
+direction, clipping, thresholding, noise): whatever its spacing or eta, and for a Loop (whose trip
+count is the length of `timesteps`) whatever its steps; an unrolled graph fixes S.
 """
 
 from __future__ import annotations
@@ -148,9 +149,6 @@ def table_feeds(plan: SamplingPlan) -> dict:
 def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inputs: bool = False):
     """The whole sampler as an onnx.ModelProto, built around the exported network. table_inputs (Loop
     only): the table and timesteps are graph inputs instead of constants, `plan` gives the structure."""
-    if table_inputs and unroll:
-        raise ValueError("an unrolled graph holds each step's coefficients as constants; table inputs need the "
-                         "Loop layout (unroll=False)")
     onnx = import_onnx()
     from onnx import TensorProto, helper
 
@@ -172,17 +170,26 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inpu
         x = x_in
         for i in range(plan.steps):
             pre = f"s{i}/"
-            t = b.op("Expand", [b.const([ts[i]], np.int64, f"t{i}"), batch], f"{pre}t")  # (B,)
+            if table_inputs:  # step i's timestep and row read from the inputs
+                t_i = b.op("Gather", ["timesteps", b.const([i], np.int64)], f"{pre}t_i", axis=0)  # (1,)
+                row = b.op("Gather", ["coef", b.const(i, np.int64)], f"{pre}row", axis=0)  # (6,)
+            else:
+                t_i = b.const([ts[i]], np.int64, f"t{i}")
+            t = b.op("Expand", [t_i, batch], f"{pre}t")  # (B,)
             rename = {"x": x, "t": t, **{k: k for k in keep}}
             b.nodes.extend(copy_nodes(nodes, rename, pre))
             m = pre + pred  # (B, C, H, W) the model output at step i
             z = None
-            if noise and coef[i, 5] != 0:
+            if noise and (table_inputs or coef[i, 5] != 0):  # a fed table's sigma may be nonzero at any step
                 z = b.op("Gather", ["noise", b.const(i, np.int64)], f"{pre}z", axis=0)  # (B, C, H, W)
             # sigma only where the step adds noise: an initializer no node reads makes plain onnxruntime
             # warn "Removing initializer ... not used" on every load
-            c = {name: b.const(coef[i, j], hint=f"{pre}{name}") for j, name in enumerate(COEF_COLUMNS)
-                 if name != "sigma" or z is not None}
+            if table_inputs:
+                c = {name: b.op("Gather", [row, b.const(j, np.int64)], f"{pre}{name}", axis=0)
+                     for j, name in enumerate(COEF_COLUMNS) if name != "sigma" or z is not None}
+            else:
+                c = {name: b.const(coef[i, j], hint=f"{pre}{name}") for j, name in enumerate(COEF_COLUMNS)
+                     if name != "sigma" or z is not None}
             x = step_ops(b, plan, x, m, c, z, numel)
         b.nodes.append(helper.make_node("Identity", [x], [x_out], name="ddim/out"))
     else:
@@ -221,7 +228,7 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inpu
         b.nodes.append(helper.make_node("Loop", [trips, "", x_in], [x_out], name="ddim/loop", body=body_graph))
 
     inputs = [helper.make_value_info(x_in, state_type)]
-    S = "S" if table_inputs else plan.steps
+    S = "S" if table_inputs and not unroll else plan.steps  # an unrolled graph has S fixed
     if noise:
         inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, [S, "B", C, H, W]))
     if table_inputs:
