@@ -17,6 +17,7 @@ from conftest import assert_close_to_reference
 import ddim_fast as dd
 from ddim_fast import onnx as dox
 from ddim_fast.cli import common
+from ddim_fast.onnx import cache as oc
 from ddim_fast.onnx import export as ex
 from ddim_fast.onnx.graph import structure, table_feeds
 from ddim_fast.onnx.runtime import OrtRunner
@@ -160,22 +161,22 @@ def test_prune_cache_drops_least_recently_used_first(tmp_path, monkeypatch):
     paths = _fake_entries(tmp_path / "onnx", [400_000] * 4)
     os.utime(paths[0], None)  # f0 used just now: f1 is the oldest
     monkeypatch.setenv("DDIM_FAST_CACHE_MAX_MB", str(1_000_000 / 2**20))  # room for two of the four
-    gone = ex.prune_cache(keep=paths[1])  # f1 is protected (just written)
+    gone = oc.prune_cache(keep=paths[1])  # f1 is protected (just written)
     assert {p.name for p in gone} == {"f2.onnx", "f3.onnx"}
     assert paths[0].exists() and paths[1].exists()
     monkeypatch.setenv("DDIM_FAST_CACHE_MAX_MB", "0")
-    assert {p.name for p in ex.prune_cache(keep=paths[1])} == {"f0.onnx"} and paths[1].exists()
+    assert {p.name for p in oc.prune_cache(keep=paths[1])} == {"f0.onnx"} and paths[1].exists()
 
 
 def test_cache_limit_setting(monkeypatch):
     monkeypatch.delenv("DDIM_FAST_CACHE_MAX_MB", raising=False)
-    assert ex.cache_limit_bytes() == ex.CACHE_MAX_MB * 2**20
+    assert oc.cache_limit_bytes() == oc.CACHE_MAX_MB * 2**20
     monkeypatch.setenv("DDIM_FAST_CACHE_MAX_MB", "1.5")
-    assert ex.cache_limit_bytes() == int(1.5 * 2**20)
+    assert oc.cache_limit_bytes() == int(1.5 * 2**20)
     for bad in ("lots", "-1", "nan"):
         monkeypatch.setenv("DDIM_FAST_CACHE_MAX_MB", bad)
         with pytest.raises(ValueError, match="DDIM_FAST_CACHE_MAX_MB"):
-            ex.cache_limit_bytes()
+            oc.cache_limit_bytes()
 
 
 def test_export_keeps_the_cache_under_its_limit(tiny, tmp_path, monkeypatch):
@@ -193,12 +194,12 @@ def test_unwritable_cache_falls_back_with_one_warning(tiny, tmp_path, monkeypatc
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("DDIM_FAST_CACHE", str(blocker / "cache"))  # mkdir fails, even for root
-    monkeypatch.setattr(ex, "_fallback", {})
+    monkeypatch.setattr(oc, "_fallback", {})
     plan = dd.SamplingPlan.build(SCHED, 3)
     with pytest.warns(UserWarning, match="cannot be written.*DDIM_FAST_CACHE") as record:
         eng = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu")
     assert len([w for w in record if "cannot be written" in str(w.message)]) == 1
-    fallback = ex._fallback["dir"]
+    fallback = oc._fallback["dir"]
     assert eng._backend.paths["sample"].parent == fallback
     _check(eng, dd.Engine(tiny, plan, backend="reference", device="cpu"), tiny, plan)
     with warnings.catch_warnings():

@@ -9,7 +9,8 @@
     graph.py      the sampler written in ONNX around it: the step and the layouts (unrolled, Loop, and a
                   Loop taking the plan's table as inputs, which serves every plan of one structure)
     validate.py   every export checked in ONNX Runtime against the float64 reference first
-    export.py     export_onnx / export_cached: the on-disk cache, fingerprints, metadata, the write
+    cache.py      the on-disk cache (folder, size limit, unwritable fallback) and the fingerprints keying it
+    export.py     export_onnx / export_cached: keys, metadata, validation, the write
     runtime.py    session options, providers, OrtRunner (CPU EP, or the CUDA EP with IO binding)
 
 Noise. ONNX has no counter-based generator (Philox), so plans with eta > 0 take an input

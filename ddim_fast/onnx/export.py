@@ -1,28 +1,18 @@
-"""Exporting the eps-model or the whole sampler: the torch export of the network (cached on disk),
-the sampler graph around it, the check in ONNX Runtime, the metadata, and the atomic write.
+"""Exporting the eps-model or the whole sampler: the torch export of the network (cached on disk, see
+cache.py), the sampler graph around it, the check in ONNX Runtime, the metadata, and the atomic write.
 
 torch.onnx traces only the network, once per (weights, dtype, opset, shape); that is the slow part
 (10-30 s on a CPU, for the bundled model as for the CIFAR-10 UNet: mostly fixed cost), so the result
-is cached on disk (cache_dir()), keyed by content fingerprints. `unroll=None` picks unrolled up to
-UNROLL_MAX_STEPS steps and an ONNX Loop above (the NOTE there has the measurement); `table_inputs`
-makes the plan's table and timesteps graph inputs, so one cached graph serves every plan of the same
-structure (graph.structure) and, unrolled, the same steps: what the Engine uses on a CPU.
-
-The cache. Folder: $DDIM_FAST_CACHE/onnx (default ~/.cache/ddim-fast/onnx). Size: at most
-$DDIM_FAST_CACHE_MAX_MB megabytes (default 2048); after each write the least recently used files go
-first (a cache hit counts as a use), never the file just written. An unwritable cache is not an
-error: one warning, and this process keeps its exports in a temporary folder (the next command
-exports again). timings.json there records the last torch export's duration (export_estimate_s).
+is cached, keyed by content fingerprints. `unroll=None` picks unrolled up to UNROLL_MAX_STEPS steps
+and an ONNX Loop above (the NOTE there has the measurement); `table_inputs` makes the plan's table
+and timesteps graph inputs, so one cached graph serves every plan of the same structure
+(graph.structure) and, unrolled, the same steps: what the Engine uses on a CPU.
 """
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +24,19 @@ from ..checks import is_int, sample_shape
 from ..files import atomic_write_bytes
 from ..plan import SamplingPlan
 from ..precision import NAMES
+from .cache import (  # noqa: F401  (cache_dir, the fingerprints and the limit are part of this module's API)
+    CACHE_MAX_MB,
+    DEFAULT_EXPORT_S,
+    cache_dir,
+    cache_limit_bytes,
+    export_estimate_s,
+    lookup,
+    model_fingerprint,
+    plan_fingerprint,
+    prune_cache,
+    record_export_time,
+    store,
+)
 from .graph import sampler_proto, structure
 from .network import opset_of, torch_export
 from .runtime import damaged, existing, import_onnx
@@ -51,152 +54,9 @@ META_PREFIX = "ddim_fast."
 # call, repaid within ~10 calls), the Loop above.
 UNROLL_MAX_STEPS = 50
 VALIDATE_LOOP_STEPS = 20  # a Loop export is validated on its first steps plus an exact check of its tables
-CACHE_MAX_MB = 2048  # default size limit of the cache ($DDIM_FAST_CACHE_MAX_MB)
-# The torch export's duration before one was measured on this machine: 11-28 s measured on the 2-core
-# VM (bundled digits model and the CIFAR-10 UNet alike, torch 2.13, dynamo exporter), rounded up.
-DEFAULT_EXPORT_S = 30.0
 
 # Counts of the expensive work, for tests and logs: torch exports of a network, sampler graphs built.
 stats = {"torch_exports": 0, "sampler_builds": 0, "cache_hits": 0}
-
-
-# -- fingerprints and the cache -----------------------------------------------------------------------
-def cache_dir() -> Path:
-    """Where exported graphs are kept: $DDIM_FAST_CACHE/onnx, default ~/.cache/ddim-fast/onnx."""
-    root = os.environ.get("DDIM_FAST_CACHE")
-    if root:
-        return Path(root).expanduser() / "onnx"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "ddim-fast" / "onnx"
-
-
-def cache_limit_bytes() -> int:
-    """The cache's size limit: $DDIM_FAST_CACHE_MAX_MB megabytes, default CACHE_MAX_MB."""
-    raw = os.environ.get("DDIM_FAST_CACHE_MAX_MB")
-    try:
-        mb = float(raw) if raw else CACHE_MAX_MB
-    except ValueError:
-        raise ValueError(f"DDIM_FAST_CACHE_MAX_MB must be a number of megabytes, got {raw!r}") from None
-    if not mb >= 0:
-        raise ValueError(f"DDIM_FAST_CACHE_MAX_MB must be >= 0, got {raw!r}")
-    return int(mb * 2**20)
-
-
-def prune_cache(keep: Path | None = None) -> list[Path]:
-    """Delete the least recently used .onnx files of cache_dir() until it fits cache_limit_bytes()
-    (never `keep`). Returns what was deleted."""
-    folder = cache_dir()
-    files = []
-    for path in folder.glob("*.onnx"):
-        try:
-            st = path.stat()
-        except OSError:
-            continue  # removed meanwhile by another process
-        files.append((st.st_mtime, st.st_size, path))
-    total, limit, gone = sum(size for _, size, _ in files), cache_limit_bytes(), []
-    for _, size, path in sorted(files):
-        if total <= limit:
-            break
-        if keep is not None and path == keep:
-            continue
-        try:
-            path.unlink()
-        except OSError:
-            continue
-        total -= size
-        gone.append(path)
-    return gone
-
-
-_fallback = {}  # "dir": this process's temporary folder once the cache proved unwritable
-
-
-def _store(path: Path, data: bytes) -> Path:
-    """Write a cache entry atomically and prune the cache; where the cache cannot be written, say so
-    once and keep the entry in a temporary folder for this process."""
-    if "dir" not in _fallback:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, data)
-            prune_cache(keep=path)
-            return path
-        except OSError as e:
-            folder = tempfile.mkdtemp(prefix="ddim-fast-onnx-")
-            atexit.register(shutil.rmtree, folder, True)
-            _fallback["dir"] = Path(folder)
-            warnings.warn(f"the ONNX cache {cache_dir()} cannot be written ({type(e).__name__}: "
-                          f"{e.strerror or e}); exports are kept in a temporary folder for this process only, so the "
-                          "next command exports again: set DDIM_FAST_CACHE to a writable folder", stacklevel=3)
-    return atomic_write_bytes(_fallback["dir"] / path.name, data)
-
-
-def _lookup(path: Path) -> Path | None:
-    """The cached file for `path` (in the cache, or this process's fallback folder), marked as used."""
-    for candidate in (path, _fallback["dir"] / path.name if "dir" in _fallback else None):
-        if candidate is not None and candidate.is_file():
-            try:
-                os.utime(candidate)  # least recently used goes first when pruning
-            except OSError:
-                pass
-            return candidate
-    return None
-
-
-def export_estimate_s() -> float:
-    """How long a torch export of a network takes here: the last one measured on this machine
-    (timings.json in the cache), else DEFAULT_EXPORT_S."""
-    try:
-        return float(json.loads((cache_dir() / "timings.json").read_text())["torch_export_s"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return DEFAULT_EXPORT_S
-
-
-def _record_export_time(seconds: float):
-    path = cache_dir() / "timings.json"
-    try:
-        atomic_write_bytes(path, json.dumps({"torch_export_s": round(seconds, 2)}).encode())
-    except OSError:
-        pass  # an unwritable cache has already said so
-
-
-def _plain(value):
-    """A JSON-able stand-in for a model attribute, or None to leave it out of the fingerprint."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
-        return list(value)
-    if callable(getattr(value, "to_dict", None)):
-        return value.to_dict()
-    return None
-
-
-def model_fingerprint(model) -> str:
-    """sha256 of what decides a model's output: class, parameters and buffers (non-persistent ones
-    too), and the plain attributes of every submodule (numbers, strings, configs with to_dict)."""
-    h = hashlib.sha256()
-    h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
-    tensors = dict(model.named_parameters())
-    tensors.update(model.named_buffers())
-    for name, tensor in sorted(tensors.items()):
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    attrs = {}
-    for mod_name, mod in model.named_modules():
-        for k, v in vars(mod).items():
-            if k.startswith("_") or k == "training":
-                continue
-            plain = _plain(v)
-            if plain is not None:
-                attrs[f"{mod_name}.{k}"] = plain
-    h.update(json.dumps(attrs, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def plan_fingerprint(plan: SamplingPlan) -> str:
-    h = hashlib.sha256(json.dumps(plan.describe(), sort_keys=True).encode())
-    h.update(plan.coef.to(torch.float64).contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _export_key(model_fp: str, plan: SamplingPlan | None, dtype, opset, shape, unroll, table=False) -> str:
@@ -397,7 +257,7 @@ def _network(model, model_fp, dtype, opset, shape, say=lambda line: None):
     """The eps-model graph, from the cache when this (model, dtype, opset, shape) was exported before."""
     onnx = import_onnx()
     key = _export_key(model_fp, None, dtype, opset, shape, None)
-    path = _lookup(_cache_path(key, None, dtype))
+    path = lookup(_cache_path(key, None, dtype))
     if path is not None:
         try:
             proto = onnx.load(str(path))
@@ -409,10 +269,10 @@ def _network(model, model_fp, dtype, opset, shape, say=lambda line: None):
         f"cached; about {export_estimate_s():.0f} s here)")
     t0 = time.perf_counter()
     proto = torch_export(model, dtype, opset, shape)
-    _record_export_time(time.perf_counter() - t0)
+    record_export_time(time.perf_counter() - t0)
     stats["torch_exports"] += 1
     _set_metadata(proto, _metadata(model, None, dtype, shape, key, None, opset_of(proto)))
-    _store(_cache_path(key, None, dtype), proto.SerializeToString())
+    store(_cache_path(key, None, dtype), proto.SerializeToString())
     return proto
 
 
@@ -422,7 +282,7 @@ def network_cached(model, dtype=torch.float32, opset: int | None = None, *, shap
     sampler graph around it is built in a second or two; if not, the export costs export_estimate_s()."""
     shape = _check_args(model, None, dtype, opset, shape, None)
     key = _export_key(model_fp or model_fingerprint(model), None, dtype, opset, shape, None)
-    return _lookup(_cache_path(key, None, dtype)) is not None
+    return lookup(_cache_path(key, None, dtype)) is not None
 
 
 def _write(path, proto) -> Path:
@@ -449,7 +309,7 @@ def export_cached(model, plan: SamplingPlan | None = None, dtype=torch.float32, 
     model_fp = model_fp or model_fingerprint(model)
     key = _export_key(model_fp, plan, dtype, opset, shape, unroll, table_inputs)
     path = _cache_path(key, plan, dtype, table_inputs, unroll)
-    found = _lookup(path)
+    found = lookup(path)
     if found is not None:
         stats["cache_hits"] += 1
         return found
@@ -458,4 +318,4 @@ def export_cached(model, plan: SamplingPlan | None = None, dtype=torch.float32, 
     if size >= 2**31 - 1:
         raise ValueError(f"the graph is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for one file; "
                          "use fewer steps or the Loop layout")
-    return _store(path, proto.SerializeToString())
+    return store(path, proto.SerializeToString())
