@@ -41,3 +41,20 @@ def test_cli_export(tiny, tmp_path, capsys):
     with pytest.raises(ValueError, match="--whole-sampler"):
         Export.run(parser.parse_args(["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "e.onnx"),
                                         "--steps", "3"]))
+
+
+def test_cli_export_table_graph(tiny, tmp_path, capsys):
+    from ddim_fast.checkpoint import save_model
+
+    save_model(tmp_path / "ckpt", tiny)
+    parser = argparse.ArgumentParser()
+    Export.add_arguments(parser)
+    out = tmp_path / "table.onnx"
+    assert Export.run(parser.parse_args(["--model", str(tmp_path / "ckpt"), "--out", str(out), "--whole-sampler",
+                                         "--steps", "3", "--graph", "table"])) == 0
+    meta = dox.onnx_metadata(out)
+    assert meta["graph"] == "loop" and meta["table_inputs"] and {"coef", "timesteps"} <= set(meta["inputs"])
+    assert "any steps" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--whole-sampler"):
+        Export.run(parser.parse_args(["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "e.onnx"),
+                                      "--graph", "table"]))

@@ -2,18 +2,25 @@
 the CUDA EP with IO binding (onnxruntime-gpu).
 
 The sampling plan's graph is exported (or found in the cache) on construction, an inversion plan's
-on its first use. ONNX has no counter-based generator, so for eta > 0 the host draws the noise
+on its first use. On a CPU the graph takes the plan's table and timesteps as inputs (table_inputs):
+one graph and one session per (model, dtype, plan structure, S), so a new spacing or eta costs
+neither an export nor a new session, and a new S only a graph build (the network's torch export is
+cached). Unrolled up to UNROLL_MAX_STEPS steps (batch-invariant to the bit, and the fastest per call),
+an ONNX Loop above. On CUDA the graphs are baked and unrolled (ORT's CUDA graph and CUDA-EP partitions
+do not survive a Loop). ONNX has no counter-based generator, so for eta > 0 the host draws the noise
 with ddim_fast.rng and feeds it in (host_noise): a seed gives the reference backend's samples.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import torch
 
 from .. import rng
-from ..onnx.export import EXPORT_DTYPES, export_cached, model_fingerprint, plan_fingerprint
+from ..onnx.export import EXPORT_DTYPES, UNROLL_MAX_STEPS, export_cached, model_fingerprint, plan_fingerprint
+from ..onnx.graph import structure, table_feeds
 from ..onnx.network import eval_copy
 from ..onnx.runtime import OrtRunner, execution_providers, import_ort
 from ..plan import SamplingPlan
@@ -30,7 +37,7 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
     summary = "ONNX Runtime (fastest measured on CPU)"
-    options = ("opset", "unroll", "threads", "cuda_graph")
+    options = ("opset", "unroll", "table_inputs", "threads", "cuda_graph", "log")
 
     @classmethod
     def unavailable(cls, device):
@@ -44,10 +51,11 @@ class OnnxRuntimeBackend(Backend):
         return None
 
     def __init__(self, model, plan: SamplingPlan, *, device, dtype, shape, channels_last=False, max_graphs=4,
-                 opset: int | None = None, unroll: bool | None = None, threads: int | None = None,
-                 cuda_graph: bool = False):
-        """opset, unroll: of the export (ddim_fast.onnx.export_onnx); threads: CPU EP intra-op threads;
-        cuda_graph: ORT's own CUDA graph on the CUDA EP. channels_last and max_graphs do not apply."""
+                 opset: int | None = None, unroll: bool | None = None, table_inputs: bool | None = None,
+                 threads: int | None = None, cuda_graph: bool = False, log=None):
+        """opset, unroll, table_inputs: of the export (ddim_fast.onnx.export_onnx; table_inputs None =
+        on a CPU); threads: CPU EP intra-op threads; cuda_graph: ORT's own CUDA graph
+        on the CUDA EP; log(line): progress of a fresh export. channels_last and max_graphs do not apply."""
         import_ort()
         if dtype not in EXPORT_DTYPES:
             raise ValueError(f"the onnxruntime backend runs the network in fp32 or fp16, got {dtype}; "
@@ -57,15 +65,22 @@ class OnnxRuntimeBackend(Backend):
         self.model = eval_copy(model, torch.float32)  # the caller's model may change later; this may not
         self.model_fp = model_fingerprint(self.model)
         self.opset, self.unroll = opset, unroll
-        self.threads, self.cuda_graph = threads, cuda_graph
+        self.threads, self.cuda_graph, self.log = threads, cuda_graph, log
+        if table_inputs not in (None, True, False):
+            raise ValueError(f"table_inputs must be None (automatic), True or False, got {table_inputs!r}")
+        self.table_inputs = self.device.type == "cpu" if table_inputs is None else table_inputs
         if self.device.type == "cuda" and unroll is None:
             self.unroll = True  # control flow (Loop) breaks ORT's CUDA graph and splits CUDA-EP partitions
-        self._runners = {}  # plan fingerprint -> (plan, OrtRunner)
+        self._runners = {}  # plan fingerprint (table inputs: plan structure) -> OrtRunner
         self.paths = {}
         self.runner(plan)
 
     def runner(self, plan: SamplingPlan) -> OrtRunner:
-        key = plan_fingerprint(plan)
+        if self.table_inputs:  # one graph per structure (unrolled: and steps), whatever the table
+            unrolled = plan.steps <= UNROLL_MAX_STEPS if self.unroll is None else self.unroll
+            key = json.dumps([structure(plan), plan.steps if unrolled else None], sort_keys=True)
+        else:
+            key = plan_fingerprint(plan)
         if key not in self._runners:
             path = self._export(plan)
             try:
@@ -77,13 +92,13 @@ class OnnxRuntimeBackend(Backend):
                 path.unlink(missing_ok=True)
                 path = self._export(plan)
                 runner = OrtRunner(path, device=self.device, threads=self.threads, cuda_graph=self.cuda_graph)
-            self._runners[key] = (plan, runner)
+            self._runners[key] = runner
             self.paths[plan.direction] = path
-        return self._runners[key][1]
+        return self._runners[key]
 
     def _export(self, plan):
         return export_cached(self.model, plan, self.dtype, self.opset, shape=self.shape, unroll=self.unroll,
-                             model_fp=self.model_fp)
+                             table_inputs=self.table_inputs, model_fp=self.model_fp, log=self.log)
 
     @torch.no_grad()
     def run(self, x, plan, *, seed, noise, first_index):
@@ -92,6 +107,8 @@ class OnnxRuntimeBackend(Backend):
         x = x.to(self.device, torch.float32).contiguous()
         x_in = "x_T" if plan.direction == "sample" else "x0"
         feeds = {x_in: x}
+        if self.table_inputs:
+            feeds.update(table_feeds(plan))
         if plan.needs_noise:
             feeds["noise"] = noise.to(self.device, torch.float32) if noise is not None else \
                 host_noise(plan, seed, x.shape, first_index=first_index, device=self.device)

@@ -34,7 +34,9 @@ class Export:
         p.add_argument("--variance", default=None, choices=VARIANCES, help="'large' = the paper's sigma-hat")
         add_clip_option(p, "clip the x0 estimate to [-C, C], or 'none' (default: the model's own setting, else none)")
         p.add_argument("--threshold", type=float, default=None, metavar="P", help="dynamic thresholding quantile")
-        p.add_argument("--graph", default="auto", choices=("auto", "unrolled", "loop"), help="layout of the S steps")
+        p.add_argument("--graph", default="auto", choices=("auto", "unrolled", "loop", "table"),
+                       help="layout of the S steps; table: a Loop taking the plan's table and timesteps as inputs "
+                            "(one file for any steps, spacing and eta of the same structure)")
         p.add_argument("--dtype", default="fp32", choices=tuple(EXPORT_DTYPES.values()), help="network precision")
         p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch.onnx's)")
         p.add_argument("--no-validate", dest="validate", action="store_false",
@@ -66,19 +68,23 @@ class Export:
                             eta=0.0 if args.eta is None else args.eta, variance=args.variance or "ddim")
             if args.invert:
                 plan = plan.inverse()
-        unroll = {"auto": None, "unrolled": True, "loop": False}[args.graph]
+        if args.graph == "table" and not args.whole_sampler:
+            raise ValueError("--graph table only applies to --whole-sampler; add --whole-sampler or drop it")
+        unroll = {"auto": None, "unrolled": True, "loop": False, "table": False}[args.graph]
         t0 = time.perf_counter()
 
         def log(line):
             print(f"  [{time.perf_counter() - t0:5.1f} s] {line}...", flush=True)
 
         export_onnx(model, out, plan, dtype=DTYPES[args.dtype], opset=args.opset, validate=args.validate,
-                    unroll=unroll, log=log)
+                    unroll=unroll, table_inputs=args.graph == "table", log=log)
         meta = onnx_metadata(out)
         kind = "sampler" if plan is not None and plan.direction == "sample" else "DDIM encoder"
-        what = "eps-model" if plan is None else f"{kind}, {plan.steps} steps, {meta['graph']}"
+        table = meta.get("table_inputs") and meta["graph"] == "loop"
+        steps = "any steps" if table else f"{plan.steps if plan else 0} steps"
+        what = "eps-model" if plan is None else f"{kind}, {steps}, {meta['graph']}{' (table inputs)' if table else ''}"
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; {what}; {meta['dtype']}; opset {meta['opset']}"
               f"{'; validated against the reference' if args.validate else ''}) in {time.perf_counter() - t0:.1f} s")
-        inputs = sorted(meta["inputs"].items(), key=lambda kv: kv[0] == "noise")  # the state first
+        inputs = sorted(meta["inputs"].items(), key=lambda kv: kv[0] not in ("x_T", "x0"))  # the state first
         print("inputs: " + "; ".join(f"{k} {v}" for k, v in inputs))
         return 0

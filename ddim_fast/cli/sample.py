@@ -60,7 +60,7 @@ class Sample:
             return _sample_folder(args)
         io.check_output(args.out, args.overwrite)
         check_scale(args)
-        eng, model = engine(args, eta=args.eta, variance=args.variance)
+        eng, model = engine(args, eta=args.eta, variance=args.variance, images=args.num)
         print(f"model {args.model} ({params(model)}), {eng.plan.steps} steps eta={eng.plan.eta} "
               f"[{eng.plan.variance}], backend {eng.backend} ({eng.backend_reason}), device {eng.device}")
         t0, out = time.perf_counter(), []
@@ -177,7 +177,7 @@ def _sample_folder(args):
                 pending = {"complete": False, "settings": settings}
                 atomic_write_bytes(manifest, json.dumps(pending, indent=1).encode())
         distributed.barrier(dist)
-        eng, _ = engine(args, device=dev, model=model, plan=plan)
+        eng, _ = engine(args, device=dev, model=model, plan=plan, images=-(-args.num // world))
         batches = list(range(0, args.num, args.batch_size))[rank::world]
         todo = [lo for lo in batches if not all((out / f"{i:06d}.png").exists()
                                                for i in range(lo, min(lo + args.batch_size, args.num)))]
@@ -247,7 +247,7 @@ class Encode:
                 print(f"  {line}")
             if len(changes) > 5:
                 print(f"  ... and {len(changes) - 5} more")
-        eng, _ = engine(args, model=model)
+        eng, _ = engine(args, model=model, images=len(x0))
         t0, lat = time.perf_counter(), []
         with progress(len(x0), args.progress, "encode") as bar:
             for lo in range(0, len(x0), args.batch_size):
@@ -278,7 +278,7 @@ class Decode:
         check_scale(args)
         lat = io.load_npz(args.input, "latents")
         names = io.load_npz_meta(args.input).get("names")
-        eng, model = engine(args)
+        eng, model = engine(args, images=len(lat))
         t0, imgs = time.perf_counter(), []
         with progress(len(lat), args.progress, "decode") as bar:
             for lo in range(0, len(lat), args.batch_size):
@@ -313,7 +313,7 @@ class Interpolate:
             raise ValueError(f"--num must be >= 2 (the two endpoints), got {args.num}")
         io.check_output(args.out, args.overwrite)
         check_scale(args)
-        eng, model = engine(args)
+        eng, model = engine(args, images=args.num)
         if args.latents:
             lat = io.load_npz(args.latents, "latents")
             if len(lat) < 2:

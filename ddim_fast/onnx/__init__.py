@@ -6,9 +6,11 @@
     x0 = runner(x_T=x_T)
 
     network.py    the network as exported (a CPU copy in the export dtype), traced by torch.onnx
-    graph.py      the sampler written in ONNX around it: the step and the two layouts (unrolled, Loop)
+    graph.py      the sampler written in ONNX around it: the step and the layouts (unrolled, Loop, and a
+                  Loop taking the plan's table as inputs, which serves every plan of one structure)
     validate.py   every export checked in ONNX Runtime against the float64 reference first
-    export.py     export_onnx / export_cached: the on-disk cache, fingerprints, metadata, the write
+    cache.py      the on-disk cache (folder, size limit, unwritable fallback) and the fingerprints keying it
+    export.py     export_onnx / export_cached: keys, metadata, validation, the write
     runtime.py    session options, providers, OrtRunner (CPU EP, or the CUDA EP with IO binding)
 
 Noise. ONNX has no counter-based generator (Philox), so plans with eta > 0 take an input
@@ -25,18 +27,24 @@ from .export import (
     GRAPH_VERSION,
     UNROLL_MAX_STEPS,
     cache_dir,
+    cache_limit_bytes,
     export_cached,
+    export_estimate_s,
     export_onnx,
     model_fingerprint,
+    network_cached,
     onnx_metadata,
     plan_fingerprint,
+    prune_cache,
     stats,
 )
+from .graph import structure, table_feeds
 from .runtime import OnnxRuntimeMissing, OrtRunner, physical_cores, session_options
 from .validate import ExportValidationError, validate_export
 
 __all__ = [
     "EXPORT_DTYPES", "GRAPH_VERSION", "UNROLL_MAX_STEPS", "ExportValidationError", "OnnxRuntimeMissing", "OrtRunner",
-    "cache_dir", "export_cached", "export_onnx", "model_fingerprint", "onnx_metadata", "physical_cores",
-    "plan_fingerprint", "session_options", "stats", "validate_export",
+    "cache_dir", "cache_limit_bytes", "export_cached", "export_estimate_s", "export_onnx", "model_fingerprint",
+    "network_cached", "onnx_metadata", "physical_cores", "plan_fingerprint", "prune_cache", "session_options", "stats",
+    "structure", "table_feeds", "validate_export",
 ]

@@ -1,18 +1,19 @@
-"""Exporting the eps-model or the whole sampler: the torch export of the network (cached on disk),
-the sampler graph around it, the check in ONNX Runtime, the metadata, and the atomic write.
+"""Exporting the eps-model or the whole sampler: the torch export of the network (cached on disk, see
+cache.py), the sampler graph around it, the check in ONNX Runtime, the metadata, and the atomic write.
 
 torch.onnx traces only the network, once per (weights, dtype, opset, shape); that is the slow part
-(tens of seconds for the CIFAR-10 UNet), so the result is cached on disk (cache_dir()), keyed by
-content fingerprints. `unroll=None` picks unrolled up to UNROLL_MAX_STEPS steps and an ONNX Loop
-above (the NOTE there has the measurement).
+(10-30 s on a CPU, for the bundled model as for the CIFAR-10 UNet: mostly fixed cost), so the result
+is cached, keyed by content fingerprints. `unroll=None` picks unrolled up to UNROLL_MAX_STEPS steps
+and an ONNX Loop above (the NOTE there has the measurement); `table_inputs` makes the plan's table
+and timesteps graph inputs, so one cached graph serves every plan of the same structure
+(graph.structure) and, unrolled, the same steps: what the Engine uses on a CPU.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
+import time
 import warnings
 from pathlib import Path
 
@@ -23,7 +24,20 @@ from ..checks import is_int, sample_shape
 from ..files import atomic_write_bytes
 from ..plan import SamplingPlan
 from ..precision import NAMES
-from .graph import sampler_proto
+from .cache import (  # noqa: F401  (cache_dir, the fingerprints and the limit are part of this module's API)
+    CACHE_MAX_MB,
+    DEFAULT_EXPORT_S,
+    cache_dir,
+    cache_limit_bytes,
+    export_estimate_s,
+    lookup,
+    model_fingerprint,
+    plan_fingerprint,
+    prune_cache,
+    record_export_time,
+    store,
+)
+from .graph import sampler_proto, structure
 from .network import opset_of, torch_export
 from .runtime import damaged, existing, import_onnx
 from .validate import check_loop_tables, head, validate_export
@@ -45,60 +59,17 @@ VALIDATE_LOOP_STEPS = 20  # a Loop export is validated on its first steps plus a
 stats = {"torch_exports": 0, "sampler_builds": 0, "cache_hits": 0}
 
 
-# -- fingerprints and the cache -----------------------------------------------------------------------
-def cache_dir() -> Path:
-    """Where exported graphs are kept: $DDIM_FAST_CACHE/onnx, default ~/.cache/ddim-fast/onnx."""
-    root = os.environ.get("DDIM_FAST_CACHE")
-    if root:
-        return Path(root).expanduser() / "onnx"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "ddim-fast" / "onnx"
-
-
-def _plain(value):
-    """A JSON-able stand-in for a model attribute, or None to leave it out of the fingerprint."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
-        return list(value)
-    if callable(getattr(value, "to_dict", None)):
-        return value.to_dict()
-    return None
-
-
-def model_fingerprint(model) -> str:
-    """sha256 of what decides a model's output: class, parameters and buffers (non-persistent ones
-    too), and the plain attributes of every submodule (numbers, strings, configs with to_dict)."""
-    h = hashlib.sha256()
-    h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
-    tensors = dict(model.named_parameters())
-    tensors.update(model.named_buffers())
-    for name, tensor in sorted(tensors.items()):
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    attrs = {}
-    for mod_name, mod in model.named_modules():
-        for k, v in vars(mod).items():
-            if k.startswith("_") or k == "training":
-                continue
-            plain = _plain(v)
-            if plain is not None:
-                attrs[f"{mod_name}.{k}"] = plain
-    h.update(json.dumps(attrs, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def plan_fingerprint(plan: SamplingPlan) -> str:
-    h = hashlib.sha256(json.dumps(plan.describe(), sort_keys=True).encode())
-    h.update(plan.coef.to(torch.float64).contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _export_key(model_fp: str, plan: SamplingPlan | None, dtype, opset, shape, unroll) -> str:
+def _export_key(model_fp: str, plan: SamplingPlan | None, dtype, opset, shape, unroll, table=False) -> str:
+    """The cache key; a table-input graph keys on the plan's structure, not on its table."""
+    if plan is None:
+        plan_part = None
+    elif table:  # an unrolled table graph fixes S; a Loop takes any
+        plan_part = {**structure(plan), "steps": plan.steps if unroll else None}
+    else:
+        plan_part = plan_fingerprint(plan)
     parts = {
         "model": model_fp,
-        "plan": plan_fingerprint(plan) if plan is not None else None,
+        "plan": plan_part,
         "unroll": unroll if plan is not None else None,
         "dtype": EXPORT_DTYPES[dtype],
         "opset": opset,
@@ -107,20 +78,23 @@ def _export_key(model_fp: str, plan: SamplingPlan | None, dtype, opset, shape, u
         "graph": GRAPH_VERSION,
         "torch": torch.__version__,
     }
+    if table:
+        parts["table_inputs"] = True  # added only here: the keys of baked graphs are as before
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _cache_path(key: str, plan: SamplingPlan | None, dtype) -> Path:
+def _cache_path(key: str, plan: SamplingPlan | None, dtype, table=False, unroll=None) -> Path:
     if plan is None:
         name = f"eps-{EXPORT_DTYPES[dtype]}-{key[:20]}.onnx"
     else:
-        name = f"{plan.direction}-S{plan.steps}-{EXPORT_DTYPES[dtype]}-{key[:20]}.onnx"
+        layout = ("table-" if table else "") + ("loop" if table and not unroll else f"S{plan.steps}")
+        name = f"{plan.direction}-{layout}-{EXPORT_DTYPES[dtype]}-{key[:20]}.onnx"
     return cache_dir() / name
 
 
 
 # -- metadata -----------------------------------------------------------------------------------------
-def _metadata(model, plan, dtype, shape, key, unroll, opset) -> dict:
+def _metadata(model, plan, dtype, shape, key, unroll, opset, table=False) -> dict:
     cfg = getattr(model, "config", None)
     sched = getattr(model, "schedule", None)
     meta = {
@@ -142,12 +116,20 @@ def _metadata(model, plan, dtype, shape, key, unroll, opset) -> dict:
         x_in, x_out = ("x_T", "x0") if plan.direction == "sample" else ("x0", "x_T")
         meta["plan"] = plan.describe()
         meta["graph"] = "unrolled" if unroll else "loop"
+        meta["table_inputs"] = bool(table)
         meta["inputs"] = {x_in: "(B, C, H, W) float32"}
         if plan.needs_noise:
             meta["inputs"]["noise"] = (
                 "(S, B, C, H, W) float32: z for every step; ONNX has no Philox generator, so the host draws "
                 "ddim_fast.rng.step_noise(seed, i, (B, C, H, W), first_index=...) for step i (zeros where sigma=0)"
             )
+        if table:
+            # any plan with this structure (and, unrolled, these steps) runs here; `plan`: the one validated
+            meta["structure"] = structure(plan)
+            S = f"S = {plan.steps}" if unroll else "S = their number, any"
+            meta["inputs"]["coef"] = ("(S, 6) float32: the plan's coefficient table, columns "
+                                      "cx ce d0 dx de sigma (ddim_fast.onnx.graph.table_feeds(plan))")
+            meta["inputs"]["timesteps"] = f"(S,) int64: the plan's timesteps; {S}"
         meta["outputs"] = {x_out: "(B, C, H, W) float32, the final state, not clamped"}
     return meta
 
@@ -179,7 +161,8 @@ def onnx_metadata(path) -> dict:
 
 # -- export -------------------------------------------------------------------------------------------
 def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float32, opset: int | None = None,
-                validate: bool = True, *, shape=None, unroll: bool | None = None, log=None) -> Path:
+                validate: bool = True, *, shape=None, unroll: bool | None = None, table_inputs: bool = False,
+                log=None) -> Path:
     """Export `model` (no plan: the eps-model) or the whole sampler of `plan` to `path` (atomically).
 
     eps-model:  inputs x (B, C, H, W) float32 and t (B,) int64; output `prediction` float32.
@@ -190,16 +173,20 @@ def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float
     dtype:      torch.float32 or torch.float16 (the network's precision; the state stays float32).
     opset:      ONNX opset (default: torch.onnx's); shape: (C, H, W), read from model.config if omitted.
     unroll:     None = unrolled up to UNROLL_MAX_STEPS steps, an ONNX Loop above; True / False force it.
+    table_inputs: the table and timesteps are inputs `coef` (S, 6) float32 and `timesteps` (S,)
+                int64 (graph.table_feeds(plan)): one file for every plan of the same structure
+                (graph.structure: direction, clipping, thresholding, noise), of any S as a Loop,
+                of this S unrolled.
     validate:   run the graph in ONNX Runtime (CPU) and check it against the float64 reference.
     log:        a function called with one line at each stage (export, graph, validation), for progress.
     Returns the path. The file carries its config, schedule, plan and version in metadata_props
     (read them with onnx_metadata).
     """
-    proto, _ = _build(model, plan, dtype, opset, shape, unroll, validate, log=log)
+    proto, _ = _build(model, plan, dtype, opset, shape, unroll, validate, log=log, table=table_inputs)
     return _write(path, proto)
 
 
-def _check_args(model, plan, dtype, opset, shape, unroll):
+def _check_args(model, plan, dtype, opset, shape, unroll, table=False):
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"export_onnx takes a torch.nn.Module model(x, t), got {type(model).__name__}")
     if dtype not in EXPORT_DTYPES:
@@ -216,24 +203,32 @@ def _check_args(model, plan, dtype, opset, shape, unroll):
                              f"build the plan with prediction={pred!r}")
     if unroll not in (None, True, False):
         raise ValueError(f"unroll must be None (automatic), True or False, got {unroll!r}")
+    if table not in (True, False):
+        raise ValueError(f"table_inputs must be True or False, got {table!r}")
+    if table and plan is None:
+        raise ValueError("table_inputs=True needs a plan: the table belongs to a sampler graph, not the eps-model")
     return sample_shape(model, shape)
 
 
-def _build(model, plan, dtype, opset, shape, unroll, validate, model_fp=None, log=None):
+def _build(model, plan, dtype, opset, shape, unroll, validate, model_fp=None, log=None, table=False):
     """(proto with metadata, key), validated when asked; log(line) at each stage."""
     say = log or (lambda line: None)
-    shape = _check_args(model, plan, dtype, opset, shape, unroll)
+    shape = _check_args(model, plan, dtype, opset, shape, unroll, table)
     unroll = _resolve_unroll(plan, unroll)
     model_fp = model_fp or model_fingerprint(model)
     net_proto = _network(model, model_fp, dtype, opset, shape, say)
     if plan is not None:
-        say(f"building the {plan.steps}-step sampler graph ({'unrolled' if unroll else 'one ONNX Loop'})")
-    proto = net_proto if plan is None else _sampler(net_proto, plan, unroll, shape)
+        say(f"building the {plan.steps}-step sampler graph ({'unrolled' if unroll else 'one ONNX Loop'}"
+            f"{'; the table and timesteps are inputs' if table else ''})")
+    proto = net_proto if plan is None else _sampler(net_proto, plan, unroll, shape, table)
     if validate:
         say("validating the graph in ONNX Runtime against the float64 reference")
-    key = _export_key(model_fp, plan, dtype, opset, shape, unroll)
-    _set_metadata(proto, _metadata(model, plan, dtype, shape, key, unroll, opset_of(proto)))
-    if validate and plan is not None and not unroll and plan.steps > VALIDATE_LOOP_STEPS:
+    key = _export_key(model_fp, plan, dtype, opset, shape, unroll, table)
+    _set_metadata(proto, _metadata(model, plan, dtype, shape, key, unroll, opset_of(proto), table))
+    if validate and table and not unroll:
+        # the Loop is the same for every plan of this structure: checked on the first steps of this one
+        validate_export(proto, model, head(plan, min(plan.steps, VALIDATE_LOOP_STEPS)), dtype, shape)
+    elif validate and plan is not None and not unroll and plan.steps > VALIDATE_LOOP_STEPS:
         # A Loop runs one body S times, reading row i of its tables: validating the body on the
         # first steps and the tables exactly costs VALIDATE_LOOP_STEPS reference steps, not S
         # (a float64 DDPM-1000 reference of the CIFAR-10 UNet took 20 minutes on 2 CPU cores).
@@ -251,9 +246,9 @@ def _resolve_unroll(plan, unroll):
     return plan.steps <= UNROLL_MAX_STEPS if unroll is None else unroll
 
 
-def _sampler(net_proto, plan, unroll, shape):
+def _sampler(net_proto, plan, unroll, shape, table=False):
     """graph.sampler_proto, counted in stats."""
-    proto = sampler_proto(net_proto, plan, unroll, shape)
+    proto = sampler_proto(net_proto, plan, unroll, shape, table)
     stats["sampler_builds"] += 1
     return proto
 
@@ -262,23 +257,32 @@ def _network(model, model_fp, dtype, opset, shape, say=lambda line: None):
     """The eps-model graph, from the cache when this (model, dtype, opset, shape) was exported before."""
     onnx = import_onnx()
     key = _export_key(model_fp, None, dtype, opset, shape, None)
-    path = _cache_path(key, None, dtype)
-    if path.is_file():
+    path = lookup(_cache_path(key, None, dtype))
+    if path is not None:
         try:
             proto = onnx.load(str(path))
             stats["cache_hits"] += 1
             return proto
         except Exception as e:  # a damaged cache entry is rebuilt, not fatal
             warnings.warn(f"ignoring the damaged cache entry {path} ({type(e).__name__}); re-exporting", stacklevel=3)
-    say(f"exporting the network with torch.onnx ({EXPORT_DTYPES[dtype]}; the slow part: seconds for a small "
-        "model, a minute for a large one)")
+    say(f"exporting the network with torch.onnx ({EXPORT_DTYPES[dtype]}; once per model and precision, then "
+        f"cached; about {export_estimate_s():.0f} s here)")
+    t0 = time.perf_counter()
     proto = torch_export(model, dtype, opset, shape)
+    record_export_time(time.perf_counter() - t0)
     stats["torch_exports"] += 1
-    with contextlib.suppress(OSError):  # a read-only cache only costs the next export
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _set_metadata(proto, _metadata(model, None, dtype, shape, key, None, opset_of(proto)))
-        atomic_write_bytes(path, proto.SerializeToString())
+    _set_metadata(proto, _metadata(model, None, dtype, shape, key, None, opset_of(proto)))
+    store(_cache_path(key, None, dtype), proto.SerializeToString())
     return proto
+
+
+def network_cached(model, dtype=torch.float32, opset: int | None = None, *, shape=None,
+                   model_fp: str | None = None) -> bool:
+    """Whether the torch export of this (model, dtype, opset, shape) is in the cache: if so, any
+    sampler graph around it is built in a second or two; if not, the export costs export_estimate_s()."""
+    shape = _check_args(model, None, dtype, opset, shape, None)
+    key = _export_key(model_fp or model_fingerprint(model), None, dtype, opset, shape, None)
+    return lookup(_cache_path(key, None, dtype)) is not None
 
 
 def _write(path, proto) -> Path:
@@ -294,17 +298,24 @@ def _write(path, proto) -> Path:
 
 
 def export_cached(model, plan: SamplingPlan | None = None, dtype=torch.float32, opset: int | None = None, *,
-                  shape=None, unroll: bool | None = None, model_fp: str | None = None) -> Path:
+                  shape=None, unroll: bool | None = None, table_inputs: bool = False, model_fp: str | None = None,
+                  log=None) -> Path:
     """export_onnx into the cache folder (cache_dir()), keyed by a content hash of the weights, config,
-    plan, dtype, opset and ddim-fast version: a second call with the same inputs returns the file
-    without exporting. model_fp: model_fingerprint(model), when the caller already has it."""
-    shape = _check_args(model, plan, dtype, opset, shape, unroll)
+    plan (its structure only, with table_inputs), dtype, opset and ddim-fast version: a second call with
+    the same inputs returns the file without exporting. model_fp: model_fingerprint(model), when the
+    caller already has it; log(line): progress of a fresh export."""
+    shape = _check_args(model, plan, dtype, opset, shape, unroll, table_inputs)
     unroll = _resolve_unroll(plan, unroll)
     model_fp = model_fp or model_fingerprint(model)
-    path = _cache_path(_export_key(model_fp, plan, dtype, opset, shape, unroll), plan, dtype)
-    if path.is_file():
+    key = _export_key(model_fp, plan, dtype, opset, shape, unroll, table_inputs)
+    path = _cache_path(key, plan, dtype, table_inputs, unroll)
+    found = lookup(path)
+    if found is not None:
         stats["cache_hits"] += 1
-        return path
-    proto, _ = _build(model, plan, dtype, opset, shape, unroll, True, model_fp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return _write(path, proto)
+        return found
+    proto, _ = _build(model, plan, dtype, opset, shape, unroll, True, model_fp, log=log, table=table_inputs)
+    size = proto.ByteSize()
+    if size >= 2**31 - 1:
+        raise ValueError(f"the graph is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for one file; "
+                         "use fewer steps or the Loop layout")
+    return store(path, proto.SerializeToString())

@@ -11,6 +11,11 @@ Two layouts of the S steps are built from the same network graph:
              and timestep as constants (ORT can fold and plan every step);
   loop       one ONNX Loop whose body is the network plus the step, reading its row of the (S, 6)
              coefficient table and its timestep by the iteration number (graph size independent of S).
+Either layout can take the table and timesteps as graph inputs instead of constants (`table_inputs`:
+`coef` (S, 6) float32, `timesteps` (S,) int64; the host feeds table_feeds(plan), the same float32
+numbers a baked graph holds). One graph then serves every plan of the same structure (structure():
+direction, clipping, thresholding, noise): whatever its spacing or eta, and for a Loop (whose trip
+count is the length of `timesteps`) whatever its steps; an unrolled graph fixes S.
 """
 
 from __future__ import annotations
@@ -121,8 +126,29 @@ def copy_nodes(nodes, rename, prefix):
     return out
 
 
-def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape):
-    """The whole sampler as an onnx.ModelProto, built around the exported network."""
+# What a table-input graph does not depend on: only the table's values and length change with these.
+TABLE_ONLY = ("T", "steps", "timesteps", "eta", "variance", "spacing", "eps_at", "final_alpha")
+
+
+def structure(plan: SamplingPlan) -> dict:
+    """What a table-input sampler graph depends on: the plan's record without the fields that only
+    change the table's values (TABLE_ONLY), plus whether it takes noise. Every other field, including
+    any added later, keeps two plans apart, so a graph is never reused for a plan it cannot run."""
+    out = {k: v for k, v in plan.describe().items() if k not in TABLE_ONLY}
+    out["needs_noise"] = plan.needs_noise
+    out["columns"] = list(COEF_COLUMNS)
+    return out
+
+
+def table_feeds(plan: SamplingPlan) -> dict:
+    """The `coef` and `timesteps` inputs of a table-input graph for `plan`: its table rounded once to
+    float32 (as the reference and a baked graph use it) and its timesteps."""
+    return {"coef": plan.to("cpu", torch.float32).coef.contiguous(), "timesteps": plan.timesteps.to("cpu")}
+
+
+def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inputs: bool = False):
+    """The whole sampler as an onnx.ModelProto, built around the exported network. table_inputs (Loop
+    only): the table and timesteps are graph inputs instead of constants, `plan` gives the structure."""
     onnx = import_onnx()
     from onnx import TensorProto, helper
 
@@ -144,23 +170,35 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape):
         x = x_in
         for i in range(plan.steps):
             pre = f"s{i}/"
-            t = b.op("Expand", [b.const([ts[i]], np.int64, f"t{i}"), batch], f"{pre}t")  # (B,)
+            if table_inputs:  # step i's timestep and row read from the inputs
+                t_i = b.op("Gather", ["timesteps", b.const([i], np.int64)], f"{pre}t_i", axis=0)  # (1,)
+                row = b.op("Gather", ["coef", b.const(i, np.int64)], f"{pre}row", axis=0)  # (6,)
+            else:
+                t_i = b.const([ts[i]], np.int64, f"t{i}")
+            t = b.op("Expand", [t_i, batch], f"{pre}t")  # (B,)
             rename = {"x": x, "t": t, **{k: k for k in keep}}
             b.nodes.extend(copy_nodes(nodes, rename, pre))
             m = pre + pred  # (B, C, H, W) the model output at step i
             z = None
-            if noise and coef[i, 5] != 0:
+            if noise and (table_inputs or coef[i, 5] != 0):  # a fed table's sigma may be nonzero at any step
                 z = b.op("Gather", ["noise", b.const(i, np.int64)], f"{pre}z", axis=0)  # (B, C, H, W)
             # sigma only where the step adds noise: an initializer no node reads makes plain onnxruntime
             # warn "Removing initializer ... not used" on every load
-            c = {name: b.const(coef[i, j], hint=f"{pre}{name}") for j, name in enumerate(COEF_COLUMNS)
-                 if name != "sigma" or z is not None}
+            if table_inputs:
+                c = {name: b.op("Gather", [row, b.const(j, np.int64)], f"{pre}{name}", axis=0)
+                     for j, name in enumerate(COEF_COLUMNS) if name != "sigma" or z is not None}
+            else:
+                c = {name: b.const(coef[i, j], hint=f"{pre}{name}") for j, name in enumerate(COEF_COLUMNS)
+                     if name != "sigma" or z is not None}
             x = step_ops(b, plan, x, m, c, z, numel)
         b.nodes.append(helper.make_node("Identity", [x], [x_out], name="ddim/out"))
     else:
         # The Loop body reads the weights, the tables, `batch` and `noise` from the outer scope.
-        table = b.const(coef, hint="coef_table")  # (S, 6)
-        steps_t = b.const(ts, np.int64, "timesteps")  # (S,)
+        if table_inputs:
+            table, steps_t = "coef", "timesteps"  # graph inputs: (S, 6) float32, (S,) int64
+        else:
+            table = b.const(coef, hint="coef_table")  # (S, 6)
+            steps_t = b.const(ts, np.int64, "timesteps")  # (S,)
         body = Builder("ddim/body/")
         i, cond, x = "ddim/body/i", "ddim/body/cond", "ddim/body/x"
         t_i = body.op("Gather", [steps_t, i], "t_i", axis=0)  # () int64
@@ -183,13 +221,20 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape):
              helper.make_value_info(x_next, state_type)],
             initializer=body.inits,
         )
-        trips = b.const(plan.steps, np.int64, "trips")
+        if table_inputs:  # as many iterations as timesteps were fed
+            trips = b.op("Squeeze", [b.op("Shape", [steps_t], "S", start=0, end=1), b.const([0], np.int64)], "trips")
+        else:
+            trips = b.const(plan.steps, np.int64, "trips")
         b.nodes.append(helper.make_node("Loop", [trips, "", x_in], [x_out], name="ddim/loop", body=body_graph))
 
     inputs = [helper.make_value_info(x_in, state_type)]
+    S = "S" if table_inputs and not unroll else plan.steps  # an unrolled graph has S fixed
     if noise:
-        inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, [plan.steps, "B", C, H, W]))
-    graph = helper.make_graph(b.nodes, f"ddim_{plan.direction}_{plan.steps}", inputs,
+        inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, [S, "B", C, H, W]))
+    if table_inputs:
+        inputs.append(helper.make_tensor_value_info("coef", TensorProto.FLOAT, [S, len(COEF_COLUMNS)]))
+        inputs.append(helper.make_tensor_value_info("timesteps", TensorProto.INT64, [S]))
+    graph = helper.make_graph(b.nodes, f"ddim_{plan.direction}_{S}", inputs,
                               [helper.make_value_info(x_out, state_type)], initializer=weights + b.inits)
     model = helper.make_model(graph, opset_imports=list(net_proto.opset_import), producer_name="ddim-fast",
                               producer_version=__version__)

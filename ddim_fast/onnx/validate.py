@@ -14,6 +14,7 @@ from ..checks import sample_shape
 from ..plan import SamplingPlan
 from ..precision import NAMES, atol, tolerance_ok
 from ..sampling import invert, sample
+from .graph import table_feeds
 from .network import Network, eval_copy
 from .runtime import OrtRunner
 
@@ -45,14 +46,15 @@ def validate_export(proto_or_path, model, plan: SamplingPlan | None, dtype=torch
         fast = runner(x=x, t=t)
     else:
         noise = torch.randn(plan.steps, *x.shape, generator=gen) if plan.needs_noise else None
+        tables = table_feeds(plan) if "coef" in runner.inputs else {}  # a table-input graph gets the plan's
         if plan.direction == "invert":
             ref64, ref_low = invert(m64, x.double(), plan), invert(low, x, plan)
-            fast = runner(x0=x)
+            fast = runner(x0=x, **tables)
         else:
             n64 = noise.double() if noise is not None else None
             ref64, ref_low = sample(m64, x.double(), plan, noise=n64), sample(low, x, plan, noise=noise)
             feeds = {"x_T": x} if noise is None else {"x_T": x, "noise": noise}
-            fast = runner(**feeds)
+            fast = runner(**feeds, **tables)
     err_fast = (fast.double() - ref64).abs().max().item()
     err_low = (ref_low.double() - ref64).abs().max().item()
     what = "eps-model" if plan is None else f"{plan.direction} sampler ({plan.steps} steps)"

@@ -1,0 +1,168 @@
+"""The on-disk cache of exported graphs, and the content fingerprints that key it.
+
+Folder: $DDIM_FAST_CACHE/onnx (default ~/.cache/ddim-fast/onnx, or $XDG_CACHE_HOME/ddim-fast/onnx).
+Size: at most $DDIM_FAST_CACHE_MAX_MB megabytes (default CACHE_MAX_MB); after each write the least
+recently used files go first (a cache hit counts as a use), never the file just written. An
+unwritable cache is not an error: one warning, and this process keeps its exports in a temporary
+folder (the next command exports again). timings.json there records the last torch export's
+duration, for export_estimate_s.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..files import atomic_write_bytes
+from ..plan import SamplingPlan
+
+CACHE_MAX_MB = 2048  # default size limit of the cache ($DDIM_FAST_CACHE_MAX_MB)
+# The torch export's duration before one was measured on this machine: 11-28 s measured on the 2-core
+# VM (bundled digits model and the CIFAR-10 UNet alike, torch 2.13, dynamo exporter), rounded up.
+DEFAULT_EXPORT_S = 30.0
+
+
+def cache_dir() -> Path:
+    """Where exported graphs are kept: $DDIM_FAST_CACHE/onnx, default ~/.cache/ddim-fast/onnx."""
+    root = os.environ.get("DDIM_FAST_CACHE")
+    if root:
+        return Path(root).expanduser() / "onnx"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "ddim-fast" / "onnx"
+
+
+def cache_limit_bytes() -> int:
+    """The cache's size limit: $DDIM_FAST_CACHE_MAX_MB megabytes, default CACHE_MAX_MB."""
+    raw = os.environ.get("DDIM_FAST_CACHE_MAX_MB")
+    try:
+        mb = float(raw) if raw else CACHE_MAX_MB
+    except ValueError:
+        raise ValueError(f"DDIM_FAST_CACHE_MAX_MB must be a number of megabytes, got {raw!r}") from None
+    if not mb >= 0:
+        raise ValueError(f"DDIM_FAST_CACHE_MAX_MB must be >= 0, got {raw!r}")
+    return int(mb * 2**20)
+
+
+def prune_cache(keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used .onnx files of cache_dir() until it fits cache_limit_bytes()
+    (never `keep`). Returns what was deleted."""
+    folder = cache_dir()
+    files = []
+    for path in folder.glob("*.onnx"):
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # removed meanwhile by another process
+        files.append((st.st_mtime, st.st_size, path))
+    total, limit, gone = sum(size for _, size, _ in files), cache_limit_bytes(), []
+    for _, size, path in sorted(files):
+        if total <= limit:
+            break
+        if keep is not None and path == keep:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
+        gone.append(path)
+    return gone
+
+
+_fallback = {}  # "dir": this process's temporary folder once the cache proved unwritable
+
+
+def store(path: Path, data: bytes) -> Path:
+    """Write a cache entry atomically and prune the cache; where the cache cannot be written, say so
+    once and keep the entry in a temporary folder for this process."""
+    if "dir" not in _fallback:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, data)
+            prune_cache(keep=path)
+            return path
+        except OSError as e:
+            folder = tempfile.mkdtemp(prefix="ddim-fast-onnx-")
+            atexit.register(shutil.rmtree, folder, True)
+            _fallback["dir"] = Path(folder)
+            warnings.warn(f"the ONNX cache {cache_dir()} cannot be written ({type(e).__name__}: "
+                          f"{e.strerror or e}); exports are kept in a temporary folder for this process only, so the "
+                          "next command exports again: set DDIM_FAST_CACHE to a writable folder", stacklevel=4)
+    return atomic_write_bytes(_fallback["dir"] / path.name, data)
+
+
+def lookup(path: Path) -> Path | None:
+    """The cached file for `path` (in the cache, or this process's fallback folder), marked as used."""
+    for candidate in (path, _fallback["dir"] / path.name if "dir" in _fallback else None):
+        if candidate is not None and candidate.is_file():
+            try:
+                os.utime(candidate)  # least recently used goes first when pruning
+            except OSError:
+                pass
+            return candidate
+    return None
+
+
+def export_estimate_s() -> float:
+    """How long a torch export of a network takes here: the last one measured on this machine
+    (timings.json in the cache), else DEFAULT_EXPORT_S."""
+    try:
+        return float(json.loads((cache_dir() / "timings.json").read_text())["torch_export_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_EXPORT_S
+
+
+def record_export_time(seconds: float):
+    path = cache_dir() / "timings.json"
+    try:
+        atomic_write_bytes(path, json.dumps({"torch_export_s": round(seconds, 2)}).encode())
+    except OSError:
+        pass  # an unwritable cache has already said so
+
+
+def _plain(value):
+    """A JSON-able stand-in for a model attribute, or None to leave it out of the fingerprint."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+        return list(value)
+    if callable(getattr(value, "to_dict", None)):
+        return value.to_dict()
+    return None
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of what decides a model's output: class, parameters and buffers (non-persistent ones
+    too), and the plain attributes of every submodule (numbers, strings, configs with to_dict)."""
+    h = hashlib.sha256()
+    h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    for name, tensor in sorted(tensors.items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    attrs = {}
+    for mod_name, mod in model.named_modules():
+        for k, v in vars(mod).items():
+            if k.startswith("_") or k == "training":
+                continue
+            plain = _plain(v)
+            if plain is not None:
+                attrs[f"{mod_name}.{k}"] = plain
+    h.update(json.dumps(attrs, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def plan_fingerprint(plan: SamplingPlan) -> str:
+    h = hashlib.sha256(json.dumps(plan.describe(), sort_keys=True).encode())
+    h.update(plan.coef.to(torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()
