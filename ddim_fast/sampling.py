@@ -136,7 +136,7 @@ def step(x, m, c, plan: SamplingPlan, z=None, hist=None):
 def dynamic_threshold(x0: torch.Tensor, p: float, s_max: float = math.inf) -> torch.Tensor:
     """Imagen's dynamic thresholding: s = quantile(|x0|, p) per sample, clamped to [1, s_max];
     x0 is clipped to [-s, s] and divided by s."""
-    s = torch.quantile(x0.abs().flatten(1).float(), p, dim=1).clamp(1.0, s_max).to(x0.dtype)
+    s = torch.quantile(x0.abs().flatten(1), p, dim=1).clamp(1.0, s_max)  # in the state's dtype (float64 truth)
     s = s.view(-1, *([1] * (x0.ndim - 1)))  # (B, 1, 1, 1)
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
