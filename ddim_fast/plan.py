@@ -27,6 +27,32 @@ variance="large" (the paper's sigma-hat): the DDPM posterior mean over the skip,
     and no noise on the last step. Unclipped, this mean equals the eta=1 mean exactly. The official
     code's `ddpm_noisy` sampler clamps x0 to [-1, 1]: it is variance="large" with clip_x0=1.
 Inversion (Section 4.3 / 5.4; eta = 0 run upward): x_next = sqrt(a_next) x0 + sqrt(1-a_next) eps.
+
+Multistep samplers (sampler != "ddim") widen the row to 13 columns (ALL_COLUMNS) with a history of the
+last three pushed estimates H1, H2, H3 (zeros at the start), still one statement for every sampler:
+
+    x' = d0 * clip(cx * x + ce * m) + dx * x + de * m + h1 H1 + h2 H2 + h3 H3 + sigma * z        (**)
+    then, if push = 1:  H3 <- H2, H2 <- H1, H1 <- P = pu * clip(x0) + pv * x + pw * m
+
+DDIM rows are (*) (history 0, the (S, 6) table). With alpha_t = sqrt(a'), sigma_t = sqrt(1 - a'),
+lambda = log(alpha / sigma) and h = lambda' - lambda of the step:
+  dpmpp_2m / dpmpp_3m (Lu et al. 2022, "DPM-Solver++", multistep in data prediction; diffusers'
+    DPMSolverMultistepScheduler): P = x0 (pu = 1); dx = sigma_t / sigma_s; order 1: d0 = -alpha_t (e^-h - 1)
+    (= DDIM at eta 0); order 2: the D1 = (x0 - H1) / r0 term (r0 = h_prev / h) folded into d0 and h1;
+    order 3: D1, D2 from (x0, H1, H2) folded into d0, h1, h2. dpmpp_2m_sde: dx = sigma_t / sigma_s e^-h,
+    d0 = alpha_t (1 - e^-2h) (+ the D1 term), sigma = sigma_t sqrt(1 - e^-2h).
+  unipc (Zhao et al. 2023, UniPC with B(h) = e^h - 1; diffusers' UniPCMultistepScheduler(bh2)): P = x0.
+    The step's predictor runs from the corrected state x^c; the corrector of the state x_i the previous
+    predictor wrote is x^c = x_i + C . (x0_i, H1, H2, ...), because the corrector and that predictor share
+    the term (sigma_i / sigma_{i-1}) x^c_{i-1} and the first-order x0 term, which cancel in the difference.
+    So the row is dx = rho, and rho C plus the predictor's own x0 / history weights in d0, h1..h3: no
+    previous state, no division by rho (0 after a step onto alpha_bar = 1), exact in exact arithmetic.
+  plms (Liu et al. 2022, PNDM's PLMS; diffusers' PNDMScheduler(skip_prk_steps=True)): P = m (pw = 1, raw
+    outputs, as diffusers combines them); the DDIM (eta 0) transfer x' = A x + B m~ of the Adams-Bashforth
+    combination m~ = sum_k c_k m_{i-k} (1; 3/2, -1/2; 23/12, -16/12, 5/12; 55/24, -59/24, 37/24, -9/24) gives
+    dx = A, de = B c_0, h_k = B c_k. plms_start="heun" adds diffusers' extra row after the first step
+    (same timestep twice): x1' = x1 + B_0 (m_1 - m_0) / 2 (dx = 1, de = B_0 / 2, h1 = -B_0 / 2, push = 0).
+Order rules (warm-up, lower_order_final) follow diffusers; a step onto alpha_bar = 1 is always first order.
 """
 
 from __future__ import annotations
