@@ -207,7 +207,7 @@ def shipped_configs(models, kernel: str | None = None):
 
 
 def _config(kernel, label, fn, names, types, meta, warps, aligned, stages=3):
-    if [a for a in fn.arg_names if a not in meta] != names:
+    if [a for a in fn.arg_names if a in set(names)] != names or not set(fn.arg_names) <= set(names) | set(meta):
         raise RuntimeError(f"{kernel}: the AOT signature is out of date with the kernel's arguments "
                            f"{fn.arg_names}")
     signature = dict(zip(names, types))
