@@ -20,6 +20,7 @@ import argparse
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -100,22 +101,27 @@ def main(argv=None):
     model = dd.load_model(args.model)
     clf = load_digits_classifier()
     rows = []
-    todo = [(s, S, args.seed) for s in args.samplers for S in steps]
-    todo += [(s, int(S), args.seed) for s, S in (c.split(":") for c in args.extra)]
-    todo += [(s, int(S), args.seed + 1) for s, S in (c.split(":") for c in args.repeat)]
+    stem = result_path("quality_per_step" + ("-quick" if args.quick else ""), info) if args.out is None \
+        else Path(args.out).with_suffix(".json")
+
+    def save():  # after every cell: a stopped run keeps what it measured
+        write_json(stem, {"machine": info, "backend": args.backend, "model": args.model, "n": args.n,
+                          "spacing": args.spacing, "argv": sys.argv[1:] if argv is None else argv, "rows": rows})
+
+    # every sampler at the small S first, the repeats, then the largest S (a stopped run keeps the frontier's left)
+    grid = [(s, S, args.seed) for S in steps for s in args.samplers]
+    last = [c for c in grid if c[1] == max(steps) and len(steps) > 1]
+    todo = [c for c in grid if c not in last] + [(s, int(S), args.seed) for s, S in (c.split(":") for c in args.extra)]
+    todo += [(s, int(S), args.seed + 1) for s, S in (c.split(":") for c in args.repeat)] + last
     for sampler, S, seed in todo:
         fd, sec, evals = cell(model, clf, sampler, S, args.n, args.batch, args.backend, seed, args.spacing)
         rows.append(dict(sampler=sampler, steps=S, evaluations=evals, seed=seed, n=args.n, fd=round(fd, 3),
                          s_per_sample=sec))
         print(f"  {sampler:13s} S={S:3d} seed={seed}  FD-digits {fd:7.2f}  {sec * 1e3:7.2f} ms/sample", flush=True)
+        save()
 
     shown = [dict(r, ms_per_sample=round(r["s_per_sample"] * 1e3, 2)) for r in rows]
     print(table(shown, ["sampler", "steps", "evaluations", "seed", "n", "fd", "ms_per_sample"]))
-    stem = result_path("quality_per_step" + ("-quick" if args.quick else ""), info) if args.out is None \
-        else __import__("pathlib").Path(args.out).with_suffix(".json")
-    write_json(stem, {"machine": info, "backend": args.backend, "model": args.model, "n": args.n,
-                      "spacing": args.spacing,
-                      "argv": sys.argv[1:] if argv is None else argv, "rows": rows})
     png = plot(rows, stem.with_suffix(".png"))
     print(f"wrote {stem} and {png}")
     return rows
