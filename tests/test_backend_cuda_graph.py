@@ -233,3 +233,25 @@ def test_graph_engine_with_chunks_and_thresholding_on_cpu(analytic, monkeypatch)
     assert_close_to_reference(got, low, truth, torch.float32, "graph body, threshold, chunks")
     plain = dd.sample(model.double(), x_T.double(), _plan(4, eta=0.5), seed=4).clamp(-1, 1)
     assert (plain - truth).abs().max() > 1e-2  # the thresholding bit
+
+
+@pytest.mark.parametrize("sampler, kw", [("unipc", {"order": 3}), ("plms", {})])
+def test_graph_body_with_multistep_history_on_cpu(analytic, monkeypatch, sampler, kw):
+    """A multistep plan's captured body on a CPU (capture replaced by replaying the body, as the GPU suite's
+    dry run does): every replay starts from a zeroed history (a second replay of one graph gives the same
+    samples), at an odd batch, equal to the reference under the tolerance rule; batch-invariant."""
+    pytest.importorskip("triton")
+    from ddim_fast.backends.cuda_graph import CudaGraphBackend
+
+    monkeypatch.setattr(CudaGraphBackend, "_warm_up", lambda self, body: body())
+    monkeypatch.setattr(CudaGraphBackend, "_record", lambda self, body: _ReplayBody(body))
+    plan = _plan(5, spacing="trailing", sampler=sampler, **kw)
+    runner = CudaGraphBackend(analytic, plan, device=torch.device("cpu"), dtype=torch.float32, shape=SHAPE)
+    a = runner.sample(3, plan, seed=4, first_index=1)
+    assert torch.equal(runner.sample(3, plan, seed=4, first_index=1), a) and runner.captures == 1
+    want = dd.Engine(analytic, plan, shape=SHAPE, backend="reference", device="cpu").sample(3, seed=4, first_index=1)
+    x_T = dd.rng.initial_noise(4, (3, *SHAPE), first_index=1)
+    truth = dd.sample(analytic, x_T.double(), plan).clamp(-1, 1)
+    assert_close_to_reference(a.clamp(-1, 1), want, truth, torch.float32, f"graph body {sampler}")
+    one = runner.sample(1, plan, seed=4, first_index=2)[0]
+    assert_close_to_reference(one.clamp(-1, 1), want[1], truth[1], torch.float32, "batch of one")
