@@ -27,6 +27,32 @@ variance="large" (the paper's sigma-hat): the DDPM posterior mean over the skip,
     and no noise on the last step. Unclipped, this mean equals the eta=1 mean exactly. The official
     code's `ddpm_noisy` sampler clamps x0 to [-1, 1]: it is variance="large" with clip_x0=1.
 Inversion (Section 4.3 / 5.4; eta = 0 run upward): x_next = sqrt(a_next) x0 + sqrt(1-a_next) eps.
+
+Multistep samplers (sampler != "ddim") widen the row to 13 columns (ALL_COLUMNS) with a history of the
+last three pushed estimates H1, H2, H3 (zeros at the start), still one statement for every sampler:
+
+    x' = d0 * clip(cx * x + ce * m) + dx * x + de * m + h1 H1 + h2 H2 + h3 H3 + sigma * z        (**)
+    then, if push = 1:  H3 <- H2, H2 <- H1, H1 <- P = pu * clip(x0) + pv * x + pw * m
+
+DDIM rows are (*) (history 0, the (S, 6) table). With alpha_t = sqrt(a'), sigma_t = sqrt(1 - a'),
+lambda = log(alpha / sigma) and h = lambda' - lambda of the step:
+  dpmpp_2m / dpmpp_3m (Lu et al. 2022, "DPM-Solver++", multistep in data prediction; diffusers'
+    DPMSolverMultistepScheduler): P = x0 (pu = 1); dx = sigma_t / sigma_s; order 1: d0 = -alpha_t (e^-h - 1)
+    (= DDIM at eta 0); order 2: the D1 = (x0 - H1) / r0 term (r0 = h_prev / h) folded into d0 and h1;
+    order 3: D1, D2 from (x0, H1, H2) folded into d0, h1, h2. dpmpp_2m_sde: dx = sigma_t / sigma_s e^-h,
+    d0 = alpha_t (1 - e^-2h) (+ the D1 term), sigma = sigma_t sqrt(1 - e^-2h).
+  unipc (Zhao et al. 2023, UniPC with B(h) = e^h - 1; diffusers' UniPCMultistepScheduler(bh2)): P = x0.
+    The step's predictor runs from the corrected state x^c; the corrector of the state x_i the previous
+    predictor wrote is x^c = x_i + C . (x0_i, H1, H2, ...), because the corrector and that predictor share
+    the term (sigma_i / sigma_{i-1}) x^c_{i-1} and the first-order x0 term, which cancel in the difference.
+    So the row is dx = rho, and rho C plus the predictor's own x0 / history weights in d0, h1..h3: no
+    previous state, no division by rho (0 after a step onto alpha_bar = 1), exact in exact arithmetic.
+  plms (Liu et al. 2022, PNDM's PLMS; diffusers' PNDMScheduler(skip_prk_steps=True)): P = m (pw = 1, raw
+    outputs, as diffusers combines them); the DDIM (eta 0) transfer x' = A x + B m~ of the Adams-Bashforth
+    combination m~ = sum_k c_k m_{i-k} (1; 3/2, -1/2; 23/12, -16/12, 5/12; 55/24, -59/24, 37/24, -9/24) gives
+    dx = A, de = B c_0, h_k = B c_k. plms_start="heun" adds diffusers' extra row after the first step
+    (same timestep twice): x1' = x1 + B_0 (m_1 - m_0) / 2 (dx = 1, de = B_0 / 2, h1 = -B_0 / 2, push = 0).
+Order rules (warm-up, lower_order_final) follow diffusers; a step onto alpha_bar = 1 is always first order.
 """
 
 from __future__ import annotations
@@ -41,6 +67,15 @@ import torch
 from .schedule import NoiseSchedule, timesteps
 
 COEF_COLUMNS = ("cx", "ce", "d0", "dx", "de", "sigma")
+# A multistep plan's table is wider: the history terms h1..h3 (coefficients of the last three pushed
+# estimates H1..H3) and what the step pushes, P = pu*clip(x0) + pv*x + pw*m when push = 1 (see (**)).
+HISTORY_COLUMNS = ("h1", "h2", "h3", "pu", "pv", "pw", "push")
+MAX_HISTORY = 3
+ALL_COLUMNS = COEF_COLUMNS + HISTORY_COLUMNS
+SAMPLERS = ("ddim", "plms", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
+MAX_ORDER = {"ddim": 1, "plms": 4, "dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2, "unipc": 3}
+DEFAULT_ORDER = {"ddim": 1, "plms": 4, "dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2, "unipc": 2}
+PLMS_STARTS = ("heun", "euler")
 VARIANCES = ("ddim", "large")
 PREDICTIONS = ("eps", "x0", "v")
 EPS_AT = ("current", "target")
@@ -89,6 +124,11 @@ class SamplingPlan:
     direction: str = "sample"  # "sample" (t descending) or "invert" (t ascending)
     eps_at: str | None = None  # inversion only: "current" or "target"
     meta: dict = field(default_factory=dict)  # free-form; copied into exports
+    sampler: str = "ddim"  # one of SAMPLERS
+    order: int = 1  # the multistep order (the highest used; warm-up and final steps may use less)
+    lower_order_final: bool = True  # dpmpp_* / unipc: lower orders on the last steps (diffusers' rules)
+    plms_start: str | None = None  # plms only: "heun" (diffusers / LDM) or "euler"
+    history: int = 0  # history buffers the update reads (0 for ddim: the (S, 6) table)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -105,6 +145,10 @@ class SamplingPlan:
         threshold_max: float = math.inf,
         steps_offset: int = 0,
         final_alpha: float | None = None,
+        sampler: str = "ddim",
+        order: int | None = None,
+        lower_order_final: bool = True,
+        plms_start: str = "heun",
     ) -> SamplingPlan:
         """A sampler over `steps` timesteps of `schedule`.
 
@@ -119,6 +163,17 @@ class SamplingPlan:
         final_alpha: alpha_bar after the last step: None = 1 (the paper's alpha_0 = 1, diffusers'
                     set_alpha_to_one=True); `float(schedule.alphas_cumprod[0])` is diffusers'
                     set_alpha_to_one=False.
+        sampler:    "ddim" (default), "plms", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde" or "unipc" (bh2);
+                    see the module docstring for each one's table rows.
+        order:      the multistep order (None = the sampler's: plms 4, dpmpp_2m 2, dpmpp_3m 3, unipc 2;
+                    unipc takes 1-3, dpmpp_3m 1-3, dpmpp_2m 1-2, plms 1-4). The first steps warm up
+                    with lower orders; order 1 is DDIM (eta = 0) for every sampler but plms.
+        lower_order_final: dpmpp_* and unipc: lower the order on the last steps as diffusers does
+                    (dpmpp: the last two steps when steps < 15; unipc: order <= steps left). A step
+                    that lands on alpha_bar = 1 is always first order (the higher ones diverge there).
+        plms_start: plms only: "heun" (default; diffusers' PNDMScheduler(skip_prk_steps=True) and the
+                    LDM PLMS: the first step is repeated with the average of the first two outputs, so
+                    steps + 1 model evaluations) or "euler" (steps evaluations, Adams-Bashforth warm-up).
 
         The official DDIM code (ermongroup/ddim): its `generalized` sampler with --eta e is
         `build(schedule, S, eta=e)` (it never clamps); its `ddpm_noisy` sampler clamps x0 to
@@ -149,12 +204,33 @@ class SamplingPlan:
         _check_prediction(prediction)
         clip_x0 = _check_clip(clip_x0)
         threshold, threshold_max = _check_threshold(threshold, threshold_max, clip_x0)
+        order = _check_sampler(sampler, order, len(ts), eta, variance, clip_x0, threshold, plms_start)
 
         ac = schedule.alphas_cumprod
         a = [float(ac[t]) for t in ts]
         final = _check_final_alpha(final_alpha, a[-1], int(ts[-1]))
         a_next = a[1:] + [final]
         _warn_far_start(ac, ts, spacing)
+        if sampler != "ddim":
+            ts, a, a_next, rows, history = _multistep_rows(sampler, ts, a, a_next, prediction, order,
+                                                           bool(lower_order_final), plms_start)
+            return cls(
+                timesteps=ts,
+                alpha=torch.tensor(a, dtype=torch.float64),
+                alpha_next=torch.tensor(a_next, dtype=torch.float64),
+                coef=torch.tensor(rows, dtype=torch.float64).reshape(len(a), len(ALL_COLUMNS)),
+                T=schedule.T,
+                prediction=prediction,
+                spacing=spacing if isinstance(spacing, str) else "explicit",
+                clip_x0=clip_x0,
+                threshold=threshold,
+                threshold_max=threshold_max,
+                sampler=sampler,
+                order=order,
+                lower_order_final=bool(lower_order_final),
+                plms_start=plms_start if sampler == "plms" else None,
+                history=history,
+            )
         rows = []
         for i, (ai, an) in enumerate(zip(a, a_next)):
             cx, ce, ex, ee = _estimates(ai, prediction)
@@ -225,6 +301,9 @@ class SamplingPlan:
         """
         if self.direction != "sample":
             raise ValueError("this plan is already an inversion plan")
+        if self.sampler != "ddim":
+            raise ValueError(f"inversion runs the DDIM ODE; this plan is a {self.sampler!r} multistep plan: "
+                             "build the plan to invert with sampler='ddim'")
         if eps_at not in EPS_AT:
             raise ValueError(f"eps_at must be one of {EPS_AT}, got {eps_at!r}")
         if self.eta != 0.0 or self.variance != "ddim":
@@ -276,7 +355,7 @@ class SamplingPlan:
         return bool((self.coef[:, 5] != 0).any())
 
     def column(self, name: str) -> torch.Tensor:
-        return self.coef[:, COEF_COLUMNS.index(name)]
+        return self.coef[:, ALL_COLUMNS.index(name)]
 
     def to(self, device=None, dtype=torch.float32) -> SamplingPlan:
         """A copy with the tables on `device`, coefficients cast to `dtype` (timesteps int64)."""
@@ -304,6 +383,10 @@ class SamplingPlan:
             "direction": self.direction,
             "eps_at": self.eps_at,
             "final_alpha": self.final_alpha,
+            "sampler": self.sampler,
+            **({} if self.sampler == "ddim" else {"order": self.order, "history": self.history}),
+            **({"lower_order_final": self.lower_order_final} if self.sampler not in ("ddim", "plms") else {}),
+            **({"plms_start": self.plms_start} if self.sampler == "plms" else {}),
         }
 
     def __repr__(self) -> str:
@@ -426,3 +509,190 @@ def _check_threshold(threshold, threshold_max, clip_x0):
     if threshold_max > _FLOAT32_MAX:  # above every float32 value: no cap (and torch cannot clamp to it)
         threshold_max = math.inf
     return threshold, threshold_max
+
+
+# -- multistep samplers ---------------------------------------------------------------------------
+def _check_sampler(sampler, order, steps, eta, variance, clip_x0, threshold, plms_start) -> int:
+    """The order the plan uses (the sampler's default when None); refuses what the sampler cannot do."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    if sampler == "plms" and plms_start not in PLMS_STARTS:
+        raise ValueError(f"plms_start must be one of {PLMS_STARTS}, got {plms_start!r}")
+    if sampler != "ddim" and (eta != 0.0 or variance != "ddim"):
+        raise ValueError(f"eta and variance='large' are DDIM options; sampler {sampler!r} is deterministic "
+                         "(use sampler='dpmpp_2m_sde' for a stochastic multistep sampler)")
+    if sampler == "plms" and (clip_x0 is not None or threshold is not None):
+        raise ValueError("plms combines model outputs, not x0 estimates, so clip_x0/threshold cannot be honoured; "
+                         "use sampler='dpmpp_2m' or 'unipc' (which clip/threshold x0) or drop the option")
+    top = MAX_ORDER[sampler]
+    if order is None:
+        return DEFAULT_ORDER[sampler]
+    if not (isinstance(order, numbers.Integral) and not isinstance(order, bool)) or not 1 <= order <= top:
+        raise ValueError(f"sampler {sampler!r} takes order 1..{top}, got {order!r}")
+    order = int(order)
+    if order > steps:
+        raise ValueError(f"order={order} needs at least {order} steps (a multistep method of order k uses the k "
+                         f"last model outputs), but the plan has {steps}: use steps >= {order} or a lower order")
+    return order
+
+
+_ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+                    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def _row(cx, ce, d0=0.0, dx=0.0, de=0.0, sigma=0.0, h=(), pu=0.0, pv=0.0, pw=0.0, push=1.0):
+    hs = list(h) + [0.0] * (MAX_HISTORY - len(h))
+    if len(hs) > MAX_HISTORY or any(v != 0 for v in hs[MAX_HISTORY:]):
+        raise AssertionError("history deeper than MAX_HISTORY")  # a bug here, not the user's input
+    return (cx, ce, d0, dx, de, sigma, *hs[:MAX_HISTORY], pu, pv, pw, push)
+
+
+def _multistep_rows(sampler, ts, a, a_next, prediction, order, lower_order_final, plms_start):
+    """(timesteps, alpha, alpha_next, rows, history depth) of a multistep plan; see the module docstring."""
+    S = len(a)
+    if sampler == "plms":
+        return _plms_rows(ts, a, a_next, prediction, order, plms_start)
+    lam = [_lambda(v) for v in a]
+    rows = []
+    corr = None  # unipc: the corrector of the step before, as a vector over (x0c, H1, H2, ...)
+    for i in range(S):
+        cx, ce, _, _ = _estimates(a[i], prediction)
+        final_one = a_next[i] == 1.0
+        if sampler == "unipc":
+            k = 1 if final_one else min(order, S - i if lower_order_final else order, i + 1)
+            rho, vec, nxt = _unipc_step(lam, a, a_next, i, k)
+            if corr is not None:  # x^c = x + corr . (x0c, H1, ...): x' = rho x^c + vec . (x0c, H1, ...)
+                vec = _add(vec, [rho * c for c in corr])
+            corr = nxt
+        else:
+            if order == 1 or i == 0 or (i == S - 1 and (final_one or (lower_order_final and S < 15))):
+                k = 1
+            elif order == 2 or i == 1 or (i == S - 2 and lower_order_final and S < 15):
+                k = 2
+            else:
+                k = 3
+            rho, vec, sigma = _dpmpp_step(lam, a, a_next, i, k, sde=sampler == "dpmpp_2m_sde")
+        rows.append(_row(cx, ce, d0=vec[0], dx=rho, h=vec[1:], pu=1.0,
+                         sigma=sigma if sampler == "dpmpp_2m_sde" else 0.0))
+    history = max((j for j in range(1, MAX_HISTORY + 1) if any(r[5 + j] != 0 for r in rows)), default=0)
+    return ts, a, a_next, rows, history
+
+
+def _lambda(a: float) -> float:
+    """log(alpha_t / sigma_t), the half log-SNR of alpha_bar a (inf at a = 1)."""
+    return math.inf if a == 1.0 else 0.5 * (math.log(a) - math.log1p(-a))
+
+
+def _add(u, v):
+    n = max(len(u), len(v))
+    u, v = list(u) + [0.0] * (n - len(u)), list(v) + [0.0] * (n - len(v))
+    return [p + q for p, q in zip(u, v)]
+
+
+def _dpmpp_step(lam, a, a_next, i, k, sde=False):
+    """DPM-Solver++ (Lu et al. 2022, multistep, data prediction) from step i's state to alpha_bar
+    a_next[i] with order k: (rho, vec, sigma) with x' = rho x + vec . (x0_i, x0_{i-1}, x0_{i-2}) + sigma z."""
+    an = a_next[i]
+    if an == 1.0:  # lands on the data: x' = x0 (every order's limit that exists)
+        return 0.0, [1.0], 0.0
+    al_t, sg_t, sg_s = math.sqrt(an), math.sqrt(1 - an), math.sqrt(1 - a[i])
+    h = _lambda(an) - lam[i]
+    if sde:  # SDE-DPM-Solver++(2M), midpoint: the ODE's coefficients with h doubled, plus noise
+        rho = sg_t / sg_s * math.exp(-h)
+        c0 = -al_t * math.expm1(-2 * h)  # alpha_t (1 - e^{-2h})
+        sigma = sg_t * math.sqrt(-math.expm1(-2 * h))
+    else:
+        rho, c0, sigma = sg_t / sg_s, -al_t * math.expm1(-h), 0.0  # -alpha_t (e^{-h} - 1)
+    if k == 1:
+        return rho, [c0], sigma
+    r0 = (lam[i] - lam[i - 1]) / h
+    d1_0 = [1 / r0, -1 / r0, 0.0]  # D1_0 = (m0 - m1) / r0 over (m0, m1, m2)
+    if k == 2:  # midpoint: x' = rho x + c0 (D0 + D1 / 2)
+        return rho, _add([c0], [c0 * 0.5 * v for v in d1_0[:2]]), sigma
+    r1 = (lam[i - 1] - lam[i - 2]) / h
+    d1_1 = [0.0, 1 / r1, -1 / r1]  # D1_1 = (m1 - m2) / r1
+    diff = [p - q for p, q in zip(d1_0, d1_1)]
+    d1 = [p + r0 / (r0 + r1) * q for p, q in zip(d1_0, diff)]
+    d2 = [q / (r0 + r1) for q in diff]
+    em = math.expm1(-h)
+    c1 = al_t * (em / h + 1.0)
+    c2 = -al_t * ((em + h) / h**2 - 0.5)
+    return rho, _add(_add([c0], [c1 * v for v in d1]), [c2 * v for v in d2]), sigma
+
+
+def _unipc_step(lam, a, a_next, i, k):
+    """UniPC with B(h) = e^h - 1 (bh2; Zhao et al. 2023), data prediction, from step i's corrected
+    state with predictor order k: (rho, vec, corr) where x_{i+1} = rho x_i^c + vec . (x0_i, x0_{i-1}, ...)
+    and the corrector of step i+1 is x_{i+1}^c = x_{i+1} + corr . (x0_{i+1}, x0_i, x0_{i-1}, ...)
+    (the predictor's own terms cancel in the difference, so the previous corrected state is never needed)."""
+    an = a_next[i]
+    if an == 1.0:
+        return 0.0, [1.0], None
+    al_t, sg_t, sg_s = math.sqrt(an), math.sqrt(1 - an), math.sqrt(1 - a[i])
+    h = _lambda(an) - lam[i]
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    B_h = h_phi_1  # bh2
+    rks = [(lam[i - j] - lam[i]) / h for j in range(1, k)] + [1.0]
+    R, b = [], []
+    h_phi_k, fact = h_phi_1 / hh - 1.0, 1
+    for j in range(1, k + 1):
+        R.append([r ** (j - 1) for r in rks])
+        b.append(h_phi_k * fact / B_h)
+        fact *= j + 1
+        h_phi_k = h_phi_k / hh - 1.0 / fact
+    if k == 1:
+        rhos_p = []
+    elif k == 2:
+        rhos_p = [0.5]
+    else:
+        rhos_p = _solve([row[:-1] for row in R[:-1]], b[:-1])
+    rhos_c = [0.5] if k == 1 else _solve(R, b)
+    rho = sg_t / sg_s
+    g = al_t * B_h
+    vec = [-al_t * h_phi_1] + [0.0] * (k - 1)
+    for j in range(1, k):  # - g rhos_p[j] (x0_{i-j} - x0_i) / r_j
+        vec[j] -= g * rhos_p[j - 1] / rks[j - 1]
+        vec[0] += g * rhos_p[j - 1] / rks[j - 1]
+    corr = [-g * rhos_c[-1], g * rhos_c[-1]] + [0.0] * (k - 1)
+    for j in range(1, k):  # - g (rhos_c[j] - rhos_p[j]) (x0_{i-j} - x0_i) / r_j
+        w = g * (rhos_c[j - 1] - rhos_p[j - 1]) / rks[j - 1]
+        corr[j + 1] -= w
+        corr[1] += w
+    return rho, vec, corr
+
+
+def _solve(A, y):
+    """A x = y for a small dense system, in float64 (torch.linalg.solve)."""
+    return torch.linalg.solve(torch.tensor(A, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)).tolist()
+
+
+def _plms_rows(ts, a, a_next, prediction, order, start):
+    """PNDM's pseudo linear multistep (Liu et al. 2022; diffusers' PNDMScheduler(skip_prk_steps=True)):
+    the DDIM (eta = 0) transfer x' = A x + B m' applied to m' = an Adams-Bashforth combination of the
+    current and earlier model outputs (raw outputs, converted at the current state, as diffusers does)."""
+    def transfer(i_from, a_from, a_to):
+        cx, ce, ex, ee = _estimates(a_from, prediction)
+        sa, s1a = math.sqrt(a_to), math.sqrt(1.0 - a_to)
+        return cx, ce, sa * cx + s1a * ex, sa * ce + s1a * ee
+
+    S = len(a)
+    rows, t_out, a_in, a_out = [], [], [], []
+    heun = start == "heun" and S >= 2
+    for i in range(S):
+        cx, ce, A, B = transfer(i, a[i], a_next[i])
+        if heun and i == 1:  # repeat step 0 with the mean of the first two outputs: x1' = x1 + B0 (m1 - m0) / 2
+            B0 = rows[0][4]
+            rows.append(_row(cx, ce, dx=1.0, de=B0 / 2, h=(-B0 / 2,), push=0.0))
+            t_out.append(int(ts[1]))
+            a_in.append(a[1])
+            a_out.append(a[1])
+        n = len(rows)
+        k = min(order, n if heun and n >= 2 else n + 1, 4)
+        c = _ADAMS_BASHFORTH[k]
+        rows.append(_row(cx, ce, dx=A, de=B * c[0], h=[B * v for v in c[1:]], pw=1.0))
+        t_out.append(int(ts[i]))
+        a_in.append(a[i])
+        a_out.append(a_next[i])
+    history = max((j for j in range(1, MAX_HISTORY + 1) if any(r[5 + j] != 0 for r in rows)), default=0)
+    return torch.tensor(t_out, dtype=torch.int64), a_in, a_out, rows, history

@@ -85,11 +85,12 @@ def _run(model, x, plan, draw, callback, nonfinite):
     coef = plan.coef.to(x.device, x.dtype)  # float64 table, rounded once to the state's precision
     ts = plan.timesteps.to(x.device)
     net_dtype = _model_dtype(model)
+    hist = [torch.zeros_like(x) for _ in range(plan.history)]  # H1, H2, ...: the multistep history
     for i in range(plan.steps):
         t = ts[i].expand(x.shape[0])  # (B,)
         m = _predict(model, x, t, net_dtype)
         z = draw(i) if draw is not None else None
-        x, x0 = step(x, m, coef[i], plan, z)
+        x, x0 = step(x, m, coef[i], plan, z, hist)
         if nonfinite != "ignore" and not torch.isfinite(x).all():
             msg = (
                 f"the sampler state became non-finite at step {i} (timestep {int(ts[i])}); "
@@ -104,12 +105,15 @@ def _run(model, x, plan, draw, callback, nonfinite):
     return x
 
 
-def step(x, m, c, plan: SamplingPlan, z=None):
-    """One update (*) of plan.py, given the model output m and the step's coefficient row c.
+def step(x, m, c, plan: SamplingPlan, z=None, hist=None):
+    """One update (*) of plan.py, given the model output m and the step's coefficient row c;
+    a multistep plan's row is wider, (**) of plan.py: `hist` is the list [H1, H2, ...] of earlier
+    estimates (plan.history tensors like x), read by the update and shifted in place with the
+    step's push P = pu x0 + pv x + pw m.
 
     Returns (x', x0): the new state and the (clipped) x0 estimate.
     """
-    cx, ce, d0, dx, de, sigma = c
+    cx, ce, d0, dx, de, sigma = c[:6]
     x0 = cx * x + ce * m  # (1) "predicted x0", Eq. 12 (or the prediction's equivalent)
     if plan.threshold is not None:
         x0 = dynamic_threshold(x0, plan.threshold, plan.threshold_max)
@@ -117,6 +121,13 @@ def step(x, m, c, plan: SamplingPlan, z=None):
         x0 = x0.clamp(*plan.clip_x0)
     # (2) sqrt(a') x0 + (3) the "direction pointing to x_t", both as coefficients of x0, x and m
     x_new = d0 * x0 + dx * x + de * m
+    if hist:  # (**): the history terms, then the push (P from the step's input x)
+        h, (pu, pv, pw, push) = c[6 : 6 + len(hist)], c[9:13]
+        for k, H in enumerate(hist):
+            x_new = x_new + h[k] * H
+        if push != 0:
+            hist.insert(0, pu * x0 + pv * x + pw * m)
+            hist.pop()
     if z is not None:
         x_new = x_new + sigma * z  # (4) random noise sigma_t z, Eq. 12
     return x_new, x0
@@ -125,7 +136,7 @@ def step(x, m, c, plan: SamplingPlan, z=None):
 def dynamic_threshold(x0: torch.Tensor, p: float, s_max: float = math.inf) -> torch.Tensor:
     """Imagen's dynamic thresholding: s = quantile(|x0|, p) per sample, clamped to [1, s_max];
     x0 is clipped to [-s, s] and divided by s."""
-    s = torch.quantile(x0.abs().flatten(1).float(), p, dim=1).clamp(1.0, s_max).to(x0.dtype)
+    s = torch.quantile(x0.abs().flatten(1), p, dim=1).clamp(1.0, s_max)  # in the state's dtype (float64 truth)
     s = s.view(-1, *([1] * (x0.ndim - 1)))  # (B, 1, 1, 1)
     return torch.maximum(torch.minimum(x0, s), -s) / s
 

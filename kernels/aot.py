@@ -76,7 +76,7 @@ class Config:
 
 # -- the shipped configurations ------------------------------------------------------------------
 def step_configs():
-    names = ["X", "M", "COEF", "STEP", "SEED", "FIRST", "THRESH", "X0", "FLAG", "N", "lo", "hi"]
+    names = ["X", "M", "COEF", "STEP", "SEED", "FIRST", "THRESH", "X0", "FLAG", "N", "lo", "hi", "HIST_PTR", "HSTRIDE"]
     out = []
     combos = [(n, c, w, f) for n in (0, 1) for c in (0, 1, 2) for w in (0, 1) for f in (0, 1)]
     for m_dtype in (torch.float16, torch.float32, torch.bfloat16):
@@ -84,11 +84,19 @@ def step_configs():
             if m_dtype != torch.float16 and (noise, clip, x0, check) not in [(0, 0, 0, 0), (1, 2, 1, 1)]:
                 continue
             types = ["*fp32", f"*{_TY[m_dtype]}", "*fp32", "*i32", "*i64", "*i64", "*fp32", "*fp32", "*i32",
-                     "i32", "fp32", "fp32"]
-            meta = dict(BLOCK=step_mod.BLOCK, NOISE=bool(noise), CLIP=clip, WRITE_X0=bool(x0), CHECK=bool(check))
+                     "i32", "fp32", "fp32", "*fp32", "i32"]
+            meta = dict(BLOCK=step_mod.BLOCK, NOISE=bool(noise), CLIP=clip, WRITE_X0=bool(x0), CHECK=bool(check),
+                        HIST=0, NCOL=step_mod.NUM_COEF)
             label = f"noise={noise} clip={clip} x0={x0} flag={check} m={_TY[m_dtype]}"
             out.append(_config("ddim_step", label, step_mod._ddim_step_kernel, names, types, meta,
                                step_mod.NUM_WARPS, aligned=("X", "M", "X0", "N")))
+            # multistep plans (plms, dpmpp_*, unipc): K history buffers read and shifted in the same pass
+            if (m_dtype == torch.float16 and check and not x0 and (noise, clip) in [(0, 0), (1, 0), (0, 2)]) or \
+                    (noise, clip, x0, check) == (1, 2, 1, 1):
+                for hist in (1, 2, 3):
+                    out.append(_config("ddim_step", f"{label} hist={hist}", step_mod._ddim_step_kernel, names, types,
+                                       {**meta, "HIST": hist, "NCOL": step_mod.NUM_COEF_HIST}, step_mod.NUM_WARPS,
+                                       aligned=("X", "M", "X0", "N", "HIST_PTR", "HSTRIDE")))
     return out
 
 
@@ -199,7 +207,7 @@ def shipped_configs(models, kernel: str | None = None):
 
 
 def _config(kernel, label, fn, names, types, meta, warps, aligned, stages=3):
-    if list(fn.arg_names[: len(names)]) != names:
+    if [a for a in fn.arg_names if a in set(names)] != names or not set(fn.arg_names) <= set(names) | set(meta):
         raise RuntimeError(f"{kernel}: the AOT signature is out of date with the kernel's arguments "
                            f"{fn.arg_names}")
     signature = dict(zip(names, types))

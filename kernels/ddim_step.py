@@ -9,8 +9,16 @@ state) plus a separate noise draw. Here it is one kernel: read x and the model o
 x' (in place) and optionally the x0 estimate; z is drawn in registers with Triton's Philox
 (`tl.randn`), keyed per sample exactly as ddim_fast/rng.py so it is the reference's noise.
 
+Multistep plans (plms, dpmpp_*, unipc) add history terms, (**) of plan.py,
+
+    x' = (*) + h1 * H1 + h2 * H2 + h3 * H3,   then (push = 1) H3 <- H2, H2 <- H1, H1 <- pu * x0 + pv * x + pw * m
+
+with the H in one preallocated (K, B, ...) float32 buffer (K = plan.history, a constexpr): the kernel
+reads x, m and the K history values of each element once, writes x' and the shifted history in
+the same pass (each element's old values are in registers before any is overwritten).
+
 Everything that changes from step to step lives in device memory: the coefficient table
-(S, 6) of the plan and the step index (an int32 device tensor), so a CUDA graph can replay the
+(S, 6), or (S, 13) for a multistep plan, and the step index (an int32 device tensor), so a CUDA graph can replay the
 same launch for every step after the caller increments the index on the device.
 
 Clipping of the x0 estimate (a constexpr mode, so the plain path pays nothing):
@@ -42,6 +50,8 @@ import triton.language as tl
 from .checks import batch_fits, check, device_scalar, float_tensor, is_int, runnable
 
 NUM_COEF = 6  # (cx, ce, d0, dx, de, sigma), ddim_fast/plan.py COEF_COLUMNS
+NUM_COEF_HIST = 13  # + (h1, h2, h3, pu, pv, pw, push), plan.py ALL_COLUMNS: a multistep plan's table
+MAX_HISTORY = 3
 PURPOSE_STEP = 1  # the counter word that separates per-step noise from x_T (ddim_fast/rng.py)
 CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
 BLOCK = 1024  # elements per program; NOTE: not yet tuned on a GPU (memory-bound)
@@ -53,13 +63,15 @@ SELECT_BLOCK = 4096  # order statistics: a row up to this size stays in register
 
 
 # -- reference -----------------------------------------------------------------------------------
-def ddim_step_ref(x, m, coef, step, *, z=None, clip=None, threshold=None):
-    """Plain PyTorch (*) for one step; returns (x', x0). Not in place.
+def ddim_step_ref(x, m, coef, step, *, z=None, clip=None, threshold=None, hist=None):
+    """Plain PyTorch (*) for one step; returns (x', x0). Not in place (but `hist` is).
 
-    x (B, ...) float; m like x (any float dtype, used in x's dtype); coef (S, 6); step an int;
-    z like x or None; clip (lo, hi) or None; threshold (p, s_max) or None.
+    x (B, ...) float; m like x (any float dtype, used in x's dtype); coef (S, 6) or (S, 13); step an int;
+    z like x or None; clip (lo, hi) or None; threshold (p, s_max) or None; hist None or (K, B, ...)
+    like x: the history (**), shifted in place when the row pushes.
     """
-    cx, ce, d0, dx, de, sigma = coef[int(step)].to(x.dtype)
+    row = coef[int(step)].to(x.dtype)
+    cx, ce, d0, dx, de, sigma = row[:6]
     m = m.to(x.dtype)
     x0 = cx * x + ce * m  # (1) the x0 estimate (Eq. 12 for eps-prediction)
     if threshold is not None:
@@ -70,6 +82,13 @@ def ddim_step_ref(x, m, coef, step, *, z=None, clip=None, threshold=None):
     elif clip is not None:
         x0 = x0.clamp(*clip)
     out = d0 * x0 + dx * x + de * m  # (2) + (3): sqrt(a') x0 and the direction to x_t
+    if hist is not None and hist.shape[0] > 0:
+        for k in range(hist.shape[0]):
+            out = out + row[6 + k] * hist[k]  # (**) history terms
+        if row[12] != 0:
+            p = row[9] * x0 + row[10] * x + row[11] * m
+            hist[1:] = hist[:-1].clone()
+            hist[0] = p
     if z is not None:
         out = out + sigma * z  # (4) sigma_t z
     return out, x0
@@ -82,6 +101,8 @@ def _ddim_step_kernel(
     N, lo, hi,  # sizes and scalars
     BLOCK: tl.constexpr, NOISE: tl.constexpr, CLIP: tl.constexpr,  # meta
     WRITE_X0: tl.constexpr, CHECK: tl.constexpr,
+    HIST_PTR, HSTRIDE,  # multistep: the (K, B, N) history buffer and B * N
+    HIST: tl.constexpr = 0, NCOL: tl.constexpr = 6,  # K history terms; the table's row length
 ):
     pid = tl.program_id(0)  # block of elements within the sample
     b = tl.program_id(1)  # sample within the batch
@@ -90,11 +111,11 @@ def _ddim_step_kernel(
     ptr = b.to(tl.int64) * N + j  # (BLOCK,) int64 offsets into x, m, x0
 
     i = tl.load(STEP)  # the sampler step, from device memory
-    cx = tl.load(COEF + i * 6 + 0)
-    ce = tl.load(COEF + i * 6 + 1)
-    d0 = tl.load(COEF + i * 6 + 2)
-    dx = tl.load(COEF + i * 6 + 3)
-    de = tl.load(COEF + i * 6 + 4)
+    cx = tl.load(COEF + i * NCOL + 0)
+    ce = tl.load(COEF + i * NCOL + 1)
+    d0 = tl.load(COEF + i * NCOL + 2)
+    dx = tl.load(COEF + i * NCOL + 3)
+    de = tl.load(COEF + i * NCOL + 4)
 
     x = tl.load(X + ptr, mask=mask, other=0.0)  # fp32 state
     m = tl.load(M + ptr, mask=mask, other=0.0).to(tl.float32)  # model output, any float dtype
@@ -105,8 +126,25 @@ def _ddim_step_kernel(
         s = tl.load(THRESH + b)  # per-sample threshold, >= 1
         x0 = tl.clamp(x0, -s, s, propagate_nan=tl.PropagateNan.ALL) / s
     out = d0 * x0 + dx * x + de * m  # (2) + (3)
+    if HIST > 0:  # (**): the history terms, then the push into the same buffer
+        h1 = tl.load(HIST_PTR + ptr, mask=mask, other=0.0)
+        out += tl.load(COEF + i * NCOL + 6) * h1
+        if HIST > 1:
+            h2 = tl.load(HIST_PTR + HSTRIDE + ptr, mask=mask, other=0.0)
+            out += tl.load(COEF + i * NCOL + 7) * h2
+        if HIST > 2:
+            h3 = tl.load(HIST_PTR + 2 * HSTRIDE + ptr, mask=mask, other=0.0)
+            out += tl.load(COEF + i * NCOL + 8) * h3
+        if tl.load(COEF + i * NCOL + 12) != 0.0:
+            pu = tl.load(COEF + i * NCOL + 9)
+            p = pu * x0 + tl.load(COEF + i * NCOL + 10) * x + tl.load(COEF + i * NCOL + 11) * m
+            if HIST > 2:
+                tl.store(HIST_PTR + 2 * HSTRIDE + ptr, h2, mask=mask)
+            if HIST > 1:
+                tl.store(HIST_PTR + HSTRIDE + ptr, h1, mask=mask)
+            tl.store(HIST_PTR + ptr, p, mask=mask)
     if NOISE:
-        sigma = tl.load(COEF + i * 6 + 5)
+        sigma = tl.load(COEF + i * NCOL + 5)
         if sigma != 0.0:  # e.g. the last step of variance="large": no draw at all
             # (4) z: key of (seed, sample, step) then element j, exactly as ddim_fast/rng.py;
             # the counters must stay 32-bit or tl.philox switches to its 64-bit variant.
@@ -170,7 +208,7 @@ def _abs_order_stats_kernel(
 
 # -- launcher ------------------------------------------------------------------------------------
 def ddim_step(x, m, coef, step, *, seed=None, first_index=0, clip=None, threshold=None,
-              x0_out=None, flag=None):
+              x0_out=None, flag=None, hist=None):
     """One fused step (*) applied IN PLACE to x; returns x. No host sync, graph-capturable.
 
     x:           (B, ...) float32, contiguous: the sampler state (a static buffer).
@@ -189,8 +227,12 @@ def ddim_step(x, m, coef, step, *, seed=None, first_index=0, clip=None, threshol
     x0_out:      None or a float32 contiguous tensor of x's shape: receives the (clipped) x0.
     flag:        None or a (1,) int32 device tensor set to 1 when any new x is NaN or inf. It is
                  never cleared here: zero it once and check it after any number of steps.
+    hist:        None, or for a multistep plan (coef (S, 13)) its (K, B, ...) float32 contiguous
+                 history buffer, K = plan.history in 1..3, zeroed before the first step: read by the
+                 update and shifted in place in the same pass (**).
     """
     _check(x, m, coef, step, seed, first_index, clip, threshold, x0_out, flag)
+    _check_hist(hist, x, coef)
     B = x.shape[0]
     N = x.numel() // B
     first = _first_index_tensor(first_index, x.device) if seed is not None else step
@@ -206,8 +248,20 @@ def ddim_step(x, m, coef, step, *, seed=None, first_index=0, clip=None, threshol
         N, lo, hi,
         BLOCK=BLOCK, NOISE=seed is not None, CLIP=mode, WRITE_X0=x0_out is not None,
         CHECK=flag is not None, num_warps=NUM_WARPS,
+        HIST_PTR=hist if hist is not None else x, HSTRIDE=x.numel(), HIST=0 if hist is None else hist.shape[0],
+        NCOL=coef.shape[1],
     )
     return x
+
+
+def _check_hist(hist, x, coef):
+    if hist is None:
+        return
+    check(coef.shape[1] == NUM_COEF_HIST, "hist needs a multistep plan's (S, 13) table (plan.history > 0)")
+    check(float_tensor(hist, (torch.float32,)) and hist.is_contiguous() and hist.device == x.device
+          and 1 <= hist.shape[0] <= MAX_HISTORY and tuple(hist.shape[1:]) == tuple(x.shape),
+          f"hist must be a float32 contiguous (K, *x.shape) tensor on x's device with 1 <= K <= {MAX_HISTORY} "
+          "(K = plan.history)")
 
 
 def _first_index_tensor(first_index, device):
@@ -311,8 +365,9 @@ def _check(x, m, coef, step, seed, first_index, clip, threshold, x0_out, flag):
     check(float_tensor(m, M_DTYPES) and m.shape == x.shape, f"m must have x's shape {tuple(x.shape)} and dtype "
           f"float32/float16/bfloat16, got {getattr(m, 'shape', type(m))} {getattr(m, 'dtype', '')}")
     check(m.is_contiguous() and m.device == x.device, "m must be contiguous and on x's device; pass m.contiguous()")
-    check(coef.dtype == torch.float32 and coef.ndim == 2 and coef.shape[1] == NUM_COEF and coef.is_contiguous(),
-          "coef must be the plan's (S, 6) float32 contiguous table: plan.to(device).coef")
+    check(coef.dtype == torch.float32 and coef.ndim == 2 and coef.shape[1] in (NUM_COEF, NUM_COEF_HIST)
+          and coef.is_contiguous(), "coef must be the plan's (S, 6) or (S, 13) float32 contiguous table: "
+          "plan.to(device).coef")
     check(coef.device == x.device, f"coef is on {coef.device} but x on {x.device}: plan.to(x.device)")
     check(device_scalar(step, torch.int32, x.device),
           "step must be a (1,) int32 tensor on x's device (the step index lives on the device)")

@@ -93,6 +93,27 @@ def test_graph_replay_matches_eager_triton_and_reference(tiny, dtype, exact_cuda
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("sampler, kw", [("plms", {}), ("dpmpp_3m", {"threshold": 0.9}), ("unipc", {"order": 3}),
+                                         ("dpmpp_2m_sde", {})])
+def test_graph_captures_multistep_history(tiny, sampler, kw, exact_cuda):
+    """A multistep plan (issue 15): the whole loop with its history buffer captured; equal to the eager
+    triton run and within the rule of the reference, from a given x_T and from the seed, at odd batches;
+    a sample does not depend on the batch it is drawn in."""
+    plan = dd.SamplingPlan.build(tiny.schedule, 6, spacing="trailing", sampler=sampler, **kw)
+    x_T = dd.rng.initial_noise(3, (3, 3, 16, 16), device="cuda")
+    graph = dd.Engine(tiny, plan, backend="cuda_graph", device="cuda")
+    eager = dd.Engine(tiny, plan, backend="triton", device="cuda")
+    g, e = graph(x_T, seed=3), eager(x_T, seed=3)
+    truth, low = _truth_and_low(tiny, plan, x_T, 3, torch.float32)
+    assert_close_to_reference(g, low, truth, torch.float32, f"cuda_graph {sampler}")
+    assert (g - e).abs().max() <= 1e-5
+    assert torch.equal(graph(x_T, seed=3), g)  # the replay starts from a zeroed history again
+    b = graph.sample(3, seed=9)
+    assert (b - eager.sample(3, seed=9)).abs().max() <= 1e-5
+    assert (graph.sample(1, seed=9, first_index=2)[0] - b[2]).abs().max() <= 1e-5
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_graph_captures_dynamic_thresholding(tiny, dtype, exact_cuda):
     """A threshold plan (a per-sample quantile of |x0| every step, from the order-statistics
@@ -212,3 +233,25 @@ def test_graph_engine_with_chunks_and_thresholding_on_cpu(analytic, monkeypatch)
     assert_close_to_reference(got, low, truth, torch.float32, "graph body, threshold, chunks")
     plain = dd.sample(model.double(), x_T.double(), _plan(4, eta=0.5), seed=4).clamp(-1, 1)
     assert (plain - truth).abs().max() > 1e-2  # the thresholding bit
+
+
+@pytest.mark.parametrize("sampler, kw", [("unipc", {"order": 3}), ("plms", {})])
+def test_graph_body_with_multistep_history_on_cpu(analytic, monkeypatch, sampler, kw):
+    """A multistep plan's captured body on a CPU (capture replaced by replaying the body, as the GPU suite's
+    dry run does): every replay starts from a zeroed history (a second replay of one graph gives the same
+    samples), at an odd batch, equal to the reference under the tolerance rule; batch-invariant."""
+    pytest.importorskip("triton")
+    from ddim_fast.backends.cuda_graph import CudaGraphBackend
+
+    monkeypatch.setattr(CudaGraphBackend, "_warm_up", lambda self, body: body())
+    monkeypatch.setattr(CudaGraphBackend, "_record", lambda self, body: _ReplayBody(body))
+    plan = _plan(5, spacing="trailing", sampler=sampler, **kw)
+    runner = CudaGraphBackend(analytic, plan, device=torch.device("cpu"), dtype=torch.float32, shape=SHAPE)
+    a = runner.sample(3, plan, seed=4, first_index=1)
+    assert torch.equal(runner.sample(3, plan, seed=4, first_index=1), a) and runner.captures == 1
+    want = dd.Engine(analytic, plan, shape=SHAPE, backend="reference", device="cpu").sample(3, seed=4, first_index=1)
+    x_T = dd.rng.initial_noise(4, (3, *SHAPE), first_index=1)
+    truth = dd.sample(analytic, x_T.double(), plan).clamp(-1, 1)
+    assert_close_to_reference(a.clamp(-1, 1), want, truth, torch.float32, f"graph body {sampler}")
+    one = runner.sample(1, plan, seed=4, first_index=2)[0]
+    assert_close_to_reference(one.clamp(-1, 1), want[1], truth[1], torch.float32, "batch of one")

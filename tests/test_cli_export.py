@@ -58,3 +58,21 @@ def test_cli_export_table_graph(tiny, tmp_path, capsys):
     with pytest.raises(ValueError, match="--whole-sampler"):
         Export.run(parser.parse_args(["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "e.onnx"),
                                       "--graph", "table"]))
+
+
+def test_cli_export_multistep_sampler(tiny, tmp_path):
+    """export --whole-sampler --sampler NAME: the metadata names the sampler and its options."""
+    from ddim_fast.checkpoint import save_model
+
+    save_model(tmp_path / "ckpt", tiny)
+    parser = argparse.ArgumentParser()
+    Export.add_arguments(parser)
+    out = tmp_path / "ms.onnx"
+    argv = ["--model", str(tmp_path / "ckpt"), "--out", str(out), "--whole-sampler", "--steps", "3",
+            "--sampler", "plms", "--plms-start", "euler", "--graph", "loop"]
+    assert Export.run(parser.parse_args(argv)) == 0
+    plan = dox.onnx_metadata(out)["plan"]
+    assert (plan["sampler"], plan["plms_start"], plan["order"], plan["steps"]) == ("plms", "euler", 4, 3)
+    with pytest.raises(ValueError, match="--sampler only applies to --whole-sampler"):
+        Export.run(parser.parse_args(["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "e.onnx"),
+                                        "--sampler", "unipc"]))

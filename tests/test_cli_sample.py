@@ -268,3 +268,19 @@ def test_ctrl_c_in_sample_says_how_to_resume(model_dir, tmp_path, monkeypatch, c
     assert err.startswith("ddim-fast sample: interrupted; ") and "rerun the same command to continue" in err
     assert _run("sample", *_common(model_dir), "--num", 2, "--out", tmp_path / "g.png") == 130
     assert "sample into a folder (--out DIR)" in capsys.readouterr().err
+
+
+def test_sample_with_a_multistep_sampler(model_dir, tmp_path, capsys):
+    """--sampler (issue 15): the npz equals the API's plan with the same options; a bad order is one line."""
+    c = _common(model_dir)
+    assert _run("sample", *c, "--num", 3, "--sampler", "unipc", "--order", 3, "--spacing", "trailing",
+                "--out", tmp_path / "u.npz") == 0
+    got = np.load(tmp_path / "u.npz")
+    meta = json.loads(str(got["meta"]))["plan"]
+    assert (meta["sampler"], meta["order"], meta["lower_order_final"]) == ("unipc", 3, True)
+    m = dd.load_model(model_dir)
+    plan = dd.SamplingPlan.build(m.schedule, 4, spacing="trailing", sampler="unipc", order=3)
+    want = dd.Engine(m, plan, backend="reference").sample(3, seed=0)
+    np.testing.assert_allclose(got["images"], want.numpy(), atol=1e-5)
+    assert _run("sample", *c, "--num", 2, "--sampler", "dpmpp_2m", "--order", 3, "--out", tmp_path / "x.npz") == 2
+    assert "takes order 1..2" in capsys.readouterr().err

@@ -236,3 +236,17 @@ def test_cli_probe_times_one_network_call(tiny):
     t0 = time.perf_counter()
     s = common._probe_s(tiny, 2, torch.float32)
     assert 0 < s <= time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("unroll", [None, False])
+def test_table_graphs_run_multistep_plans(tiny, unroll):
+    """The history samplers through table-input graphs: the wider table, the pushes (built into an
+    unrolled graph, so part of its key), and a Loop that serves any S."""
+    opts = {"unroll": unroll}
+    for plan in (dd.SamplingPlan.build(SCHED, 5, sampler="dpmpp_2m", spacing="trailing"),
+                 dd.SamplingPlan.build(SCHED, 5, sampler="unipc", spacing="quad"),
+                 dd.SamplingPlan.build(SCHED, 4, sampler="plms")):
+        eng = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu", onnx_options=opts)
+        _check(eng, dd.Engine(tiny, plan, backend="reference", device="cpu"), tiny, plan)
+    a, b = dd.SamplingPlan.build(SCHED, 5, sampler="dpmpp_2m"), dd.SamplingPlan.build(SCHED, 7, sampler="dpmpp_2m")
+    assert structure(a) == structure(b) and structure(a) != structure(dd.SamplingPlan.build(SCHED, 5))

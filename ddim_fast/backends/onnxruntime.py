@@ -20,7 +20,7 @@ import torch
 
 from .. import rng
 from ..onnx.export import EXPORT_DTYPES, UNROLL_MAX_STEPS, export_cached, model_fingerprint, plan_fingerprint
-from ..onnx.graph import structure, table_feeds
+from ..onnx.graph import layout_key, table_feeds
 from ..onnx.network import eval_copy
 from ..onnx.runtime import OrtRunner, execution_providers, import_ort
 from ..plan import SamplingPlan
@@ -78,7 +78,7 @@ class OnnxRuntimeBackend(Backend):
     def runner(self, plan: SamplingPlan) -> OrtRunner:
         if self.table_inputs:  # one graph per structure (unrolled: and steps), whatever the table
             unrolled = plan.steps <= UNROLL_MAX_STEPS if self.unroll is None else self.unroll
-            key = json.dumps([structure(plan), plan.steps if unrolled else None], sort_keys=True)
+            key = json.dumps(layout_key(plan, unrolled), sort_keys=True)
         else:
             key = plan_fingerprint(plan)
         if key not in self._runners:

@@ -51,11 +51,14 @@ class TritonBackend(Backend):
         clip = plan.clip_x0
         threshold = (plan.threshold, plan.threshold_max) if plan.threshold is not None else None
         seeded = seed_t if noise is None and plan.needs_noise else None
+        # a multistep plan's history (**): one preallocated (K, B, ...) buffer, zeroed (0 * garbage could be NaN);
+        # inside a CUDA graph capture this allocation is the graph's own static memory
+        hist = torch.zeros((plan.history, *x.shape), device=x.device) if plan.history else None
         for i in range(plan.steps):
             t = ts[i : i + 1].expand(B)  # (B,) a view of device memory: no host work per step
             m = self.net(net_input(x, self.dtype, self.channels_last), t).contiguous()
             self.ddim_step(x, m, coef, steps[i : i + 1], seed=seeded, first_index=first_t, clip=clip,
-                           threshold=threshold, flag=flag)
+                           threshold=threshold, flag=flag, hist=hist)
             if noise is not None and plan.needs_noise:
                 x.add_(coef[i, 5] * noise[i])  # explicit z: sigma_i z_i on top of the noise-free step
         return x

@@ -11,7 +11,7 @@ import torch
 from ..backends import BACKENDS
 from ..checkpoint import load_model
 from ..engine import Engine
-from ..plan import PREDICTIONS, VARIANCES, SamplingPlan
+from ..plan import PLMS_STARTS, PREDICTIONS, SAMPLERS, VARIANCES, SamplingPlan
 from ..precision import DTYPES
 from ..schedule import SPACINGS
 
@@ -42,6 +42,21 @@ def add_sampler_options(p):
                    help="'large' = the paper's sigma-hat (with --clip-x0 1: the official code's ddpm_noisy)")
     add_clip_option(p, "clip the x0 estimate to [-C, C], or 'none' (default: the model's own setting, e.g. a "
                        "diffusers scheduler's clip_sample, else none)")
+    add_multistep_options(p)
+
+
+MULTISTEP_OPTIONS = ("sampler", "order", "lower_order_final", "plms_start")  # absent (None) unless given
+
+
+def add_multistep_options(p):
+    p.add_argument("--sampler", default=None, choices=SAMPLERS,
+                   help="ddim (default), plms, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde or unipc (multistep solvers: "
+                        "good samples in 10-20 steps; use --spacing trailing)")
+    p.add_argument("--order", type=int, default=None, help="multistep order (default: the sampler's)")
+    p.add_argument("--no-lower-order-final", dest="lower_order_final", action="store_const", const=False,
+                   default=None, help="dpmpp_*/unipc: keep the full order on the last steps")
+    p.add_argument("--plms-start", default=None, choices=PLMS_STARTS,
+                   help="plms: heun (default, diffusers' PNDM: steps + 1 evaluations) or euler")
 
 
 def add_clip_option(p, help_text):
@@ -114,6 +129,7 @@ def plan_for(args, model, *, steps=None, **sampler):
         given["clip_x0"] = args.clip_x0
     if getattr(args, "threshold", None) is not None:
         given["threshold"] = args.threshold
+    given.update({k: getattr(args, k) for k in MULTISTEP_OPTIONS if getattr(args, k, None) is not None})
     return SamplingPlan.for_model(model, args.steps if steps is None else steps, **given, **sampler)
 
 

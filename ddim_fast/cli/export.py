@@ -10,9 +10,10 @@ from ..onnx.export import EXPORT_DTYPES, export_onnx, onnx_metadata
 from ..onnx.runtime import import_onnx, import_ort
 from ..plan import VARIANCES
 from ..precision import DTYPES
-from .common import add_clip_option, add_spacing_option, load, plan_for
+from .common import MULTISTEP_OPTIONS, add_clip_option, add_multistep_options, add_spacing_option, load, plan_for
 
-SAMPLER_OPTIONS = ("steps", "eta", "spacing", "variance", "clip_x0", "threshold")  # --whole-sampler only
+SAMPLER_OPTIONS = ("steps", "eta", "spacing", "variance", "clip_x0", "threshold",
+                   *MULTISTEP_OPTIONS)  # --whole-sampler only
 
 
 class Export:
@@ -34,6 +35,7 @@ class Export:
         p.add_argument("--variance", default=None, choices=VARIANCES, help="'large' = the paper's sigma-hat")
         add_clip_option(p, "clip the x0 estimate to [-C, C], or 'none' (default: the model's own setting, else none)")
         p.add_argument("--threshold", type=float, default=None, metavar="P", help="dynamic thresholding quantile")
+        add_multistep_options(p)
         p.add_argument("--graph", default="auto", choices=("auto", "unrolled", "loop", "table"),
                        help="layout of the S steps; table: a Loop taking the plan's table and timesteps as inputs "
                             "(one file for any steps, spacing and eta of the same structure)")

@@ -37,7 +37,7 @@ from .cache import (  # noqa: F401  (cache_dir, the fingerprints and the limit a
     record_export_time,
     store,
 )
-from .graph import sampler_proto, structure
+from .graph import layout_key, sampler_proto, structure
 from .network import opset_of, torch_export
 from .runtime import damaged, existing, import_onnx
 from .validate import check_loop_tables, head, validate_export
@@ -64,7 +64,7 @@ def _export_key(model_fp: str, plan: SamplingPlan | None, dtype, opset, shape, u
     if plan is None:
         plan_part = None
     elif table:  # an unrolled table graph fixes S; a Loop takes any
-        plan_part = {**structure(plan), "steps": plan.steps if unroll else None}
+        plan_part = layout_key(plan, bool(unroll))
     else:
         plan_part = plan_fingerprint(plan)
     parts = {

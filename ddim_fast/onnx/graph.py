@@ -11,11 +11,15 @@ Two layouts of the S steps are built from the same network graph:
              and timestep as constants (ORT can fold and plan every step);
   loop       one ONNX Loop whose body is the network plus the step, reading its row of the (S, 6)
              coefficient table and its timestep by the iteration number (graph size independent of S).
+A multistep plan (plms, dpmpp_*, unipc) adds the history terms of (**) and the push to the same
+statement; its K history tensors are S-step values in the unrolled layout and Loop-carried state
+(beside x, starting at zeros) in the Loop layout, with its wider (S, 13) table.
 Either layout can take the table and timesteps as graph inputs instead of constants (`table_inputs`:
-`coef` (S, 6) float32, `timesteps` (S,) int64; the host feeds table_feeds(plan), the same float32
-numbers a baked graph holds). One graph then serves every plan of the same structure (structure():
-direction, clipping, thresholding, noise): whatever its spacing or eta, and for a Loop (whose trip
-count is the length of `timesteps`) whatever its steps; an unrolled graph fixes S.
+`coef` (S, columns) float32, `timesteps` (S,) int64; the host feeds table_feeds(plan), the same
+float32 numbers a baked graph holds). One graph then serves every plan of the same structure
+(structure(): direction, sampler and its options, clipping, thresholding, noise): whatever its
+spacing or eta, and for a Loop (whose trip count is the length of `timesteps`) whatever its steps;
+an unrolled graph fixes S (and, for a multistep plan, which steps push: layout_key()).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..plan import COEF_COLUMNS, SamplingPlan
+from ..plan import ALL_COLUMNS, COEF_COLUMNS, SamplingPlan
 from .runtime import import_onnx
 
 
@@ -56,9 +60,12 @@ class Builder:
         return outs[0] if n_out == 1 else outs
 
 
-def step_ops(b: Builder, plan: SamplingPlan, x: str, m: str, c: dict, z: str | None, numel: int) -> str:
+def step_ops(b: Builder, plan: SamplingPlan, x: str, m: str, c: dict, z: str | None, numel: int,
+             hist: list | None = None):
     """Append one update (*) to `b`; c maps column names to scalar tensors. Returns the new state.
-    The operations and their order are those of ddim_fast.sampling.step (same float32 rounding)."""
+    The operations and their order are those of ddim_fast.sampling.step (same float32 rounding).
+    With `hist` (a multistep plan's history names [H1, ...]): (**), returns (new state, new history);
+    c["push"] is then a bool (known when unrolled) or a scalar tensor (Loop)."""
     x0 = b.op("Add", [b.op("Mul", [c["cx"], x]), b.op("Mul", [c["ce"], m])], "x0")  # (1) predicted x0
     if plan.threshold is not None:
         x0 = threshold_ops(b, x0, plan.threshold, plan.threshold_max, numel)
@@ -68,9 +75,23 @@ def step_ops(b: Builder, plan: SamplingPlan, x: str, m: str, c: dict, z: str | N
     # (2) sqrt(a') x0 + (3) the direction pointing to x_t, as coefficients of x0, x and m
     out = b.op("Add", [b.op("Mul", [c["d0"], x0]), b.op("Mul", [c["dx"], x])])
     out = b.op("Add", [out, b.op("Mul", [c["de"], m])], "x_mean")
+    if hist:  # (**) the history terms, then the push (P from the step's input x)
+        for k, H in enumerate(hist):
+            out = b.op("Add", [out, b.op("Mul", [c[f"h{k + 1}"], H])], f"x_h{k + 1}")
+        push = c["push"]
+        if push is not False:
+            p = b.op("Add", [b.op("Add", [b.op("Mul", [c["pu"], x0]), b.op("Mul", [c["pv"], x])]),
+                             b.op("Mul", [c["pw"], m])], "push")
+            shifted = [p] + hist[:-1]
+            if push is True:
+                hist = shifted
+            else:
+                on = b.op("Not", [b.op("Equal", [push, b.const(0.0)])], "push_on")
+                hist = [b.op("Where", [on, new, old], f"h{k + 1}_next")
+                        for k, (new, old) in enumerate(zip(shifted, hist))]
     if z is not None:
         out = b.op("Add", [out, b.op("Mul", [c["sigma"], z])], "x_next")  # (4) sigma_t z
-    return out
+    return out if hist is None else (out, hist)
 
 
 def threshold_ops(b: Builder, x0: str, p: float, s_max: float, numel: int) -> str:
@@ -136,8 +157,19 @@ def structure(plan: SamplingPlan) -> dict:
     any added later, keeps two plans apart, so a graph is never reused for a plan it cannot run."""
     out = {k: v for k, v in plan.describe().items() if k not in TABLE_ONLY}
     out["needs_noise"] = plan.needs_noise
-    out["columns"] = list(COEF_COLUMNS)
+    out["columns"] = list(ALL_COLUMNS[: plan.coef.shape[1]])
     return out
+
+
+def layout_key(plan: SamplingPlan, unrolled: bool) -> dict:
+    """What a table-input graph of this layout depends on: structure(), and for an unrolled graph its
+    steps and (multistep) which steps push their estimate, since those are built into it."""
+    key = {**structure(plan), "steps": None, "push": None}
+    if unrolled:
+        key["steps"] = plan.steps
+        if plan.history:
+            key["push"] = [bool(v) for v in plan.column("push").tolist()]
+    return key
 
 
 def table_feeds(plan: SamplingPlan) -> dict:
@@ -147,8 +179,8 @@ def table_feeds(plan: SamplingPlan) -> dict:
 
 
 def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inputs: bool = False):
-    """The whole sampler as an onnx.ModelProto, built around the exported network. table_inputs (Loop
-    only): the table and timesteps are graph inputs instead of constants, `plan` gives the structure."""
+    """The whole sampler as an onnx.ModelProto, built around the exported network. table_inputs: the
+    table and timesteps are graph inputs instead of constants; `plan` gives the structure (layout_key)."""
     onnx = import_onnx()
     from onnx import TensorProto, helper
 
@@ -166,13 +198,16 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inpu
     batch = b.op("Shape", [x_in], "batch", start=0, end=1)  # (1,) int64
     state_type = helper.make_tensor_type_proto(TensorProto.FLOAT, ["B", C, H, W])
 
+    K = plan.history
+    columns = ALL_COLUMNS[: 6 + K] + ALL_COLUMNS[9:12] if K else COEF_COLUMNS  # what step_ops reads
     if unroll:
         x = x_in
+        hist = [b.op("ConstantOfShape", [b.op("Shape", [x_in], "state_shape")], "h0")] * K if K else None
         for i in range(plan.steps):
             pre = f"s{i}/"
             if table_inputs:  # step i's timestep and row read from the inputs
                 t_i = b.op("Gather", ["timesteps", b.const([i], np.int64)], f"{pre}t_i", axis=0)  # (1,)
-                row = b.op("Gather", ["coef", b.const(i, np.int64)], f"{pre}row", axis=0)  # (6,)
+                row = b.op("Gather", ["coef", b.const(i, np.int64)], f"{pre}row", axis=0)  # (columns,)
             else:
                 t_i = b.const([ts[i]], np.int64, f"t{i}")
             t = b.op("Expand", [t_i, batch], f"{pre}t")  # (B,)
@@ -185,12 +220,16 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inpu
             # sigma only where the step adds noise: an initializer no node reads makes plain onnxruntime
             # warn "Removing initializer ... not used" on every load
             if table_inputs:
-                c = {name: b.op("Gather", [row, b.const(j, np.int64)], f"{pre}{name}", axis=0)
-                     for j, name in enumerate(COEF_COLUMNS) if name != "sigma" or z is not None}
+                c = {name: b.op("Gather", [row, b.const(ALL_COLUMNS.index(name), np.int64)], f"{pre}{name}", axis=0)
+                     for name in columns if name != "sigma" or z is not None}
             else:
-                c = {name: b.const(coef[i, j], hint=f"{pre}{name}") for j, name in enumerate(COEF_COLUMNS)
+                c = {name: b.const(coef[i, ALL_COLUMNS.index(name)], hint=f"{pre}{name}") for name in columns
                      if name != "sigma" or z is not None}
-            x = step_ops(b, plan, x, m, c, z, numel)
+            if K:  # whether step i pushes is part of an unrolled graph (layout_key keys on it)
+                c["push"] = bool(coef[i, ALL_COLUMNS.index("push")] != 0)
+                x, hist = step_ops(b, plan, x, m, c, z, numel, hist)
+            else:
+                x = step_ops(b, plan, x, m, c, z, numel)
         b.nodes.append(helper.make_node("Identity", [x], [x_out], name="ddim/out"))
     else:
         # The Loop body reads the weights, the tables, `batch` and `noise` from the outer scope.
@@ -204,35 +243,43 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inpu
         t_i = body.op("Gather", [steps_t, i], "t_i", axis=0)  # () int64
         t = body.op("Expand", [body.op("Unsqueeze", [t_i, body.const([0], np.int64)]), batch], "t")  # (B,)
         row = body.op("Gather", [table, i], "row", axis=0)  # (6,)
-        c = {name: body.op("Gather", [row, body.const(j, np.int64)], name, axis=0)
-             for j, name in enumerate(COEF_COLUMNS)}
+        c = {name: body.op("Gather", [row, body.const(ALL_COLUMNS.index(name), np.int64)], name, axis=0)
+             for name in columns + (("push",) if K else ())}
         rename = {"x": x, "t": t, **{k: k for k in keep}}
         body.nodes.extend(copy_nodes(nodes, rename, "ddim/body/net/"))
         z = body.op("Gather", ["noise", i], "z", axis=0) if noise else None  # (B, C, H, W)
-        x_next = step_ops(body, plan, x, "ddim/body/net/" + pred, c, z, numel)
+        h_in = [f"ddim/body/h{k + 1}" for k in range(K)]  # the history, carried beside x
+        if K:
+            x_next, h_next = step_ops(body, plan, x, "ddim/body/net/" + pred, c, z, numel, h_in)
+            h_next = [body.op("Identity", [h], f"h{k + 1}_out") for k, h in enumerate(h_next)]
+        else:
+            x_next, h_next = step_ops(body, plan, x, "ddim/body/net/" + pred, c, z, numel), []
         cond_out = body.op("Identity", [cond], "cond_out")
         x_next = body.op("Identity", [x_next], "x_out")
         body_graph = helper.make_graph(
             body.nodes, "ddim_step",
             [helper.make_tensor_value_info(i, TensorProto.INT64, []),
              helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
-             helper.make_value_info(x, state_type)],
+             helper.make_value_info(x, state_type)] + [helper.make_value_info(h, state_type) for h in h_in],
             [helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []),
-             helper.make_value_info(x_next, state_type)],
+             helper.make_value_info(x_next, state_type)] + [helper.make_value_info(h, state_type) for h in h_next],
             initializer=body.inits,
         )
         if table_inputs:  # as many iterations as timesteps were fed
             trips = b.op("Squeeze", [b.op("Shape", [steps_t], "S", start=0, end=1), b.const([0], np.int64)], "trips")
         else:
             trips = b.const(plan.steps, np.int64, "trips")
-        b.nodes.append(helper.make_node("Loop", [trips, "", x_in], [x_out], name="ddim/loop", body=body_graph))
+        h0 = [b.op("ConstantOfShape", [b.op("Shape", [x_in], "state_shape")], "h0")] * K
+        h_final = [f"ddim/h{k + 1}_final" for k in range(K)]  # the last history: unused
+        b.nodes.append(helper.make_node("Loop", [trips, "", x_in, *h0], [x_out, *h_final], name="ddim/loop",
+                                        body=body_graph))
 
     inputs = [helper.make_value_info(x_in, state_type)]
     S = "S" if table_inputs and not unroll else plan.steps  # an unrolled graph has S fixed
     if noise:
         inputs.append(helper.make_tensor_value_info("noise", TensorProto.FLOAT, [S, "B", C, H, W]))
     if table_inputs:
-        inputs.append(helper.make_tensor_value_info("coef", TensorProto.FLOAT, [S, len(COEF_COLUMNS)]))
+        inputs.append(helper.make_tensor_value_info("coef", TensorProto.FLOAT, [S, coef.shape[1]]))
         inputs.append(helper.make_tensor_value_info("timesteps", TensorProto.INT64, [S]))
     graph = helper.make_graph(b.nodes, f"ddim_{plan.direction}_{S}", inputs,
                               [helper.make_value_info(x_out, state_type)], initializer=weights + b.inits)
