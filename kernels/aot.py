@@ -78,17 +78,20 @@ class Config:
 def step_configs():
     names = ["X", "M", "COEF", "STEP", "SEED", "FIRST", "THRESH", "X0", "FLAG", "N", "lo", "hi"]
     out = []
-    combos = [(n, c, w, f) for n in (0, 1) for c in (0, 1, 2) for w in (0, 1) for f in (0, 1)]
+    combos = [(n, c, w, f, 0) for n in (0, 1) for c in (0, 1, 2) for w in (0, 1) for f in (0, 1)]
+    combos += [(n, c, 0, 1, 1) for n in (0, 1) for c in (0, 1, 2)]  # guided (CFG): the Engine's flag, no x0
     for m_dtype in (torch.float16, torch.float32, torch.bfloat16):
-        for noise, clip, x0, check in combos:
-            if m_dtype != torch.float16 and (noise, clip, x0, check) not in [(0, 0, 0, 0), (1, 2, 1, 1)]:
+        for noise, clip, x0, check, guided in combos:
+            if m_dtype != torch.float16 and (noise, clip, x0, check, guided) not in [
+                    (0, 0, 0, 0, 0), (1, 2, 1, 1, 0), (0, 0, 0, 1, 1)]:
                 continue
             types = ["*fp32", f"*{_TY[m_dtype]}", "*fp32", "*i32", "*i64", "*i64", "*fp32", "*fp32", "*i32",
                      "i32", "fp32", "fp32"]
-            meta = dict(BLOCK=step_mod.BLOCK, NOISE=bool(noise), CLIP=clip, WRITE_X0=bool(x0), CHECK=bool(check))
-            label = f"noise={noise} clip={clip} x0={x0} flag={check} m={_TY[m_dtype]}"
+            meta = dict(BLOCK=step_mod.BLOCK, NOISE=bool(noise), CLIP=clip, WRITE_X0=bool(x0), CHECK=bool(check),
+                        GUIDED=bool(guided))
+            label = f"noise={noise} clip={clip} x0={x0} flag={check} m={_TY[m_dtype]}" + (" cfg" if guided else "")
             out.append(_config("ddim_step", label, step_mod._ddim_step_kernel, names, types, meta,
-                               step_mod.NUM_WARPS, aligned=("X", "M", "X0", "N")))
+                               step_mod.NUM_WARPS, aligned=("X", "M", "X0", "N"), extra={"W": "*fp32"}))
     return out
 
 
@@ -198,14 +201,18 @@ def shipped_configs(models, kernel: str | None = None):
     return [c for c in cfgs if kernel is None or c.kernel.startswith(kernel)]
 
 
-def _config(kernel, label, fn, names, types, meta, warps, aligned, stages=3):
-    if list(fn.arg_names[: len(names)]) != names:
+def _config(kernel, label, fn, names, types, meta, warps, aligned, stages=3, extra=None):
+    """extra: {name: type} of runtime arguments after the constexpr ones (keyword arguments added later)."""
+    if list(fn.arg_names[: len(names)]) != names or not set(extra or ()) <= set(fn.arg_names):
         raise RuntimeError(f"{kernel}: the AOT signature is out of date with the kernel's arguments "
                            f"{fn.arg_names}")
-    signature = dict(zip(names, types))
-    for name in fn.arg_names:
+    given = {**dict(zip(names, types)), **(extra or {})}
+    signature = {}
+    for name in fn.arg_names:  # in the kernel's argument order
         if name in meta:
             signature[name] = "constexpr"
+        elif name in given:
+            signature[name] = given[name]
     return Config(kernel, label, fn, signature, dict(meta), warps, stages,
                   tuple(a for a in aligned if signature.get(a) != "constexpr"))
 
