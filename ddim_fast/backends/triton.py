@@ -50,7 +50,6 @@ class TritonBackend(Backend):
         cond: the network's conditioning inputs (None: none), the doubled batch [uncond; cond] when w
         (a (1,) float32 device tensor, the guidance scale) is given."""
         coef, ts, steps = self.tables(plan)
-        B = x.shape[0]
         cond = cond or {}
         clip = plan.clip_x0
         threshold = (plan.threshold, plan.threshold_max) if plan.threshold is not None else None
