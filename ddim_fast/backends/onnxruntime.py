@@ -74,7 +74,8 @@ class OnnxRuntimeBackend(Backend):
     def runner(self, plan: SamplingPlan, example: dict | None = None, guided: bool = False) -> OrtRunner:
         """The session of `plan`'s graph; example: conditioning inputs (their names, shapes, dtypes
         choose the graph), guided: with classifier-free guidance."""
-        sig = None if not example else (guided, tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(example.items())))
+        sig = None if not example else (guided, tuple((k, tuple(v.shape[1:]), v.dtype)
+                                                      for k, v in sorted(example.items())))
         key = (plan_fingerprint(plan), sig)
         if key not in self._runners:
             path = self._export(plan, example, guided)
@@ -108,7 +109,8 @@ class OnnxRuntimeBackend(Backend):
         for k, v in (inputs or {}).items():
             feeds[k] = v.float() if v.is_floating_point() else v.long()
         if guided:
-            feeds.update({f"uncond_{k}": v.float() if v.is_floating_point() else v.long() for k, v in cond.uncond.items()})
+            feeds.update({f"uncond_{k}": v.float() if v.is_floating_point() else v.long()
+                          for k, v in cond.uncond.items()})
             feeds["guidance"] = torch.tensor(cond.guidance, dtype=torch.float32, device=self.device)
         if plan.needs_noise:
             feeds["noise"] = noise.to(self.device, torch.float32) if noise is not None else \

@@ -21,8 +21,8 @@ import torch
 from .. import __version__
 from ..checks import is_int, sample_shape
 from ..conditioning import cond_spec, example_cond, resolve
-from ..models.diffusers_unet import adapt
 from ..files import atomic_write_bytes
+from ..models.diffusers_unet import adapt
 from ..plan import SamplingPlan
 from ..precision import NAMES
 from .graph import sampler_proto
