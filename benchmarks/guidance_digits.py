@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -51,8 +52,18 @@ def measure(n=500, steps=20, scales=SCALES, seed=0, batch=250, backend="auto") -
         print(f"w={w:g}: agreement {rows[-1]['agreement']:.2%}, FD-digits {rows[-1]['fd_digits']:.2f} "
               f"({secs:.1f} s)", flush=True)
     return {"model": "digits-cond", "n": n, "steps": steps, "seed": seed, "plan": plan.describe(),
-            "backend": eng.backend, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "backend": eng.backend, "machine": _machine(), "date": time.strftime("%Y-%m-%d"),
             "torch_threads": torch.get_num_threads(), "rows": rows}
+
+
+def _machine() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def table(result: dict) -> str:
