@@ -25,6 +25,34 @@ def cond_unet():
     return m
 
 
+class LabelEps(torch.nn.Module):
+    """A cheap class-conditional model for the Triton-interpreter tests of the guided paths: eps =
+    tanh(a x + b t + emb[label]), per sample and label-dependent, so chunking and graph replays that mix
+    up labels show. Labels 0..n-1, n the null label (cond_spec says so, as the UNet's does)."""
+
+    def __init__(self, n=5, shape=(3, 8, 8)):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.n, self.shape = n, shape
+        self.emb = torch.nn.Parameter(torch.randn(n + 1, *shape, generator=g))
+        self.a = torch.nn.Parameter(torch.tensor(0.7))
+
+    def cond_spec(self):
+        return {"class_labels": {"shape": (), "dtype": torch.int64, "range": (0, self.n), "null": self.n,
+                                 "about": f"class labels 0..{self.n - 1}; {self.n} is the null label"}}
+
+    def forward(self, x, t, class_labels=None):
+        if class_labels is None:
+            class_labels = torch.full((x.shape[0],), self.n, dtype=torch.int64, device=x.device)
+        tt = t.to(x.dtype).reshape(-1, 1, 1, 1) * 1e-3
+        return torch.tanh(self.a * x + tt + self.emb[class_labels].to(x.dtype))
+
+
+@pytest.fixture(scope="module")
+def label_eps():
+    return LabelEps().eval()
+
+
 def _plan(S=4, **kw):
     return dd.SamplingPlan.build(SCHED, S, spacing="trailing", **kw)
 
@@ -117,19 +145,19 @@ def test_step_kernel_guided_matches_the_reference(clip, threshold):
 
 
 # -- the Engine: triton, chunks, the CUDA graph's bookkeeping -------------------------------------------------
-def test_triton_engine_with_chunks_matches_the_reference(cond_unet, monkeypatch):
+def test_triton_engine_with_chunks_matches_the_reference(label_eps, monkeypatch):
     pytest.importorskip("triton")
     from ddim_fast.kernels import ddim_step as step_mod
 
     monkeypatch.setattr(step_mod, "MAX_BATCH", 2)  # 3 samples run as 2 + 1: cond split with them
     plan = _plan(3, eta=0.5)
     y = torch.tensor([3, 1, 0])
-    eng = dd.Engine(cond_unet, plan, backend="triton", device="cpu")
+    eng = dd.Engine(label_eps, plan, backend="triton", device="cpu", shape=label_eps.shape)
     assert eng.max_batch == 2
     got = eng.sample(3, seed=2, cond={"class_labels": y}, guidance=2.0)
     x_T = dd.rng.initial_noise(2, (3, *eng.shape))
-    low = dd.sample(cond_unet, x_T, plan, seed=2, cond={"class_labels": y}, guidance=2.0).clamp(-1, 1)
-    truth = dd.sample(copy.deepcopy(cond_unet).double(), x_T.double(), plan, seed=2, cond={"class_labels": y},
+    low = dd.sample(label_eps, x_T, plan, seed=2, cond={"class_labels": y}, guidance=2.0).clamp(-1, 1)
+    truth = dd.sample(copy.deepcopy(label_eps).double(), x_T.double(), plan, seed=2, cond={"class_labels": y},
                       guidance=2.0).clamp(-1, 1)
     assert_close_to_reference(got, low, truth, torch.float32, "triton guided, chunks")
 
@@ -139,7 +167,7 @@ class _ReplayBody:
         self.replay = body
 
 
-def test_new_labels_and_scale_do_not_recapture(cond_unet, monkeypatch):
+def test_new_labels_and_scale_do_not_recapture(label_eps, monkeypatch):
     """The cuda_graph backend on a CPU with the capture replaced by replaying the body (the GPU suite's
     dry run): labels and the scale live in static buffers / a device scalar."""
     pytest.importorskip("triton")
@@ -149,12 +177,11 @@ def test_new_labels_and_scale_do_not_recapture(cond_unet, monkeypatch):
     monkeypatch.setattr(CudaGraphBackend, "_warm_up", lambda self, body: body())
     monkeypatch.setattr(CudaGraphBackend, "_record", lambda self, body: _ReplayBody(body))
     plan = _plan(2)
-    runner = CudaGraphBackend(cond_unet, plan, device=torch.device("cpu"), dtype=torch.float32,
-                              shape=dd.checks.sample_shape(cond_unet))
-    ref = dd.Engine(cond_unet, plan, backend="reference", device="cpu")
+    runner = CudaGraphBackend(label_eps, plan, device=torch.device("cpu"), dtype=torch.float32, shape=label_eps.shape)
+    ref = dd.Engine(label_eps, plan, backend="reference", device="cpu", shape=label_eps.shape)
 
     def cc(y, w):
-        return resolve(cond_unet, len(y), {"class_labels": y}, None, w)
+        return resolve(label_eps, len(y), {"class_labels": y}, None, w)
 
     runner.sample(3, plan, seed=1, first_index=0, cond=cc(Y, 2.0))
     b = runner.sample(3, plan, seed=1, first_index=0, cond=cc(torch.tensor([1, 1, 3]), 4.0))
@@ -162,7 +189,7 @@ def test_new_labels_and_scale_do_not_recapture(cond_unet, monkeypatch):
     y2 = torch.tensor([1, 1, 3])
     low = ref.sample(3, seed=1, cond={"class_labels": y2}, guidance=4.0)
     x_T = dd.rng.initial_noise(1, (3, *ref.shape))
-    truth = dd.sample(copy.deepcopy(cond_unet).double(), x_T.double(), plan, cond={"class_labels": y2},
+    truth = dd.sample(copy.deepcopy(label_eps).double(), x_T.double(), plan, cond={"class_labels": y2},
                       guidance=4.0).clamp(-1, 1)
     assert_close_to_reference(b.clamp(-1, 1), low, truth, torch.float32, "replayed graph, new labels and scale")
     runner.sample(3, plan, seed=1, first_index=0, cond=cc(Y, None))  # plain conditional: another graph
