@@ -48,12 +48,17 @@ def positive_int(name: str, value, hint: str = "") -> int:
 
 
 def sample_shape(model, shape=None) -> tuple:
-    """(C, H, W) of one sample: `shape` checked, or read from model.config (a UNet)."""
+    """(C, H, W) of one sample: `shape` checked, or read from model.config (a UNet: resolution; a
+    diffusers UNet, or the adapter of one: sample_size)."""
     if shape is None:
-        cfg = getattr(model, "config", None)
+        cfg = getattr(getattr(model, "unet", None), "config", None) or getattr(model, "config", None)
         if cfg is None or not hasattr(cfg, "in_channels"):
             raise ValueError("cannot tell the sample shape from this model: pass shape=(C, H, W)")
-        shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
+        size = getattr(cfg, "resolution", None) or getattr(cfg, "sample_size", None)  # ours / diffusers'
+        if size is None:
+            raise ValueError("cannot tell the sample shape from this model (no sample_size): pass shape=(C, H, W)")
+        h, w = (size, size) if not isinstance(size, (list, tuple)) else size
+        shape = (cfg.in_channels, h, w)
     shape = tuple(int(s) for s in shape)
     check(len(shape) == 3 and min(shape) >= 1, f"shape must be (C, H, W) with positive sizes, got {shape}")
     return shape

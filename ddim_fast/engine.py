@@ -50,10 +50,11 @@ from __future__ import annotations
 
 import torch
 
-from . import rng
+from . import conditioning, rng
 from .backends import AUTO, BACKENDS, BackendUnavailable, backend_class
 from .backends.base import raise_if_flagged
 from .checks import is_int, positive_int, sample_shape
+from .models.diffusers_unet import adapt
 from .plan import SamplingPlan
 from .precision import NAMES
 
@@ -72,9 +73,11 @@ class Engine:
         max_graphs: int = 4,
         onnx_options: dict | None = None,
     ):
-        """model: a UNet (or any nn.Module model(x, t)); plan: a sampling plan (eta=0 plans
-        also give `invert`); device: default CUDA when available; dtype: the network's
-        precision; shape: (C, H, W) of one sample, read from model.config when omitted;
+        """model: a UNet (or any nn.Module model(x, t, **cond)), or a diffusers UNet2DModel /
+        UNet2DConditionModel as it is (its output's .sample is taken); plan: a sampling plan (eta=0
+        plans also give `invert`); device: default CUDA when available; dtype: the network's
+        precision; shape: (C, H, W) of one sample, read from model.config when omitted (a diffusers
+        model's in_channels and sample_size);
         channels_last: run the network in NHWC memory format (often faster with fp16 convs);
         onnx_options: keyword arguments of the onnxruntime backend (backends/onnxruntime.py:
         threads, unroll, opset, cuda_graph)."""
@@ -85,6 +88,8 @@ class Engine:
         if dtype not in NAMES:
             raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}")
         positive_int("max_graphs", max_graphs)
+        model = adapt(model)  # a diffusers UNet: called as model(x, t, **cond), its .sample taken
+        self.cond_spec = conditioning.cond_spec(model)  # what conditioning it takes (None: unknown)
         self.device = torch.device(device) if device is not None else _default_device()
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable("device='cuda' but torch sees no CUDA device; use device='cpu'")
@@ -110,24 +115,35 @@ class Engine:
                             max_graphs=int(max_graphs), **(onnx_options or {}))
 
     # -- public -------------------------------------------------------------------------------
-    def sample(self, batch_size: int, seed: int = 0, *, first_index: int = 0) -> torch.Tensor:
+    def sample(self, batch_size: int, seed: int = 0, *, first_index: int = 0, cond: dict | None = None,
+               uncond: dict | None = None, guidance: float | None = None) -> torch.Tensor:
         """`batch_size` images for samples first_index .. first_index+B-1 of `seed`, as a
         (B, C, H, W) float32 tensor in [-1, 1] on the engine's device. Sample k of a seed is the
-        same image whatever the batch size, backend or device (to the tolerance rule)."""
+        same image whatever the batch size, backend or device (to the tolerance rule), and its noise
+        does not depend on cond or guidance.
+
+        cond: the model's conditioning, a dict of (B, ...) tensors (e.g. {"class_labels": y});
+        guidance: None, or w for classifier-free guidance, m = m_u + w (m_c - m_u) from one network
+        call on the doubled batch [uncond; cond] (0: unconditional, 1: conditional alone); uncond
+        defaults to the model's null input (the null label), else it must be given (same keys and
+        shapes as cond). Under the CUDA graph new labels and a new scale replay the same graph."""
         batch_size = positive_int("batch_size", batch_size)
         first_index = _check_first_index(first_index, batch_size)
         seed = rng.check_seed(seed)
+        cc = self._conditioning(batch_size, cond, uncond, guidance)
         out = _in_chunks(batch_size, self.max_batch, lambda lo, hi: self._backend.sample(
-            hi - lo, self.plan, seed=seed, first_index=first_index + lo))
+            hi - lo, self.plan, seed=seed, first_index=first_index + lo, **_cut(cc, lo, hi)))
         return _finite(out, self.backend).clamp_(-1.0, 1.0)
 
     def __call__(self, x_T: torch.Tensor, *, seed: int | None = None, noise: torch.Tensor | None = None,
-                 first_index: int = 0) -> torch.Tensor:
+                 first_index: int = 0, cond: dict | None = None, uncond: dict | None = None,
+                 guidance: float | None = None) -> torch.Tensor:
         """Sample from a given start x_T (B, C, H, W); returns float32 images in [-1, 1].
 
         seed keys the per-step noise of eta > 0 plans (default: 0); noise (S, B, C, H, W)
-        replaces it (parity tests)."""
+        replaces it (parity tests); cond, uncond, guidance as in sample()."""
         x_T = self._check_input(x_T, "x_T")
+        cc = self._conditioning(x_T.shape[0], cond, uncond, guidance)
         if seed is not None and noise is not None:
             raise ValueError("give seed= or noise=, not both: noise= replaces the seeded generator")
         if noise is not None:
@@ -140,15 +156,19 @@ class Engine:
         first_index = _check_first_index(first_index, x_T.shape[0])
         out = _in_chunks(x_T.shape[0], self.max_batch, lambda lo, hi: self._backend.run(
             x_T[lo:hi], self.plan, seed=seed, noise=None if noise is None else noise[:, lo:hi].contiguous(),
-            first_index=first_index + lo))
+            first_index=first_index + lo, **_cut(cc, lo, hi)))
         return _finite(out, self.backend).clamp_(-1.0, 1.0)  # checked first: clamp would turn inf into +-1
 
-    def invert(self, x0: torch.Tensor, *, eps_at: str = "current") -> torch.Tensor:
-        """DDIM encoding of images x0 (B, C, H, W) to latents x_T (not clamped)."""
+    def invert(self, x0: torch.Tensor, *, eps_at: str = "current", cond: dict | None = None,
+               uncond: dict | None = None, guidance: float | None = None) -> torch.Tensor:
+        """DDIM encoding of images x0 (B, C, H, W) to latents x_T (not clamped). cond, uncond,
+        guidance as in sample(): encode with the conditioning you decode with (guidance > 1 is
+        allowed but then the round trip is no longer exact; see ddim_fast.sampling.invert)."""
         x0 = self._check_input(x0, "x0")
         inv = self._inverse_plan(eps_at)
-        out = _in_chunks(x0.shape[0], self.max_batch,
-                         lambda lo, hi: self._backend.run(x0[lo:hi], inv, seed=0, noise=None, first_index=0))
+        cc = self._conditioning(x0.shape[0], cond, uncond, guidance)
+        out = _in_chunks(x0.shape[0], self.max_batch, lambda lo, hi: self._backend.run(
+            x0[lo:hi], inv, seed=0, noise=None, first_index=0, **_cut(cc, lo, hi)))
         return _finite(out, self.backend)
 
     @property
@@ -171,6 +191,10 @@ class Engine:
         if eps_at not in self._inverse_plans:  # one object per eps_at: graph and table caches key on it
             self._inverse_plans[eps_at] = self.plan.inverse(eps_at)
         return self._inverse_plans[eps_at]
+
+    def _conditioning(self, batch, cond, uncond, guidance):
+        """The checked conditioning of one call on the engine's device (labels checked once, here)."""
+        return conditioning.resolve(None, batch, cond, uncond, guidance, self.device, spec=self.cond_spec)
 
     def _check_input(self, x, name):
         if not isinstance(x, torch.Tensor):
@@ -231,6 +255,12 @@ def _in_chunks(n, limit, run):
     if len(chunks) == 1:
         return run(0, n)
     return torch.cat([run(lo, hi) for lo, hi in chunks])
+
+
+def _cut(cc, lo, hi):
+    """The backend keyword for samples lo..hi-1 of a call's conditioning (nothing when there is none,
+    so a backend without conditioning support keeps working for unconditional calls)."""
+    return {} if cc is None else {"cond": cc.slice(lo, hi)}
 
 
 def _finite(out, backend):

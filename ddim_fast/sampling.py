@@ -14,7 +14,8 @@ import warnings
 
 import torch
 
-from . import rng
+from . import conditioning, rng
+from .models.diffusers_unet import adapt
 from .plan import SamplingPlan
 
 NONFINITE = ("raise", "warn", "ignore")
@@ -35,10 +36,14 @@ def sample(
     callback=None,
     first_index: int = 0,
     nonfinite: str = "raise",
+    cond: dict | None = None,
+    uncond: dict | None = None,
+    guidance: float | None = None,
 ) -> torch.Tensor:
     """Run `plan` from x_T down to x_0 and return the final state (not clamped).
 
-    model:       callable model(x, t) -> prediction, t a LongTensor (B,) of training timesteps.
+    model:       callable model(x, t, **cond) -> prediction, t a LongTensor (B,) of training
+                 timesteps; a diffusers UNet2DModel / UNet2DConditionModel is taken as it is.
     x_T:         (B, ...) float32 or float64 start; the state keeps this dtype throughout. A model
                  with parameters runs in their dtype (its input is cast to it and its output back).
     seed:        key of the per-step noise z (rng.step_noise), so sample b gets the same noise
@@ -47,12 +52,21 @@ def sample(
                  With neither, a plan that needs noise draws a seed from torch's global RNG.
     callback:    callback(i, t, x, x0) after each step i, with the new state and the x0 estimate.
     nonfinite:   "raise" (default) | "warn" | "ignore" when the state becomes NaN or inf.
+    cond:        the model's conditioning, a dict of (B, ...) tensors, e.g. {"class_labels": y}.
+    guidance:    None (default): one plain call model(x, t, **cond) per step. A number w: classifier-
+                 free guidance, one call on the doubled batch [uncond; cond], then
+                 m = m_u + w (m_c - m_u) (w = 0: the unconditional branch alone, w = 1: the
+                 conditional one). uncond defaults to the model's null input (the null label of a
+                 class-conditional UNet); a model without one needs it given. The noise of a sample
+                 depends only on (seed, sample index), never on cond or guidance.
     """
     x = _check_state(x_T, "x_T")
     if plan.direction != "sample":
         raise ValueError("sample() needs a sampling plan; this one is an inversion plan (use invert())")
+    model = adapt(model)
+    cc = conditioning.resolve(model, x.shape[0], cond, uncond, guidance, x.device)
     draw = _noise_source(plan, x, seed, noise, first_index)
-    return _run(model, x, plan, draw, callback, nonfinite)
+    return _run(model, x, plan, draw, callback, nonfinite, cc)
 
 
 @torch.no_grad()
@@ -64,22 +78,30 @@ def invert(
     eps_at: str | None = None,
     callback=None,
     nonfinite: str = "raise",
+    cond: dict | None = None,
+    uncond: dict | None = None,
+    guidance: float | None = None,
 ) -> torch.Tensor:
     """DDIM encoding (Section 5.4): run the eta=0 ODE from data x0 up to x_T.
 
     `plan` is the sampling plan whose sampler should reconstruct x0 (its inverse is built
     here), or an inversion plan from `plan.inverse()`. eps_at: "current" (default, the ODE) or
     "target" (diffusers / prompt-to-prompt), see SamplingPlan.inverse. Never clips.
+    cond, uncond, guidance: as in sample(), with m formed the same way at every step. Encode with the
+    conditioning you will decode with; guidance > 1 (as in null-text inversion) is allowed but the
+    inversion then no longer reconstructs x0 exactly, so plain cond (guidance None) is the usual choice.
     """
     x = _check_state(x0, "x0")
+    model = adapt(model)
+    cc = conditioning.resolve(model, x.shape[0], cond, uncond, guidance, x.device)
     if plan.direction == "sample":
         plan = plan.inverse(eps_at or "current")
     elif eps_at is not None and eps_at != plan.eps_at:
         raise ValueError(f"this inversion plan evaluates eps at {plan.eps_at!r}, not {eps_at!r}")
-    return _run(model, x, plan, None, callback, nonfinite)
+    return _run(model, x, plan, None, callback, nonfinite, cc)
 
 
-def _run(model, x, plan, draw, callback, nonfinite):
+def _run(model, x, plan, draw, callback, nonfinite, cc=None):
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
     coef = plan.coef.to(x.device, x.dtype)  # float64 table, rounded once to the state's precision
@@ -88,7 +110,7 @@ def _run(model, x, plan, draw, callback, nonfinite):
     hist = [torch.zeros_like(x) for _ in range(plan.history)]  # H1, H2, ...: the multistep history
     for i in range(plan.steps):
         t = ts[i].expand(x.shape[0])  # (B,)
-        m = _predict(model, x, t, net_dtype)
+        m = _form(model, x, t, net_dtype, cc)
         z = draw(i) if draw is not None else None
         x, x0 = step(x, m, coef[i], plan, z, hist)
         if nonfinite != "ignore" and not torch.isfinite(x).all():
@@ -199,9 +221,21 @@ def _model_dtype(model):
     return None
 
 
-def _predict(model, x, t, net_dtype=None):
+def _form(model, x, t, net_dtype=None, cc=None):
+    """The model output m the update uses: one plain call (cond or none), or with guidance one call on
+    the doubled batch [uncond; cond] and the combine m = m_u + w (m_c - m_u), in x's dtype."""
+    if cc is None:
+        return _predict(model, x, t, net_dtype)
+    if not cc.guided:
+        return _predict(model, x, t, net_dtype, cc.cond)
+    m2 = _predict(model, torch.cat([x, x]), torch.cat([t, t]), net_dtype, cc.doubled())
+    return conditioning.combine(m2, cc.guidance)
+
+
+def _predict(model, x, t, net_dtype=None, cond=None):
     """The model's prediction for state x, in x's dtype; the model runs in its own dtype."""
-    m = model(x if net_dtype is None else x.to(net_dtype), t)
+    kw = conditioning.cast_cond(cond, net_dtype) if cond else {}
+    m = model(x if net_dtype is None else x.to(net_dtype), t, **kw)
     if not isinstance(m, torch.Tensor) and isinstance(getattr(m, "sample", None), torch.Tensor):
         m = m.sample  # a diffusers model's output object
     if not isinstance(m, torch.Tensor) or m.shape != x.shape:

@@ -78,25 +78,28 @@ class Config:
 def step_configs():
     names = ["X", "M", "COEF", "STEP", "SEED", "FIRST", "THRESH", "X0", "FLAG", "N", "lo", "hi", "HIST_PTR", "HSTRIDE"]
     out = []
-    combos = [(n, c, w, f) for n in (0, 1) for c in (0, 1, 2) for w in (0, 1) for f in (0, 1)]
+    combos = [(n, c, w, f, 0) for n in (0, 1) for c in (0, 1, 2) for w in (0, 1) for f in (0, 1)]
+    combos += [(n, c, 0, 1, 1) for n in (0, 1) for c in (0, 1, 2)]  # guided (CFG): the Engine's flag, no x0
     for m_dtype in (torch.float16, torch.float32, torch.bfloat16):
-        for noise, clip, x0, check in combos:
-            if m_dtype != torch.float16 and (noise, clip, x0, check) not in [(0, 0, 0, 0), (1, 2, 1, 1)]:
+        for noise, clip, x0, check, guided in combos:
+            if m_dtype != torch.float16 and (noise, clip, x0, check, guided) not in [
+                    (0, 0, 0, 0, 0), (1, 2, 1, 1, 0), (0, 0, 0, 1, 1)]:
                 continue
             types = ["*fp32", f"*{_TY[m_dtype]}", "*fp32", "*i32", "*i64", "*i64", "*fp32", "*fp32", "*i32",
                      "i32", "fp32", "fp32", "*fp32", "i32"]
             meta = dict(BLOCK=step_mod.BLOCK, NOISE=bool(noise), CLIP=clip, WRITE_X0=bool(x0), CHECK=bool(check),
-                        HIST=0, NCOL=step_mod.NUM_COEF)
-            label = f"noise={noise} clip={clip} x0={x0} flag={check} m={_TY[m_dtype]}"
+                        HIST=0, NCOL=step_mod.NUM_COEF, GUIDED=bool(guided))
+            label = f"noise={noise} clip={clip} x0={x0} flag={check} m={_TY[m_dtype]}" + (" cfg" if guided else "")
+            extra = {"W": "*fp32"}
             out.append(_config("ddim_step", label, step_mod._ddim_step_kernel, names, types, meta,
-                               step_mod.NUM_WARPS, aligned=("X", "M", "X0", "N")))
+                               step_mod.NUM_WARPS, aligned=("X", "M", "X0", "N"), extra=extra))
             # multistep plans (plms, dpmpp_*, unipc): K history buffers read and shifted in the same pass
-            if (m_dtype == torch.float16 and check and not x0 and (noise, clip) in [(0, 0), (1, 0), (0, 2)]) or \
-                    (noise, clip, x0, check) == (1, 2, 1, 1):
+            fp16_flagged = m_dtype == torch.float16 and check and not x0 and (noise, clip) in [(0, 0), (1, 0), (0, 2)]
+            if not guided and (fp16_flagged or (noise, clip, x0, check) == (1, 2, 1, 1)):
                 for hist in (1, 2, 3):
                     out.append(_config("ddim_step", f"{label} hist={hist}", step_mod._ddim_step_kernel, names, types,
                                        {**meta, "HIST": hist, "NCOL": step_mod.NUM_COEF_HIST}, step_mod.NUM_WARPS,
-                                       aligned=("X", "M", "X0", "N", "HIST_PTR", "HSTRIDE")))
+                                       aligned=("X", "M", "X0", "N", "HIST_PTR", "HSTRIDE"), extra=extra))
     return out
 
 
@@ -206,14 +209,21 @@ def shipped_configs(models, kernel: str | None = None):
     return [c for c in cfgs if kernel is None or c.kernel.startswith(kernel)]
 
 
-def _config(kernel, label, fn, names, types, meta, warps, aligned, stages=3):
-    if [a for a in fn.arg_names if a in set(names)] != names or not set(fn.arg_names) <= set(names) | set(meta):
+def _config(kernel, label, fn, names, types, meta, warps, aligned, stages=3, extra=None):
+    """names/types: the typed runtime arguments, in the kernel's order; meta: the constexpr ones; extra:
+    {name: type} of runtime arguments that follow constexprs (keyword arguments added later)."""
+    extra = extra or {}
+    if [a for a in fn.arg_names if a in set(names)] != names or \
+            not set(fn.arg_names) <= set(names) | set(meta) | set(extra):
         raise RuntimeError(f"{kernel}: the AOT signature is out of date with the kernel's arguments "
                            f"{fn.arg_names}")
-    signature = dict(zip(names, types))
-    for name in fn.arg_names:
+    given = {**dict(zip(names, types)), **(extra or {})}
+    signature = {}
+    for name in fn.arg_names:  # in the kernel's argument order
         if name in meta:
             signature[name] = "constexpr"
+        elif name in given:
+            signature[name] = given[name]
     return Config(kernel, label, fn, signature, dict(meta), warps, stages,
                   tuple(a for a in aligned if signature.get(a) != "constexpr"))
 

@@ -63,16 +63,20 @@ SELECT_BLOCK = 4096  # order statistics: a row up to this size stays in register
 
 
 # -- reference -----------------------------------------------------------------------------------
-def ddim_step_ref(x, m, coef, step, *, z=None, clip=None, threshold=None, hist=None):
+def ddim_step_ref(x, m, coef, step, *, z=None, clip=None, threshold=None, hist=None, guidance=None):
     """Plain PyTorch (*) for one step; returns (x', x0). Not in place (but `hist` is).
 
     x (B, ...) float; m like x (any float dtype, used in x's dtype); coef (S, 6) or (S, 13); step an int;
     z like x or None; clip (lo, hi) or None; threshold (p, s_max) or None; hist None or (K, B, ...)
-    like x: the history (**), shifted in place when the row pushes.
+    like x: the history (**), shifted in place when the row pushes; guidance None or a float w, m then
+    the doubled batch [uncond; cond] combined as m_u + w (m_c - m_u).
     """
     row = coef[int(step)].to(x.dtype)
     cx, ce, d0, dx, de, sigma = row[:6]
     m = m.to(x.dtype)
+    if guidance is not None:
+        m_u, m_c = m.chunk(2)
+        m = m_u + guidance * (m_c - m_u)
     x0 = cx * x + ce * m  # (1) the x0 estimate (Eq. 12 for eps-prediction)
     if threshold is not None:
         p, s_max = threshold
@@ -103,6 +107,7 @@ def _ddim_step_kernel(
     WRITE_X0: tl.constexpr, CHECK: tl.constexpr,
     HIST_PTR, HSTRIDE,  # multistep: the (K, B, N) history buffer and B * N
     HIST: tl.constexpr = 0, NCOL: tl.constexpr = 6,  # K history terms; the table's row length
+    W=None, GUIDED: tl.constexpr = False,  # classifier-free guidance: the scale's pointer, and the flag
 ):
     pid = tl.program_id(0)  # block of elements within the sample
     b = tl.program_id(1)  # sample within the batch
@@ -119,6 +124,9 @@ def _ddim_step_kernel(
 
     x = tl.load(X + ptr, mask=mask, other=0.0)  # fp32 state
     m = tl.load(M + ptr, mask=mask, other=0.0).to(tl.float32)  # model output, any float dtype
+    if GUIDED:  # M holds the doubled batch [uncond; cond] (2B rows): m = m_u + w (m_c - m_u)
+        m_c = tl.load(M + tl.num_programs(1).to(tl.int64) * N + ptr, mask=mask, other=0.0).to(tl.float32)
+        m = m + tl.load(W) * (m_c - m)
     x0 = cx * x + ce * m  # (1) x0 estimate
     if CLIP == 1:
         x0 = tl.clamp(x0, lo, hi, propagate_nan=tl.PropagateNan.ALL)
@@ -208,7 +216,7 @@ def _abs_order_stats_kernel(
 
 # -- launcher ------------------------------------------------------------------------------------
 def ddim_step(x, m, coef, step, *, seed=None, first_index=0, clip=None, threshold=None,
-              x0_out=None, flag=None, hist=None):
+              x0_out=None, flag=None, hist=None, guidance=None):
     """One fused step (*) applied IN PLACE to x; returns x. No host sync, graph-capturable.
 
     x:           (B, ...) float32, contiguous: the sampler state (a static buffer).
@@ -230,15 +238,27 @@ def ddim_step(x, m, coef, step, *, seed=None, first_index=0, clip=None, threshol
     hist:        None, or for a multistep plan (coef (S, 13)) its (K, B, ...) float32 contiguous
                  history buffer, K = plan.history in 1..3, zeroed before the first step: read by the
                  update and shifted in place in the same pass (**).
+    guidance:    None, or a (1,) float32 device tensor w (classifier-free guidance): then m is the
+                 network's output on the doubled batch [uncond; cond], (2B, ...), and the kernel
+                 forms m = m_u + w (m_c - m_u) from both halves as it reads them (no extra pass).
+                 w lives on the device, so one CUDA graph serves every scale.
     """
-    _check(x, m, coef, step, seed, first_index, clip, threshold, x0_out, flag)
+    _check(x, m if guidance is None else m[: x.shape[0]], coef, step, seed, first_index, clip, threshold,
+           x0_out, flag)
     _check_hist(hist, x, coef)
+    if guidance is not None:
+        check(m.shape[0] == 2 * x.shape[0] and m.is_contiguous(),
+              f"with guidance m must be the doubled batch [uncond; cond] of {2 * x.shape[0]} rows, contiguous, "
+              f"got {tuple(m.shape)}")
+        check(device_scalar(guidance, torch.float32, x.device),
+              "guidance must be a (1,) float32 tensor on x's device (the scale lives on the device)")
     B = x.shape[0]
     N = x.numel() // B
     first = _first_index_tensor(first_index, x.device) if seed is not None else step
     mode, lo, hi, thresh = CLIP_NONE, 0.0, 0.0, None
     if threshold is not None:
-        mode, thresh = CLIP_THRESHOLD, threshold_scale(x, m, coef, step, *threshold)
+        m_t = m if guidance is None else m[: x.shape[0]] + guidance * (m[x.shape[0]:] - m[: x.shape[0]])
+        mode, thresh = CLIP_THRESHOLD, threshold_scale(x, m_t, coef, step, *threshold)
     elif clip is not None:
         mode, lo, hi = CLIP_RANGE, float(clip[0]), float(clip[1])
     grid = (triton.cdiv(N, BLOCK), B)
@@ -249,7 +269,7 @@ def ddim_step(x, m, coef, step, *, seed=None, first_index=0, clip=None, threshol
         BLOCK=BLOCK, NOISE=seed is not None, CLIP=mode, WRITE_X0=x0_out is not None,
         CHECK=flag is not None, num_warps=NUM_WARPS,
         HIST_PTR=hist if hist is not None else x, HSTRIDE=x.numel(), HIST=0 if hist is None else hist.shape[0],
-        NCOL=coef.shape[1],
+        NCOL=coef.shape[1], W=guidance if guidance is not None else coef, GUIDED=guidance is not None,
     )
     return x
 

@@ -45,6 +45,9 @@ def test_every_config_compiles_for_sm80_and_sm90(aot):
     # the step kernel ships every constexpr combination: noise x clip mode x x0 output x flag
     step_labels = {c for k, c in by_config if k == "ddim_step" and c.endswith("m=fp16")}
     assert len(step_labels) == 2 * 3 * 2 * 2
+    # and the guided (classifier-free guidance) prologue with the Engine's flag: noise x clip mode
+    guided = {c for k, c in by_config if k == "ddim_step" and c.endswith("m=fp16 cfg")}
+    assert len(guided) == 2 * 3 and all("x0=0 flag=1" in c for c in guided)
     for r in rows:
         assert 0 < r["registers"] <= 255 and r["shared"] <= 228 * 1024, r
 

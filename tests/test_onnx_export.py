@@ -81,8 +81,9 @@ def test_eps_model_metadata_round_trip(tiny, tiny_eps):
 
 
 def test_conditional_unet_export(tmp_path):
-    """export_onnx exports model(x, t): for a class-conditional UNet that is its null-label
-    (unconditional) branch, inputs unchanged. A graph that takes the labels as a third input (what a
+    """export_onnx of a class-conditional UNet takes the labels as a third input (issue 16: the network
+    graph carries the model's conditioning inputs); fed the null label it is the unconditional branch.
+    A graph that takes the labels as a third input (what a
     guided export builds on) exports through torch.onnx too and runs in ONNX Runtime."""
     torch.manual_seed(1)
     m = dd.UNet(dd.UNetConfig(**{**dd.UNetConfig.tiny().to_dict(), "num_classes": 4})).eval()
@@ -90,13 +91,14 @@ def test_conditional_unet_export(tmp_path):
     g = torch.Generator().manual_seed(2)
     x, t, y = torch.randn(3, 3, 16, 16, generator=g), torch.tensor([5, 500, 950]), torch.tensor([0, 3, 4])
     runner = dox.OrtRunner(dd.export_onnx(m, tmp_path / "null.onnx"))
-    assert runner.inputs == ["x", "t"]
+    assert runner.inputs == ["x", "t", "class_labels"]
     assert dox.onnx_metadata(tmp_path / "null.onnx")["model_config"]["num_classes"] == 4
     with torch.no_grad():
         null32, null64 = m(x, t), _float64(m)(x.double(), t)
         cond32 = m(x, t, class_labels=y)
         cond64 = _float64(m)(x.double(), t, class_labels=y)
-    assert_close_to_reference(runner(x=x, t=t), null32, null64, torch.float32)
+    assert_close_to_reference(runner(x=x, t=t, class_labels=torch.full((3,), 4)), null32, null64, torch.float32)
+    assert_close_to_reference(runner(x=x, t=t, class_labels=y), cond32, cond64, torch.float32)
 
     class WithLabels(torch.nn.Module):
         def __init__(self, net):

@@ -6,11 +6,13 @@ above `max_batch` into chunks, checks the result for NaN/inf and clamps it; a ba
 
     unavailable(device) -> str | None   classmethod: None when it can run on `device`, else what is
                                         missing (with the fix), for `auto` and for a clear error
-    run(x, plan, *, seed, noise, first_index)   the final state from x (x_T, or x0 for an inversion
-                                        plan); seed keys the per-step noise of samples first_index..,
-                                        noise (S, B, C, H, W) replaces it
-    sample(batch, plan, *, seed, first_index)   from the seed: by default x_T = rng.initial_noise,
-                                        then run(); a backend that draws x_T itself overrides it
+    run(x, plan, *, seed, noise, first_index, cond=None)   the final state from x (x_T, or x0 for an
+                                        inversion plan); seed keys the per-step noise of samples
+                                        first_index.., noise (S, B, C, H, W) replaces it; cond a checked
+                                        conditioning.Conditioning of this batch (or None)
+    sample(batch, plan, *, seed, first_index, cond=None)   from the seed: by default x_T =
+                                        rng.initial_noise, then run(); a backend that draws x_T itself
+                                        overrides it
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ class Backend:
         network inputs; max_graphs: CUDA graphs kept (graph backends only)."""
         self.device, self.dtype, self.shape = torch.device(device), dtype, tuple(shape)
 
-    def run(self, x: torch.Tensor, plan, *, seed: int, noise: torch.Tensor | None, first_index: int) -> torch.Tensor:
+    def run(self, x: torch.Tensor, plan, *, seed: int, noise: torch.Tensor | None, first_index: int,
+            cond=None) -> torch.Tensor:
         raise NotImplementedError
 
-    def sample(self, batch: int, plan, *, seed: int, first_index: int) -> torch.Tensor:
+    def sample(self, batch: int, plan, *, seed: int, first_index: int, cond=None) -> torch.Tensor:
         x_T = rng.initial_noise(seed, (batch, *self.shape), first_index=first_index, device=self.device)
-        return self.run(x_T, plan, seed=seed, noise=None, first_index=first_index)
+        return self.run(x_T, plan, seed=seed, noise=None, first_index=first_index, cond=cond)
 
 
 def prepare_model(model, device, dtype, channels_last: bool, ops: str):
@@ -57,6 +60,8 @@ def prepare_model(model, device, dtype, channels_last: bool, ops: str):
         net = net.to(memory_format=torch.channels_last)
     if hasattr(net, "set_ops"):
         net.set_ops(ops)
+    if hasattr(net, "check_labels"):
+        net.check_labels = False  # the Engine checked them once per call (conditioning.resolve)
     for p in net.parameters():
         p.requires_grad_(False)
     return net

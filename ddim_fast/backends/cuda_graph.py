@@ -1,10 +1,13 @@
 """backend="cuda_graph": the triton backend's whole S-step loop (UNet + step, every step) captured
 into one CUDA graph and replayed: one launch per sampling call instead of hundreds.
 
-A graph is captured once per (batch, plan, start, noise source) and kept in a small LRU cache
+A graph is captured once per (batch, plan, start, noise source, conditioning inputs' names and shapes,
+guided or not) and kept in a small LRU cache
 (max_graphs). Two starts: from the seed (`sample`: x_T drawn by a kernel inside the graph) or
 from a given x_T (`run`: copied into a static buffer). The seed and first_index live in (1,)
-device tensors, so new values replay the same graph. Capture first runs the loop once eagerly on
+device tensors, so new values replay the same graph; so do the conditioning inputs (static buffers,
+[uncond; cond] when guided) and the guidance scale (a (1,) float32 device tensor): new labels,
+prompts or a new scale do not recapture. Capture first runs the loop once eagerly on
 a side stream (Triton JIT, cuDNN algorithm search, allocator growth), then records it; all graphs
 share one memory pool. Replays copy the result out, so a result the caller holds is never
 overwritten by the next replay.
@@ -39,22 +42,27 @@ class CudaGraphBackend(TritonBackend):
         self.captures = 0
 
     @torch.no_grad()
-    def run(self, x, plan, *, seed, noise, first_index):
-        return self._replay(x.shape, plan, x, seed, noise, first_index)
+    def run(self, x, plan, *, seed, noise, first_index, cond=None):
+        return self._replay(x.shape, plan, x, seed, noise, first_index, cond)
 
     @torch.no_grad()
-    def sample(self, batch, plan, *, seed, first_index):
-        return self._replay((batch, *self.shape), plan, None, seed, None, first_index)
+    def sample(self, batch, plan, *, seed, first_index, cond=None):
+        return self._replay((batch, *self.shape), plan, None, seed, None, first_index, cond)
 
-    def _replay(self, shape, plan, x_T, seed, noise, first_index):
-        key = (tuple(shape), id(plan), x_T is None, noise is not None)
+    def _replay(self, shape, plan, x_T, seed, noise, first_index, cond=None):
+        inputs, w = self.conditioning(cond)
+        key = (tuple(shape), id(plan), x_T is None, noise is not None, None if cond is None else cond.signature())
         if key not in self.graphs:
-            self._capture(key, shape, plan, x_T, seed, noise, first_index)
+            self._capture(key, shape, plan, x_T, seed, noise, first_index, inputs, w)
         self.graphs.move_to_end(key)
         graph, buf = self.graphs[key]
         buf["seed"].fill_(seed)
         buf["first"].fill_(first_index)
         buf["flag"].zero_()
+        for k, v in (inputs or {}).items():  # new labels / prompts: copied into the static buffers
+            buf["cond"][k].copy_(v)
+        if w is not None:
+            buf["w"].copy_(w)  # a new guidance scale: the same graph
         if x_T is not None:
             buf["x_T"].copy_(x_T)
         if noise is not None:
@@ -63,7 +71,7 @@ class CudaGraphBackend(TritonBackend):
         raise_if_flagged(buf["flag"], self.name)
         return buf["x"].clone()  # a copy: the next replay overwrites buf["x"]
 
-    def _capture(self, key, shape, plan, x_T, seed, noise, first_index):
+    def _capture(self, key, shape, plan, x_T, seed, noise, first_index, inputs=None, w=None):
         dev = self.device
         buf = {
             "x": torch.empty(shape, device=dev),
@@ -75,13 +83,16 @@ class CudaGraphBackend(TritonBackend):
             buf["x_T"] = x_T.clone()
         if noise is not None:
             buf["noise"] = noise.clone()
+        buf["cond"] = {k: v.clone() for k, v in (inputs or {}).items()}  # the network's (doubled) inputs
+        buf["w"] = w.clone() if w is not None else None  # (1,) float32: the guidance scale on the device
 
         def body():
             if x_T is None:
                 self.initial_noise(buf["x"], buf["seed"], buf["first"])
             else:
                 buf["x"].copy_(buf["x_T"])
-            self.loop(buf["x"], plan, buf["seed"], buf["first"], buf.get("noise"), buf["flag"])
+            self.loop(buf["x"], plan, buf["seed"], buf["first"], buf.get("noise"), buf["flag"], buf["cond"],
+                      buf["w"])
 
         self._warm_up(body)
         self.graphs[key] = (self._record(body), buf)

@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from .. import rng
+from ..conditioning import cond_spec, null_cond
 from ..onnx.export import EXPORT_DTYPES, UNROLL_MAX_STEPS, export_cached, model_fingerprint, plan_fingerprint
 from ..onnx.graph import layout_key, table_feeds
 from ..onnx.network import eval_copy
@@ -71,18 +72,28 @@ class OnnxRuntimeBackend(Backend):
         self.table_inputs = self.device.type == "cpu" if table_inputs is None else table_inputs
         if self.device.type == "cuda" and unroll is None:
             self.unroll = True  # control flow (Loop) breaks ORT's CUDA graph and splits CUDA-EP partitions
-        self._runners = {}  # plan fingerprint (table inputs: plan structure) -> OrtRunner
+        self._runners = {}  # (plan key, conditioning signature) -> OrtRunner; plan key: table inputs: layout_key
         self.paths = {}
-        self.runner(plan)
+        # A conditional model's graph takes its conditioning inputs; an unconditional call feeds the null
+        # ones (null_cond). The guided graph (uncond_*, guidance inputs) is exported on its first use.
+        self.spec = cond_spec(self.model) or {}
+        self.runner(plan, self._null_example())
 
-    def runner(self, plan: SamplingPlan) -> OrtRunner:
+    def _null_example(self):
+        return null_cond(self.spec, 1) if self.spec else None
+
+    def runner(self, plan: SamplingPlan, example: dict | None = None, guided: bool = False) -> OrtRunner:
+        """The session of `plan`'s graph; example: conditioning inputs (their names, shapes, dtypes
+        choose the graph), guided: with classifier-free guidance."""
+        sig = None if not example else (guided, tuple((k, tuple(v.shape[1:]), str(v.dtype))
+                                                      for k, v in sorted(example.items())))
         if self.table_inputs:  # one graph per structure (unrolled: and steps), whatever the table
             unrolled = plan.steps <= UNROLL_MAX_STEPS if self.unroll is None else self.unroll
-            key = json.dumps(layout_key(plan, unrolled), sort_keys=True)
+            key = (json.dumps(layout_key(plan, unrolled), sort_keys=True), sig)
         else:
-            key = plan_fingerprint(plan)
+            key = (plan_fingerprint(plan), sig)
         if key not in self._runners:
-            path = self._export(plan)
+            path = self._export(plan, example, guided)
             try:
                 runner = OrtRunner(path, device=self.device, threads=self.threads, cuda_graph=self.cuda_graph)
             except ValueError as e:
@@ -90,25 +101,35 @@ class OnnxRuntimeBackend(Backend):
                     raise
                 warnings.warn(f"re-exporting the damaged cache entry {path}", stacklevel=2)
                 path.unlink(missing_ok=True)
-                path = self._export(plan)
+                path = self._export(plan, example, guided)
                 runner = OrtRunner(path, device=self.device, threads=self.threads, cuda_graph=self.cuda_graph)
             self._runners[key] = runner
             self.paths[plan.direction] = path
         return self._runners[key]
 
-    def _export(self, plan):
+    def _export(self, plan, example=None, guided=False):
+        cond = {k: v.cpu() for k, v in example.items()} if example else None
         return export_cached(self.model, plan, self.dtype, self.opset, shape=self.shape, unroll=self.unroll,
-                             table_inputs=self.table_inputs, model_fp=self.model_fp, log=self.log)
+                             table_inputs=self.table_inputs, model_fp=self.model_fp, log=self.log, guided=guided,
+                             cond=cond)
 
     @torch.no_grad()
-    def run(self, x, plan, *, seed, noise, first_index):
+    def run(self, x, plan, *, seed, noise, first_index, cond=None):
         """x (B, C, H, W) float32 on the device -> the final state (B, C, H, W), unclamped."""
-        runner = self.runner(plan)
         x = x.to(self.device, torch.float32).contiguous()
         x_in = "x_T" if plan.direction == "sample" else "x0"
         feeds = {x_in: x}
         if self.table_inputs:
             feeds.update(table_feeds(plan))
+        inputs = cond.cond if cond is not None else null_cond(self.spec, x.shape[0], self.device)
+        guided = cond is not None and cond.guided
+        runner = self.runner(plan, inputs, guided)
+        for k, v in (inputs or {}).items():
+            feeds[k] = v.float() if v.is_floating_point() else v.long()
+        if guided:
+            feeds.update({f"uncond_{k}": v.float() if v.is_floating_point() else v.long()
+                          for k, v in cond.uncond.items()})
+            feeds["guidance"] = torch.tensor(cond.guidance, dtype=torch.float32, device=self.device)
         if plan.needs_noise:
             feeds["noise"] = noise.to(self.device, torch.float32) if noise is not None else \
                 host_noise(plan, seed, x.shape, first_index=first_index, device=self.device)

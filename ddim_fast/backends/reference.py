@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..conditioning import cast_cond
 from ..sampling import invert, sample
 from .base import Backend, net_input, prepare_model
 
@@ -18,13 +19,14 @@ class ReferenceBackend(Backend):
         self.net = prepare_model(model, self.device, dtype, channels_last, "reference")
         self.channels_last = channels_last
 
-    def _model(self, x, t):
-        return self.net(net_input(x, self.dtype, self.channels_last), t).float()
+    def _model(self, x, t, **cond):
+        return self.net(net_input(x, self.dtype, self.channels_last), t, **cast_cond(cond, self.dtype)).float()
 
     @torch.no_grad()
-    def run(self, x, plan, *, seed, noise, first_index):
+    def run(self, x, plan, *, seed, noise, first_index, cond=None):
+        kw = {} if cond is None else {"cond": cond.cond, "uncond": cond.uncond, "guidance": cond.guidance}
         if plan.direction == "invert":
-            return invert(self._model, x, plan)
+            return invert(self._model, x, plan, **kw)
         if noise is not None or not plan.needs_noise:
-            return sample(self._model, x, plan, noise=noise)
-        return sample(self._model, x, plan, seed=seed, first_index=first_index)
+            return sample(self._model, x, plan, noise=noise, **kw)
+        return sample(self._model, x, plan, seed=seed, first_index=first_index, **kw)

@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from ..conditioning import cast_cond
 from .base import Backend, net_input, prepare_model, raise_if_flagged
 
 
@@ -44,10 +45,12 @@ class TritonBackend(Backend):
             self._tables[key] = (plan, p.coef, p.timesteps, steps)
         return self._tables[key][1:]
 
-    def loop(self, x, plan, seed_t, first_t, noise, flag):
-        """The S steps on the state x (updated in place): the body the cuda_graph backend captures."""
+    def loop(self, x, plan, seed_t, first_t, noise, flag, cond=None, w=None):
+        """The S steps on the state x (updated in place): the body the cuda_graph backend captures.
+        cond: the network's conditioning inputs (None: none), the doubled batch [uncond; cond] when w
+        (a (1,) float32 device tensor, the guidance scale) is given."""
         coef, ts, steps = self.tables(plan)
-        B = x.shape[0]
+        cond = cond or {}
         clip = plan.clip_x0
         threshold = (plan.threshold, plan.threshold_max) if plan.threshold is not None else None
         seeded = seed_t if noise is None and plan.needs_noise else None
@@ -55,13 +58,28 @@ class TritonBackend(Backend):
         # inside a CUDA graph capture this allocation is the graph's own static memory
         hist = torch.zeros((plan.history, *x.shape), device=x.device) if plan.history else None
         for i in range(plan.steps):
-            t = ts[i : i + 1].expand(B)  # (B,) a view of device memory: no host work per step
-            m = self.net(net_input(x, self.dtype, self.channels_last), t).contiguous()
+            m = self.predict(x, ts[i : i + 1], cond, w)
             self.ddim_step(x, m, coef, steps[i : i + 1], seed=seeded, first_index=first_t, clip=clip,
-                           threshold=threshold, flag=flag, hist=hist)
+                           threshold=threshold, flag=flag, hist=hist, guidance=w)
             if noise is not None and plan.needs_noise:
                 x.add_(coef[i, 5] * noise[i])  # explicit z: sigma_i z_i on top of the noise-free step
         return x
+
+    def predict(self, x, t1, cond, w):
+        """The network's output for the state x at timestep t1 ((1,) device tensor): (B, ...), or with
+        guidance (w given) the doubled batch's (2B, ...), which the step kernel combines as it reads it."""
+        if w is not None:
+            x = torch.cat([x, x])  # [uncond; cond] share the state
+        t = t1.expand(x.shape[0])  # a view of device memory: no host work per step
+        return self.net(net_input(x, self.dtype, self.channels_last), t, **cond).contiguous()
+
+    def conditioning(self, cond):
+        """(network inputs, guidance scale tensor) of a checked Conditioning (or None)."""
+        if cond is None:
+            return None, None
+        inputs = cast_cond({k: v.to(self.device) for k, v in cond.network_inputs().items()}, self.dtype)
+        w = torch.tensor([cond.guidance], dtype=torch.float32, device=self.device) if cond.guided else None
+        return inputs, w
 
     def keys(self, seed, first_index):
         """(seed, first_index) as (1,) int64 device tensors, as the kernels read them."""
@@ -69,19 +87,19 @@ class TritonBackend(Backend):
                 torch.tensor([first_index], dtype=torch.int64, device=self.device))
 
     @torch.no_grad()
-    def run(self, x, plan, *, seed, noise, first_index):
+    def run(self, x, plan, *, seed, noise, first_index, cond=None):
         x = x.clone().contiguous()
         flag = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self.loop(x, plan, *self.keys(seed, first_index), noise, flag)
+        self.loop(x, plan, *self.keys(seed, first_index), noise, flag, *self.conditioning(cond))
         raise_if_flagged(flag, self.name)
         return x
 
     @torch.no_grad()
-    def sample(self, batch, plan, *, seed, first_index):
+    def sample(self, batch, plan, *, seed, first_index, cond=None):
         """From the seed: x_T drawn in-kernel (the stream of rng.initial_noise)."""
         seed_t, first_t = self.keys(seed, first_index)
         x = self.initial_noise(torch.empty(batch, *self.shape, device=self.device), seed_t, first_t)
         flag = torch.zeros(1, dtype=torch.int32, device=self.device)
-        self.loop(x, plan, seed_t, first_t, None, flag)
+        self.loop(x, plan, seed_t, first_t, None, flag, *self.conditioning(cond))
         raise_if_flagged(flag, self.name)
         return x

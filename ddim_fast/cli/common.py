@@ -59,6 +59,28 @@ def add_multistep_options(p):
                    help="plms: heun (default, diffusers' PNDM: steps + 1 evaluations) or euler")
 
 
+def add_guidance_options(p):
+    """--class / --guidance: class-conditional sampling and classifier-free guidance."""
+    p.add_argument("--class", dest="class_labels", type=int, nargs="+", default=None, metavar="Y",
+                   help="class label(s) of a class-conditional model: one for every image, or several cycled "
+                        "(image k gets the (k mod count)-th)")
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance scale w (with --class): m = m_u + w (m_c - m_u) against the "
+                        "null label; 0 = unconditional, 1 = the class alone; default: no guidance (plain class)")
+
+
+def cond_for(args, lo: int, b: int) -> dict:
+    """The Engine keywords (cond, guidance) of images lo..lo+b-1 from --class / --guidance ({} without)."""
+    labels = getattr(args, "class_labels", None)
+    guidance = getattr(args, "guidance", None)
+    if labels is None:
+        if guidance is not None:
+            raise ValueError("--guidance needs --class (the class to guide towards)")
+        return {}
+    y = torch.tensor(labels, dtype=torch.long)[torch.arange(lo, lo + b) % len(labels)]
+    return {"cond": {"class_labels": y}, "guidance": guidance}
+
+
 def add_clip_option(p, help_text):
     """--clip-x0 C | none; absent from args unless given (argparse.SUPPRESS), so 'not given' keeps the
     model's own setting and 'none' overrides it."""
@@ -232,6 +254,7 @@ def describe(args, eng, model) -> dict:
         "plan": eng.plan.describe(),
         "backend": eng.backend,
         "dtype": args.dtype,
+        **({"class": args.class_labels, "guidance": args.guidance} if getattr(args, "class_labels", None) else {}),
     }
 
 

@@ -22,9 +22,11 @@ from ..files import atomic_write_bytes
 from ..sampling import slerp
 from .common import (
     add_grid_options,
+    add_guidance_options,
     add_model_options,
     add_sampler_options,
     check_scale,
+    cond_for,
     describe,
     engine,
     load,
@@ -47,6 +49,7 @@ class Sample:
                        help="number of images (under torchrun write -n or --num-images: torchrun takes --num for "
                             "an abbreviation of its own --numa-binding and stops)")
         p.add_argument("--seed", type=int, default=0, help="image k of a seed is the same at any batch size")
+        add_guidance_options(p)
         p.add_argument("--out", default="samples.png",
                        help=f"a grid image ({', '.join(io.GRID_FORMATS)}), an .npz, or a folder (one PNG per image)")
         add_grid_options(p)
@@ -68,7 +71,7 @@ class Sample:
             with progress(args.num, args.progress, "sample") as bar:
                 for lo in range(0, args.num, args.batch_size):
                     b = min(args.batch_size, args.num - lo)
-                    out.append(eng.sample(b, seed=args.seed, first_index=lo).cpu())
+                    out.append(eng.sample(b, seed=args.seed, first_index=lo, **cond_for(args, lo, b)).cpu())
                     bar.update(b)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(f"nothing was written ({args.out} is written at the end); to keep partial work, "
@@ -84,13 +87,14 @@ class Sample:
 
 # Settings that decide a folder run's images: a resume must use the same ones (backend, batch size,
 # device and the number of processes may change: a seed gives the same image under any of them).
-RUN_SETTINGS = ("weights", "plan", "seed", "num", "dtype")
+RUN_SETTINGS = ("weights", "plan", "seed", "num", "dtype", "class", "guidance")
 _INDEXED_PNG = re.compile(r"\d{6}\.png")
 
 
 def _run_settings(args, model, plan) -> dict:
     return {"model": str(args.model), "weights": _weights_digest(model), "plan": plan.describe(),
-            "seed": args.seed, "num": args.num, "dtype": args.dtype}
+            "seed": args.seed, "num": args.num, "dtype": args.dtype,
+            "class": getattr(args, "class_labels", None), "guidance": getattr(args, "guidance", None)}
 
 
 def _settings_diff(then: dict, now: dict) -> list[str]:
@@ -192,7 +196,7 @@ def _sample_folder(args):
                            f"rank {rank}") as bar:
                 for lo in todo:
                     b = min(args.batch_size, args.num - lo)
-                    imgs = eng.sample(b, seed=args.seed, first_index=lo).cpu()
+                    imgs = eng.sample(b, seed=args.seed, first_index=lo, **cond_for(args, lo, b)).cpu()
                     io.save_images(imgs, out, overwrite=True, indices=range(lo, lo + b))
                     done += b
                     bar.update(b)
@@ -267,6 +271,7 @@ class Decode:
     @staticmethod
     def add_arguments(p):
         add_model_options(p, steps=100)
+        add_guidance_options(p)
         p.add_argument("--input", required=True, help="an .npz with 'latents' (from encode)")
         p.add_argument("--out", default="decoded.png",
                        help="a grid image, an .npz, or a folder (one PNG per image, named as encode's inputs)")
@@ -282,7 +287,8 @@ class Decode:
         t0, imgs = time.perf_counter(), []
         with progress(len(lat), args.progress, "decode") as bar:
             for lo in range(0, len(lat), args.batch_size):
-                imgs.append(eng(lat[lo : lo + args.batch_size]).cpu())
+                b = len(lat[lo : lo + args.batch_size])
+                imgs.append(eng(lat[lo : lo + args.batch_size], **cond_for(args, lo, b)).cpu())
                 bar.update(len(imgs[-1]))
         imgs = torch.cat(imgs)
         dt = time.perf_counter() - t0
@@ -299,6 +305,7 @@ class Interpolate:
     @staticmethod
     def add_arguments(p):
         add_model_options(p, steps=50)
+        add_guidance_options(p)
         g = p.add_mutually_exclusive_group()
         g.add_argument("--seeds", type=int, nargs=2, metavar=("A", "B"), default=(0, 1),
                        help="interpolate between x_T of sample 0 of seed A and of seed B")
@@ -323,7 +330,8 @@ class Interpolate:
             z0, z1 = (rng.initial_noise(s, (1, *eng.shape))[0] for s in args.seeds)
         z = slerp(z0, z1, torch.linspace(0, 1, args.num))  # (num, C, H, W): Section 5.3
         t0 = time.perf_counter()
-        imgs = torch.cat([eng(z[lo : lo + args.batch_size]).cpu() for lo in range(0, len(z), args.batch_size)])
+        imgs = torch.cat([eng(z[lo : lo + args.batch_size], **cond_for(args, lo, len(z[lo : lo + args.batch_size])))
+                          .cpu() for lo in range(0, len(z), args.batch_size)])
         dt = time.perf_counter() - t0
         io.save_images(imgs, args.out, overwrite=args.overwrite, nrow=args.num, scale=args.scale,
                        meta=describe(args, eng, model))

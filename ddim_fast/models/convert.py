@@ -220,8 +220,7 @@ DIFFUSERS_REQUIRED = (
     ("act_fn", "silu", "another activation"),
     ("resnet_time_scale_shift", "default", "scale-shift (FiLM) time conditioning"),
     ("add_attention", True, "no attention in the middle block"),
-    ("class_embed_type", None, "class conditioning"),
-    ("num_class_embeds", None, "class conditioning"),
+    ("class_embed_type", None, "a class embedding other than a label lookup (num_class_embeds)"),
 )
 
 
@@ -270,6 +269,10 @@ def diffusers_config(cfg: dict) -> UNetConfig:
         size = size[0] if size else None
     if not is_int(size) or size < 1:
         problems.append(f"sample_size={size!r} (the image size must be set: an int)")
+    n_cls = c["num_class_embeds"]
+    if n_cls is not None and (not is_int(n_cls) or n_cls < 2):
+        problems.append(f"num_class_embeds={n_cls!r} (a class-conditional model needs at least one label "
+                        "and the null row: num_class_embeds >= 2)")
     if problems:
         raise ValueError(f"this UNet2DModel differs from the DDPM UNet in {len(problems)} setting(s), so ddim-fast "
                          "cannot load it: " + "; ".join(problems))
@@ -278,6 +281,9 @@ def diffusers_config(cfg: dict) -> UNetConfig:
         ch_mult=tuple(w // ch for w in widths), num_res_blocks=c["layers_per_block"],
         attn_resolutions=tuple(size // 2**i for i in attn), dropout=float(c["dropout"]),
         resamp_with_conv=True, num_groups=c["norm_num_groups"], norm_eps=float(c["norm_eps"]),
+        # num_class_embeds rows map to labels 0..N-1 plus the null label N (our last row): a model not
+        # trained with a null row maps numerically, but its 'null' label means nothing
+        num_classes=int(n_cls) - 1 if n_cls is not None else None,
     )
 
 
@@ -291,7 +297,8 @@ def diffusers_key(key: str, levels: int, old_attention: bool = False) -> str:
     """The diffusers UNet2DModel name of one of our state-dict keys (official layout)."""
     attn = _ATTN_OLD if old_attention else _ATTN_NEW
     fixed = {"temb.dense.0": "time_embedding.linear_1", "temb.dense.1": "time_embedding.linear_2",
-             "norm_out": "conv_norm_out", "conv_in": "conv_in", "conv_out": "conv_out"}
+             "norm_out": "conv_norm_out", "conv_in": "conv_in", "conv_out": "conv_out",
+             "label_emb": "class_embedding"}
     module, _, param = key.rpartition(".")
     if module in fixed:
         return f"{fixed[module]}.{param}"

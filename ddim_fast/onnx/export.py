@@ -21,7 +21,9 @@ import torch
 
 from .. import __version__
 from ..checks import is_int, sample_shape
+from ..conditioning import cond_spec, example_cond, resolve
 from ..files import atomic_write_bytes
+from ..models.diffusers_unet import adapt
 from ..plan import SamplingPlan
 from ..precision import NAMES
 from .cache import (  # noqa: F401  (cache_dir, the fingerprints and the limit are part of this module's API)
@@ -59,8 +61,10 @@ VALIDATE_LOOP_STEPS = 20  # a Loop export is validated on its first steps plus a
 stats = {"torch_exports": 0, "sampler_builds": 0, "cache_hits": 0}
 
 
-def _export_key(model_fp: str, plan: SamplingPlan | None, dtype, opset, shape, unroll, table=False) -> str:
-    """The cache key; a table-input graph keys on the plan's structure, not on its table."""
+def _export_key(model_fp: str, plan: SamplingPlan | None, dtype, opset, shape, unroll, table=False, cond=None) -> str:
+    """The cache key; a table-input graph keys on the plan's structure, not on its table. cond:
+    cond_signature() of a conditional export (its inputs, and for a sampler whether guided); None for
+    an unconditional one, whose key is unchanged."""
     if plan is None:
         plan_part = None
     elif table:  # an unrolled table graph fixes S; a Loop takes any
@@ -80,6 +84,8 @@ def _export_key(model_fp: str, plan: SamplingPlan | None, dtype, opset, shape, u
     }
     if table:
         parts["table_inputs"] = True  # added only here: the keys of baked graphs are as before
+    if cond is not None:
+        parts["cond"] = cond
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -94,7 +100,30 @@ def _cache_path(key: str, plan: SamplingPlan | None, dtype, table=False, unroll=
 
 
 # -- metadata -----------------------------------------------------------------------------------------
-def _metadata(model, plan, dtype, shape, key, unroll, opset, table=False) -> dict:
+def cond_signature(example: dict, guided: bool | None) -> list | None:
+    """What an export's graph depends on of its conditioning: each input's name, per-sample shape and
+    dtype, and (sampler graphs) whether it is guided. None when the export has no conditioning."""
+    if not example:
+        return None
+    sig = [[k, list(v.shape[1:]), str(v.dtype)] for k, v in example.items()]
+    return sig if guided is None else [sig, bool(guided)]
+
+
+def _cond_metadata(model, example: dict, guided: bool, plan) -> dict:
+    """The metadata `conditioning` entry: what to feed, per input (shape, dtype, what null means)."""
+    spec = cond_spec(model) or {}
+    out = {}
+    for k, v in example.items():
+        s = spec.get(k, {})
+        dims = ", ".join(str(d) for d in v.shape[1:])
+        dtype = "float32" if v.is_floating_point() else "int64"
+        null = s.get("null")
+        out[k] = {"shape": f"(B{', ' + dims if dims else ''})", "dtype": dtype,
+                  "null": null, "about": s.get("about", "passed to the model as it is")}
+    return out
+
+
+def _metadata(model, plan, dtype, shape, key, unroll, opset, table=False, cond_example=None, guided=False) -> dict:
     cfg = getattr(model, "config", None)
     sched = getattr(model, "schedule", None)
     meta = {
@@ -109,8 +138,14 @@ def _metadata(model, plan, dtype, shape, key, unroll, opset, table=False) -> dic
         "opset": opset,
         "key": key,
     }
+    cond_meta = _cond_metadata(model, cond_example or {}, guided, plan)
+    if cond_meta:
+        meta["conditioning"] = cond_meta
+        if plan is not None:
+            meta["guided"] = bool(guided)
     if plan is None:
         meta["inputs"] = {"x": "(B, C, H, W) float32", "t": "(B,) int64 training timesteps"}
+        meta["inputs"].update({k: f"{c['shape']} {c['dtype']}: {c['about']}" for k, c in cond_meta.items()})
         meta["outputs"] = {"prediction": f"(B, C, H, W) float32, the model's {meta['prediction']} prediction"}
     else:
         x_in, x_out = ("x_T", "x0") if plan.direction == "sample" else ("x0", "x_T")
@@ -127,9 +162,19 @@ def _metadata(model, plan, dtype, shape, key, unroll, opset, table=False) -> dic
             # any plan with this structure (and, unrolled, these steps) runs here; `plan`: the one validated
             meta["structure"] = structure(plan)
             S = f"S = {plan.steps}" if unroll else "S = their number, any"
-            meta["inputs"]["coef"] = ("(S, 6) float32: the plan's coefficient table, columns "
-                                      "cx ce d0 dx de sigma (ddim_fast.onnx.graph.table_feeds(plan))")
+            meta["inputs"]["coef"] = (f"(S, {plan.coef.shape[1]}) float32: the plan's coefficient table, columns "
+                                      f"{' '.join(meta['structure']['columns'])} "
+                                      "(ddim_fast.onnx.graph.table_feeds(plan))")
             meta["inputs"]["timesteps"] = f"(S,) int64: the plan's timesteps; {S}"
+        for k, c in cond_meta.items():
+            meta["inputs"][k] = f"{c['shape']} {c['dtype']}: {c['about']}"
+        if guided:
+            for k, c in cond_meta.items():
+                null = f"; the null value {c['null']} gives the model's unconditional branch" \
+                    if c["null"] is not None else "; the model has no null value: feed e.g. the empty prompt's states"
+                meta["inputs"][f"uncond_{k}"] = f"{c['shape']} {c['dtype']}: the unconditional branch of {k}{null}"
+            meta["inputs"]["guidance"] = ("() float32: the guidance scale w, m = m_u + w (m_c - m_u) (0: "
+                                          "unconditional, 1: conditional alone)")
         meta["outputs"] = {x_out: "(B, C, H, W) float32, the final state, not clamped"}
     return meta
 
@@ -162,7 +207,7 @@ def onnx_metadata(path) -> dict:
 # -- export -------------------------------------------------------------------------------------------
 def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float32, opset: int | None = None,
                 validate: bool = True, *, shape=None, unroll: bool | None = None, table_inputs: bool = False,
-                log=None) -> Path:
+                log=None, guided: bool = False, cond: dict | None = None) -> Path:
     """Export `model` (no plan: the eps-model) or the whole sampler of `plan` to `path` (atomically).
 
     eps-model:  inputs x (B, C, H, W) float32 and t (B,) int64; output `prediction` float32.
@@ -179,11 +224,36 @@ def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float
                 of this S unrolled.
     validate:   run the graph in ONNX Runtime (CPU) and check it against the float64 reference.
     log:        a function called with one line at each stage (export, graph, validation), for progress.
-    Returns the path. The file carries its config, schedule, plan and version in metadata_props
-    (read them with onnx_metadata).
+    model:      this project's UNet, any nn.Module model(x, t, **cond), or a diffusers UNet2DModel /
+                UNet2DConditionModel as it is (its .sample taken; shape from its config).
+    A conditional model's inputs (class_labels; encoder_hidden_states of a UNet2DConditionModel) become
+    graph inputs of the same names, batch B. cond: example tensors fixing their other dimensions
+    (needed for a length other than 77 of encoder_hidden_states; its batch is ignored).
+    guided:     (sampler) classifier-free guidance in the graph: inputs uncond_<name> per conditioning
+                input and `guidance` (a float32 scalar); each step runs the network on [uncond; cond].
+    Returns the path. The file carries its config, schedule, plan, version and its conditioning
+    inputs (names, shapes, dtypes, what null means) in metadata_props (read them with onnx_metadata).
     """
-    proto, _ = _build(model, plan, dtype, opset, shape, unroll, validate, log=log, table=table_inputs)
+    proto, _ = _build(model, plan, dtype, opset, shape, unroll, validate, log=log, table=table_inputs, guided=guided,
+                      cond=cond)
     return _write(path, proto)
+
+
+def cond_example(model, cond=None) -> dict:
+    """Example conditioning inputs (batch 2) for the export of `model`: from `cond` (checked) when given,
+    else from the model's cond_spec (encoder_hidden_states of length 77, CLIP's); {} when unconditional."""
+    spec = cond_spec(model)
+    if cond is not None:
+        if not isinstance(cond, dict) or not cond or not all(isinstance(v, torch.Tensor) and v.ndim >= 1
+                                                             for v in cond.values()):
+            raise ValueError("cond must be a dict of example tensors with a leading batch dimension, "
+                             "e.g. {'encoder_hidden_states': torch.zeros(1, 77, 768)}")
+        batch = next(iter(cond.values())).shape[0]
+        checked = resolve(model, batch, cond, spec=spec).cond
+        return {k: v[:1].expand(2, *v.shape[1:]).clone().cpu() for k, v in checked.items()}
+    if not spec:
+        return {}
+    return example_cond(spec, 2, torch.Generator().manual_seed(0), length=77)
 
 
 def _check_args(model, plan, dtype, opset, shape, unroll, table=False):
@@ -210,34 +280,52 @@ def _check_args(model, plan, dtype, opset, shape, unroll, table=False):
     return sample_shape(model, shape)
 
 
-def _build(model, plan, dtype, opset, shape, unroll, validate, model_fp=None, log=None, table=False):
+def _build(model, plan, dtype, opset, shape, unroll, validate, model_fp=None, log=None, table=False, guided=False,
+           cond=None):
     """(proto with metadata, key), validated when asked; log(line) at each stage."""
     say = log or (lambda line: None)
+    model = adapt(model)
     shape = _check_args(model, plan, dtype, opset, shape, unroll, table)
     unroll = _resolve_unroll(plan, unroll)
+    example = cond_example(model, cond)
+    guided = _check_guided(guided, plan, example)
     model_fp = model_fp or model_fingerprint(model)
-    net_proto = _network(model, model_fp, dtype, opset, shape, say)
+    net_proto = _network(model, model_fp, dtype, opset, shape, say, example)
     if plan is not None:
         say(f"building the {plan.steps}-step sampler graph ({'unrolled' if unroll else 'one ONNX Loop'}"
-            f"{'; the table and timesteps are inputs' if table else ''})")
-    proto = net_proto if plan is None else _sampler(net_proto, plan, unroll, shape, table)
+            f"{'; the table and timesteps are inputs' if table else ''}"
+            f"{', classifier-free guidance' if guided else ''})")
+    proto = net_proto if plan is None else _sampler(net_proto, plan, unroll, shape, table, guided)
     if validate:
         say("validating the graph in ONNX Runtime against the float64 reference")
-    key = _export_key(model_fp, plan, dtype, opset, shape, unroll, table)
-    _set_metadata(proto, _metadata(model, plan, dtype, shape, key, unroll, opset_of(proto), table))
+    key = _export_key(model_fp, plan, dtype, opset, shape, unroll, table,
+                      cond_signature(example, None if plan is None else guided))
+    _set_metadata(proto, _metadata(model, plan, dtype, shape, key, unroll, opset_of(proto), table, example, guided))
+    checked = {"cond": example, "guided": guided}
     if validate and table and not unroll:
         # the Loop is the same for every plan of this structure: checked on the first steps of this one
-        validate_export(proto, model, head(plan, min(plan.steps, VALIDATE_LOOP_STEPS)), dtype, shape)
+        validate_export(proto, model, head(plan, min(plan.steps, VALIDATE_LOOP_STEPS)), dtype, shape, **checked)
     elif validate and plan is not None and not unroll and plan.steps > VALIDATE_LOOP_STEPS:
         # A Loop runs one body S times, reading row i of its tables: validating the body on the
         # first steps and the tables exactly costs VALIDATE_LOOP_STEPS reference steps, not S
         # (a float64 DDPM-1000 reference of the CIFAR-10 UNet took 20 minutes on 2 CPU cores).
         first = head(plan, VALIDATE_LOOP_STEPS)
-        validate_export(_sampler(net_proto, first, False, shape), model, first, dtype, shape)
+        validate_export(_sampler(net_proto, first, False, shape, False, guided), model, first, dtype, shape, **checked)
         check_loop_tables(proto, plan)
     elif validate:
-        validate_export(proto, model, plan, dtype, shape)
+        validate_export(proto, model, plan, dtype, shape, **checked)
     return proto, key
+
+
+def _check_guided(guided, plan, example):
+    if guided not in (True, False):
+        raise ValueError(f"guided must be True or False, got {guided!r}")
+    if guided and plan is None:
+        raise ValueError("guided applies to a sampler export (give plan=); the eps-model graph takes cond as inputs")
+    if guided and not example:
+        raise ValueError("guided=True needs a conditional model (class labels or encoder_hidden_states); "
+                         "this one takes no conditioning")
+    return guided
 
 
 def _resolve_unroll(plan, unroll):
@@ -246,17 +334,18 @@ def _resolve_unroll(plan, unroll):
     return plan.steps <= UNROLL_MAX_STEPS if unroll is None else unroll
 
 
-def _sampler(net_proto, plan, unroll, shape, table=False):
+def _sampler(net_proto, plan, unroll, shape, table=False, guided=False):
     """graph.sampler_proto, counted in stats."""
-    proto = sampler_proto(net_proto, plan, unroll, shape, table)
+    proto = sampler_proto(net_proto, plan, unroll, shape, table, guided)
     stats["sampler_builds"] += 1
     return proto
 
 
-def _network(model, model_fp, dtype, opset, shape, say=lambda line: None):
-    """The eps-model graph, from the cache when this (model, dtype, opset, shape) was exported before."""
+def _network(model, model_fp, dtype, opset, shape, say=lambda line: None, example=None):
+    """The eps-model graph, from the cache when this (model, dtype, opset, shape, conditioning inputs)
+    was exported before."""
     onnx = import_onnx()
-    key = _export_key(model_fp, None, dtype, opset, shape, None)
+    key = _export_key(model_fp, None, dtype, opset, shape, None, False, cond_signature(example, None))
     path = lookup(_cache_path(key, None, dtype))
     if path is not None:
         try:
@@ -268,10 +357,10 @@ def _network(model, model_fp, dtype, opset, shape, say=lambda line: None):
     say(f"exporting the network with torch.onnx ({EXPORT_DTYPES[dtype]}; once per model and precision, then "
         f"cached; about {export_estimate_s():.0f} s here)")
     t0 = time.perf_counter()
-    proto = torch_export(model, dtype, opset, shape)
+    proto = torch_export(model, dtype, opset, shape, example)
     record_export_time(time.perf_counter() - t0)
     stats["torch_exports"] += 1
-    _set_metadata(proto, _metadata(model, None, dtype, shape, key, None, opset_of(proto)))
+    _set_metadata(proto, _metadata(model, None, dtype, shape, key, None, opset_of(proto), False, example))
     store(_cache_path(key, None, dtype), proto.SerializeToString())
     return proto
 
@@ -280,8 +369,10 @@ def network_cached(model, dtype=torch.float32, opset: int | None = None, *, shap
                    model_fp: str | None = None) -> bool:
     """Whether the torch export of this (model, dtype, opset, shape) is in the cache: if so, any
     sampler graph around it is built in a second or two; if not, the export costs export_estimate_s()."""
+    model = adapt(model)
     shape = _check_args(model, None, dtype, opset, shape, None)
-    key = _export_key(model_fp or model_fingerprint(model), None, dtype, opset, shape, None)
+    sig = cond_signature(cond_example(model), None)
+    key = _export_key(model_fp or model_fingerprint(model), None, dtype, opset, shape, None, False, sig)
     return lookup(_cache_path(key, None, dtype)) is not None
 
 
@@ -299,21 +390,26 @@ def _write(path, proto) -> Path:
 
 def export_cached(model, plan: SamplingPlan | None = None, dtype=torch.float32, opset: int | None = None, *,
                   shape=None, unroll: bool | None = None, table_inputs: bool = False, model_fp: str | None = None,
-                  log=None) -> Path:
+                  log=None, guided: bool = False, cond: dict | None = None) -> Path:
     """export_onnx into the cache folder (cache_dir()), keyed by a content hash of the weights, config,
     plan (its structure only, with table_inputs), dtype, opset and ddim-fast version: a second call with
     the same inputs returns the file without exporting. model_fp: model_fingerprint(model), when the
     caller already has it; log(line): progress of a fresh export."""
+    model = adapt(model)
     shape = _check_args(model, plan, dtype, opset, shape, unroll, table_inputs)
     unroll = _resolve_unroll(plan, unroll)
+    example = cond_example(model, cond)
+    guided = _check_guided(guided, plan, example)
     model_fp = model_fp or model_fingerprint(model)
-    key = _export_key(model_fp, plan, dtype, opset, shape, unroll, table_inputs)
+    sig = cond_signature(example, None if plan is None else guided)
+    key = _export_key(model_fp, plan, dtype, opset, shape, unroll, table_inputs, sig)
     path = _cache_path(key, plan, dtype, table_inputs, unroll)
     found = lookup(path)
     if found is not None:
         stats["cache_hits"] += 1
         return found
-    proto, _ = _build(model, plan, dtype, opset, shape, unroll, True, model_fp, log=log, table=table_inputs)
+    proto, _ = _build(model, plan, dtype, opset, shape, unroll, True, model_fp, log=log, table=table_inputs,
+                      guided=guided, cond=cond)
     size = proto.ByteSize()
     if size >= 2**31 - 1:
         raise ValueError(f"the graph is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for one file; "

@@ -119,15 +119,35 @@ def threshold_ops(b: Builder, x0: str, p: float, s_max: float, numel: int) -> st
 
 
 def network_parts(net_proto):
-    """(nodes, initializers, x name, t name, output name) of an exported eps-model graph."""
+    """(nodes, initializers, x name, t name, output name) of an exported eps-model graph (its
+    conditioning inputs after x and t: network_cond_inputs)."""
     g = net_proto.graph
-    if [i.name for i in g.input] != ["x", "t"] or len(g.output) != 1:
-        raise ValueError("not a ddim-fast eps-model graph (inputs x, t; one output): re-export it")
+    if [i.name for i in g.input][:2] != ["x", "t"] or len(g.output) != 1:
+        raise ValueError("not a ddim-fast eps-model graph (inputs x, t, conditioning; one output): re-export it")
     for node in g.node:
         if any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute):
             raise ValueError(f"the network graph has a control-flow node ({node.op_type}); "
                              "the sampler export supports feed-forward networks only")
     return list(g.node), list(g.initializer), "x", "t", g.output[0].name
+
+
+def network_cond_inputs(net_proto) -> list:
+    """The conditioning inputs of an exported network (after x and t), as ValueInfoProtos."""
+    return list(net_proto.graph.input)[2:]
+
+
+def _batched(helper, info, name, batch="B"):
+    """A value info like `info` (a network input) named `name`, its first dimension the batch `batch`."""
+    tt = info.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tt.shape.dim]
+    return helper.make_tensor_value_info(name, tt.elem_type, [batch, *dims[1:]])
+
+
+def guided_ops(b: Builder, m2: str, w: str) -> str:
+    """Classifier-free guidance: m = m_u + w (m_c - m_u) from the doubled batch's output m2 = [m_u; m_c]
+    (the operations and order of ddim_fast.conditioning.combine)."""
+    m_u, m_c = b.op("Split", [m2], "m_half", n_out=2, axis=0, num_outputs=2)
+    return b.op("Add", [m_u, b.op("Mul", [w, b.op("Sub", [m_c, m_u])])], "m_cfg")
 
 
 def copy_nodes(nodes, rename, prefix):
@@ -178,13 +198,22 @@ def table_feeds(plan: SamplingPlan) -> dict:
     return {"coef": plan.to("cpu", torch.float32).coef.contiguous(), "timesteps": plan.timesteps.to("cpu")}
 
 
-def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inputs: bool = False):
+def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inputs: bool = False,
+                  guided: bool = False):
     """The whole sampler as an onnx.ModelProto, built around the exported network. table_inputs: the
-    table and timesteps are graph inputs instead of constants; `plan` gives the structure (layout_key)."""
+    table and timesteps are graph inputs instead of constants; `plan` gives the structure (layout_key).
+
+    A network with conditioning inputs (e.g. class_labels) makes them sampler inputs of the same
+    names with batch B; guided adds `uncond_<name>` for each and `guidance` (a float32 scalar): every
+    step then runs the network once on [uncond; cond] (2B) and combines m = m_u + w (m_c - m_u)."""
     onnx = import_onnx()
     from onnx import TensorProto, helper
 
     nodes, weights, _, _, pred = network_parts(net_proto)
+    cond_infos = network_cond_inputs(net_proto)
+    names = [i.name for i in cond_infos]
+    if guided and not names:
+        raise ValueError("a guided sampler needs a network with conditioning inputs (this one takes x and t only)")
     keep = {w.name for w in weights} | {""}
     x_in, x_out = ("x_T", "x0") if plan.direction == "sample" else ("x0", "x_T")
     noise = plan.needs_noise
@@ -197,6 +226,19 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inpu
     b = Builder()
     batch = b.op("Shape", [x_in], "batch", start=0, end=1)  # (1,) int64
     state_type = helper.make_tensor_type_proto(TensorProto.FLOAT, ["B", C, H, W])
+    net_cond = {n: n for n in names}  # the network's conditioning inputs: the graph's own, or doubled
+    net_batch = batch
+    if guided:
+        net_cond = {n: b.op("Concat", [f"uncond_{n}", n], f"cond2_{n}", axis=0) for n in names}  # [uncond; cond]
+        net_batch = b.op("Mul", [batch, b.const([2], np.int64)], "batch2")  # (1,) 2B
+
+    def net_state(bld, x):
+        """The network's input state: x, or [x; x] for the doubled batch."""
+        return bld.op("Concat", [x, x], "x2", axis=0) if guided else x
+
+    def formed(bld, m):
+        """The model output the update uses: m, or the guidance combine of the doubled output."""
+        return guided_ops(bld, m, "guidance") if guided else m
 
     K = plan.history
     columns = ALL_COLUMNS[: 6 + K] + ALL_COLUMNS[9:12] if K else COEF_COLUMNS  # what step_ops reads
@@ -210,10 +252,10 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inpu
                 row = b.op("Gather", ["coef", b.const(i, np.int64)], f"{pre}row", axis=0)  # (columns,)
             else:
                 t_i = b.const([ts[i]], np.int64, f"t{i}")
-            t = b.op("Expand", [t_i, batch], f"{pre}t")  # (B,)
-            rename = {"x": x, "t": t, **{k: k for k in keep}}
+            t = b.op("Expand", [t_i, net_batch], f"{pre}t")  # (B,) or (2B,)
+            rename = {"x": net_state(b, x), "t": t, **net_cond, **{k: k for k in keep}}
             b.nodes.extend(copy_nodes(nodes, rename, pre))
-            m = pre + pred  # (B, C, H, W) the model output at step i
+            m = formed(b, pre + pred)  # (B, C, H, W) the model output at step i
             z = None
             if noise and (table_inputs or coef[i, 5] != 0):  # a fed table's sigma may be nonzero at any step
                 z = b.op("Gather", ["noise", b.const(i, np.int64)], f"{pre}z", axis=0)  # (B, C, H, W)
@@ -241,19 +283,20 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inpu
         body = Builder("ddim/body/")
         i, cond, x = "ddim/body/i", "ddim/body/cond", "ddim/body/x"
         t_i = body.op("Gather", [steps_t, i], "t_i", axis=0)  # () int64
-        t = body.op("Expand", [body.op("Unsqueeze", [t_i, body.const([0], np.int64)]), batch], "t")  # (B,)
+        t = body.op("Expand", [body.op("Unsqueeze", [t_i, body.const([0], np.int64)]), net_batch], "t")  # (B,)
         row = body.op("Gather", [table, i], "row", axis=0)  # (6,)
         c = {name: body.op("Gather", [row, body.const(ALL_COLUMNS.index(name), np.int64)], name, axis=0)
              for name in columns + (("push",) if K else ())}
-        rename = {"x": x, "t": t, **{k: k for k in keep}}
+        rename = {"x": net_state(body, x), "t": t, **net_cond, **{k: k for k in keep}}
         body.nodes.extend(copy_nodes(nodes, rename, "ddim/body/net/"))
         z = body.op("Gather", ["noise", i], "z", axis=0) if noise else None  # (B, C, H, W)
+        m = formed(body, "ddim/body/net/" + pred)
         h_in = [f"ddim/body/h{k + 1}" for k in range(K)]  # the history, carried beside x
         if K:
-            x_next, h_next = step_ops(body, plan, x, "ddim/body/net/" + pred, c, z, numel, h_in)
+            x_next, h_next = step_ops(body, plan, x, m, c, z, numel, h_in)
             h_next = [body.op("Identity", [h], f"h{k + 1}_out") for k, h in enumerate(h_next)]
         else:
-            x_next, h_next = step_ops(body, plan, x, "ddim/body/net/" + pred, c, z, numel), []
+            x_next, h_next = step_ops(body, plan, x, m, c, z, numel), []
         cond_out = body.op("Identity", [cond], "cond_out")
         x_next = body.op("Identity", [x_next], "x_out")
         body_graph = helper.make_graph(
@@ -281,6 +324,10 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inpu
     if table_inputs:
         inputs.append(helper.make_tensor_value_info("coef", TensorProto.FLOAT, [S, coef.shape[1]]))
         inputs.append(helper.make_tensor_value_info("timesteps", TensorProto.INT64, [S]))
+    inputs += [_batched(helper, info, info.name) for info in cond_infos]
+    if guided:
+        inputs += [_batched(helper, info, f"uncond_{info.name}") for info in cond_infos]
+        inputs.append(helper.make_tensor_value_info("guidance", TensorProto.FLOAT, []))
     graph = helper.make_graph(b.nodes, f"ddim_{plan.direction}_{S}", inputs,
                               [helper.make_value_info(x_out, state_type)], initializer=weights + b.inits)
     model = helper.make_model(graph, opset_imports=list(net_proto.opset_import), producer_name="ddim-fast",

@@ -14,15 +14,29 @@ from .runtime import INSTALL_HINT, OnnxRuntimeMissing, first_line, import_onnx
 
 
 class Network(torch.nn.Module):
-    """model(x, t) with the network in `dtype` and float32 in and out (the sampler state's precision)."""
+    """model(x, t, **cond) with the network in `dtype` and float32 in and out (the sampler state's
+    precision); floating-point conditioning inputs are cast to `dtype` too."""
 
     def __init__(self, model, dtype):
         super().__init__()
         self.model = model
         self.dtype = dtype
 
-    def forward(self, x, t):
-        return self.model(x.to(self.dtype), t).to(torch.float32)
+    def forward(self, x, t, **cond):
+        cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in cond.items()}
+        return self.model(x.to(self.dtype), t, **cond).to(torch.float32)
+
+
+class _Positional(torch.nn.Module):
+    """The network with its conditioning inputs as positional arguments, in `names` order (the graph's
+    inputs x, t, *names): torch.export names graph inputs after positional arguments."""
+
+    def __init__(self, net, names):
+        super().__init__()
+        self.net, self.names = net, tuple(names)
+
+    def forward(self, x, t, *conds):
+        return self.net(x, t, **dict(zip(self.names, conds)))
 
 
 def eval_copy(model, dtype):
@@ -51,23 +65,31 @@ def quiet_exporter():
         logger.setLevel(level)
 
 
-def torch_export(model, dtype, opset, shape):
-    """The eps-model as an onnx.ModelProto: inputs x (B, C, H, W) float32, t (B,) int64; output
+def torch_export(model, dtype, opset, shape, cond=None):
+    """The eps-model as an onnx.ModelProto: inputs x (B, C, H, W) float32, t (B,) int64, and one input
+    per conditioning tensor of `cond` (an example dict, {name: (2, ...) tensor}: its dtypes and its
+    shapes after the batch are fixed in the graph; float ones are float32 inputs); output
     `prediction` (B, C', H, W) float32. The batch dimension is dynamic."""
     import_onnx()
     try:
         import onnxscript  # noqa: F401  (the exporter needs it)
     except ImportError:
         raise OnnxRuntimeMissing(f"onnxscript is not installed (torch.onnx needs it): {INSTALL_HINT}") from None
-    net = Network(eval_copy(model, dtype), dtype).eval()
+    cond = dict(cond or {})
+    names = list(cond)
+    net = _Positional(Network(eval_copy(model, dtype), dtype), names).eval()
     x = torch.randn(2, *shape)  # batch 2: torch.export specialises a traced batch of 1
     t = torch.tensor([1, 2], dtype=torch.int64)
+    conds = tuple(v.float() if v.is_floating_point() else v.long() for v in cond.values())
     batch = torch.export.Dim("batch", min=1, max=2**20)
+    dynamic = {"x": {0: batch}, "t": {0: batch}}
+    if names:
+        dynamic["conds"] = tuple({0: batch} for _ in names)
     with quiet_exporter(), torch.no_grad():
         try:
             program = torch.onnx.export(
-                net, (x, t), None, input_names=["x", "t"], output_names=["prediction"], dynamo=True,
-                dynamic_shapes={"x": {0: batch}, "t": {0: batch}}, opset_version=opset, verbose=False,
+                net, (x, t, *conds), None, input_names=["x", "t", *names], output_names=["prediction"],
+                dynamo=True, dynamic_shapes=dynamic, opset_version=opset, verbose=False,
             )
         except Exception as e:
             raise ValueError(

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..checks import sample_shape
+from ..conditioning import cond_spec, example_cond, null_cond
 from ..plan import SamplingPlan
 from ..precision import NAMES, atol, tolerance_ok
 from ..sampling import invert, sample
@@ -25,10 +26,12 @@ class ExportValidationError(RuntimeError):
 
 @torch.no_grad()
 def validate_export(proto_or_path, model, plan: SamplingPlan | None, dtype=torch.float32, shape=None, *,
-                    batch: int | None = None, seed: int = 0) -> dict:
+                    batch: int | None = None, seed: int = 0, cond: dict | None = None, guided: bool = False) -> dict:
     """Run the exported graph in ONNX Runtime (CPU EP) on random inputs and compare it with the
     float64 reference (the model in float64; ddim_fast.sampling for a sampler). Raises
-    ExportValidationError when the tolerance rule fails; returns the errors otherwise."""
+    ExportValidationError when the tolerance rule fails; returns the errors otherwise.
+    cond: example conditioning inputs of the graph (their shapes; fresh random values are drawn);
+    guided: the sampler graph does classifier-free guidance (random uncond, a scale of 2.5)."""
     shape = sample_shape(model, shape)
     # batch 3 for the network (traced at 2: checks the dynamic batch); 2 for a sampler, whose float64
     # reference costs S network calls (per-sample ops such as thresholding still see two samples)
@@ -38,23 +41,24 @@ def validate_export(proto_or_path, model, plan: SamplingPlan | None, dtype=torch
     m64 = eval_copy(model, torch.float64)
     low = Network(eval_copy(model, dtype), dtype)
     runner = OrtRunner(proto_or_path, device="cpu")
+    c, c64, kw, kw64, feeds_c = _random_cond(model, cond, guided, batch, gen)
     if plan is None:
         T = getattr(getattr(model, "schedule", None), "T", 1000)
         t = torch.randint(0, T, (batch,), generator=gen)
-        ref64 = m64(x.double(), t)
-        ref_low = low(x, t)
-        fast = runner(x=x, t=t)
+        ref64 = _tensor(m64(x.double(), t, **c64))
+        ref_low = low(x, t, **c)
+        fast = runner(x=x, t=t, **c)
     else:
         noise = torch.randn(plan.steps, *x.shape, generator=gen) if plan.needs_noise else None
         tables = table_feeds(plan) if "coef" in runner.inputs else {}  # a table-input graph gets the plan's
         if plan.direction == "invert":
-            ref64, ref_low = invert(m64, x.double(), plan), invert(low, x, plan)
-            fast = runner(x0=x, **tables)
+            ref64, ref_low = invert(m64, x.double(), plan, **kw64), invert(low, x, plan, **kw)
+            fast = runner(x0=x, **tables, **feeds_c)
         else:
             n64 = noise.double() if noise is not None else None
-            ref64, ref_low = sample(m64, x.double(), plan, noise=n64), sample(low, x, plan, noise=noise)
+            ref64, ref_low = sample(m64, x.double(), plan, noise=n64, **kw64), sample(low, x, plan, noise=noise, **kw)
             feeds = {"x_T": x} if noise is None else {"x_T": x, "noise": noise}
-            fast = runner(**feeds, **tables)
+            fast = runner(**feeds, **tables, **feeds_c)
     err_fast = (fast.double() - ref64).abs().max().item()
     err_low = (ref_low.double() - ref64).abs().max().item()
     what = "eps-model" if plan is None else f"{plan.direction} sampler ({plan.steps} steps)"
@@ -65,6 +69,42 @@ def validate_export(proto_or_path, model, plan: SamplingPlan | None, dtype=torch
             f"{atol(dtype):g}). Nothing was written; please report this with the model config"
         )
     return {"err_onnx": err_fast, "err_torch": err_low}
+
+
+def _tensor(out):
+    return out if isinstance(out, torch.Tensor) else out.sample
+
+
+def _random_cond(model, example, guided, batch, gen):
+    """Random conditioning like `example` for `batch` samples: (cond, cond in float64, the sampler's
+    keywords, the float64 sampler's keywords, the graph's conditioning feeds)."""
+    if not example:
+        return {}, {}, {}, {}, {}
+    spec = cond_spec(model) or {}
+
+    def draw():
+        out = {}
+        for k, v in example.items():
+            if k in spec:
+                out[k] = example_cond({k: spec[k]}, batch, gen, length=v.shape[1] if v.ndim > 1 else 8)[k]
+            elif v.is_floating_point():
+                out[k] = torch.randn(batch, *v.shape[1:], generator=gen)
+            else:
+                out[k] = v[:1].expand(batch, *v.shape[1:]).clone()
+        return out
+
+    def f64(d):
+        return {k: v.double() if v.is_floating_point() else v for k, v in d.items()}
+
+    c = draw()
+    if not guided:
+        return c, f64(c), {"cond": c}, {"cond": f64(c)}, dict(c)
+    u = null_cond({k: spec[k] for k in c if k in spec}, batch) if set(c) <= set(spec) else None
+    u = draw() if u is None else u
+    w = 2.5
+    feeds = {**c, **{f"uncond_{k}": v for k, v in u.items()}, "guidance": torch.tensor(w, dtype=torch.float32)}
+    return (c, f64(c), {"cond": c, "uncond": u, "guidance": w},
+            {"cond": f64(c), "uncond": f64(u), "guidance": w}, feeds)
 
 
 def head(plan: SamplingPlan, k: int) -> SamplingPlan:
