@@ -152,6 +152,12 @@ def test_reference_float64_equals_the_diffusers_cfg_loop(which, text_unet32, cla
     assert _relative(plain, truth) > 1e-3
 
 
+@pytest.fixture(scope="module")
+def onnx_cache_dir(tmp_path_factory):
+    """One ONNX cache for this module: each diffusers network's torch export (the slow part) happens once."""
+    return tmp_path_factory.mktemp("diffusers-onnx-cache")
+
+
 BACKENDS = [("reference", {}), ("triton", {}), ("onnxruntime", {"unroll": True}),
             ("onnxruntime", {"unroll": False})]
 
@@ -166,13 +172,13 @@ IDS = [f"{w}-{b}" + ("" if not o else "-unrolled" if o["unroll"] else "-loop") f
 
 
 @pytest.mark.parametrize("which, backend, opts", CASES, ids=IDS)
-def test_every_cpu_backend_meets_the_tolerance_rule(which, backend, opts, text_unet, class_unet, loops, tmp_path,
+def test_every_cpu_backend_meets_the_tolerance_rule(which, backend, opts, text_unet, class_unet, loops, onnx_cache_dir,
                                                     monkeypatch):
     if backend == "triton":
         pytest.importorskip("triton")
     if backend == "onnxruntime":
         pytest.importorskip("onnxruntime")
-        monkeypatch.setenv("DDIM_FAST_CACHE", str(tmp_path))
+        monkeypatch.setenv("DDIM_FAST_CACHE", str(onnx_cache_dir))
     unet, x_T, cond, uncond = _cases(which, text_unet, class_unet)
     truth, low = (v.clamp(-1, 1) for v in loops(which))
     eng = dd.Engine(unet, _plan(), backend=backend, device="cpu", onnx_options=opts or None)
@@ -206,9 +212,10 @@ def test_a_diffusers_class_conditional_folder_imports(class_unet, loops, tmp_pat
     torch.testing.assert_close(again.label_emb.weight, model.label_emb.weight, rtol=0, atol=0)
 
 
-def test_a_diffusers_model_exports_with_its_conditioning_inputs(text_unet, loops, tmp_path, monkeypatch):
+def test_a_diffusers_model_exports_with_its_conditioning_inputs(text_unet, loops, tmp_path, onnx_cache_dir,
+                                                                monkeypatch):
     pytest.importorskip("onnxruntime")
-    monkeypatch.setenv("DDIM_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DDIM_FAST_CACHE", str(onnx_cache_dir))
     path = dd.export_onnx(text_unet, tmp_path / "s.onnx", plan=_plan(), guided=True,
                           cond={"encoder_hidden_states": torch.zeros(1, 5, 32)})
     from ddim_fast.onnx.export import onnx_metadata
