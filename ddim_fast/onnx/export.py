@@ -11,6 +11,7 @@ and timesteps graph inputs, so one cached graph serves every plan of the same st
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -234,9 +235,8 @@ def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float
     Returns the path. The file carries its config, schedule, plan, version and its conditioning
     inputs (names, shapes, dtypes, what null means) in metadata_props (read them with onnx_metadata).
     """
-    proto, _ = _build(model, plan, dtype, opset, shape, unroll, validate, log=log, table=table_inputs, guided=guided,
-                      cond=cond)
-    return _write(path, proto)
+    job = _prepare(model, plan, dtype, opset, shape, unroll, table_inputs, guided, cond)
+    return _write(path, _build(job, validate, log))
 
 
 def cond_example(model, cond=None) -> dict:
@@ -280,17 +280,50 @@ def _check_args(model, plan, dtype, opset, shape, unroll, table=False):
     return sample_shape(model, shape)
 
 
-def _build(model, plan, dtype, opset, shape, unroll, validate, model_fp=None, log=None, table=False, guided=False,
-           cond=None):
-    """(proto with metadata, key), validated when asked; log(line) at each stage."""
-    say = log or (lambda line: None)
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One export's checked inputs (from _prepare): what _build makes, and what keys it in the cache."""
+
+    model: torch.nn.Module
+    plan: SamplingPlan | None
+    dtype: torch.dtype
+    opset: int | None
+    shape: tuple
+    unroll: bool | None
+    table: bool
+    guided: bool
+    example: dict  # conditioning inputs (cond_example), {} for an unconditional model
+    model_fp: str
+
+    @property
+    def key(self) -> str:
+        sig = cond_signature(self.example, None if self.plan is None else self.guided)
+        return _export_key(self.model_fp, self.plan, self.dtype, self.opset, self.shape, self.unroll, self.table, sig)
+
+    @property
+    def path(self) -> Path:
+        return _cache_path(self.key, self.plan, self.dtype, self.table, self.unroll)
+
+    def network(self) -> _Job:
+        """The export of this job's network alone (the eps-model), which its sampler graph is built around."""
+        return dataclasses.replace(self, plan=None, unroll=None, table=False, guided=False)
+
+
+def _prepare(model, plan, dtype, opset, shape, unroll, table=False, guided=False, cond=None, model_fp=None) -> _Job:
+    """Check an export's arguments once and resolve what they leave open (the layout, the conditioning)."""
     model = adapt(model)
     shape = _check_args(model, plan, dtype, opset, shape, unroll, table)
-    unroll = _resolve_unroll(plan, unroll)
     example = cond_example(model, cond)
-    guided = _check_guided(guided, plan, example)
-    model_fp = model_fp or model_fingerprint(model)
-    net_proto = _network(model, model_fp, dtype, opset, shape, say, example)
+    return _Job(model, plan, dtype, opset, shape, _resolve_unroll(plan, unroll), table,
+                _check_guided(guided, plan, example), example, model_fp or model_fingerprint(model))
+
+
+def _build(job: _Job, validate: bool, log=None):
+    """The job's graph with its metadata, validated when asked; log(line) at each stage."""
+    say = log or (lambda line: None)
+    model, plan, dtype, shape, unroll, table, guided = (job.model, job.plan, job.dtype, job.shape, job.unroll,
+                                                         job.table, job.guided)
+    net_proto = _network(job.network(), say)
     if plan is not None:
         say(f"building the {plan.steps}-step sampler graph ({'unrolled' if unroll else 'one ONNX Loop'}"
             f"{'; the table and timesteps are inputs' if table else ''}"
@@ -298,10 +331,9 @@ def _build(model, plan, dtype, opset, shape, unroll, validate, model_fp=None, lo
     proto = net_proto if plan is None else _sampler(net_proto, plan, unroll, shape, table, guided)
     if validate:
         say("validating the graph in ONNX Runtime against the float64 reference")
-    key = _export_key(model_fp, plan, dtype, opset, shape, unroll, table,
-                      cond_signature(example, None if plan is None else guided))
-    _set_metadata(proto, _metadata(model, plan, dtype, shape, key, unroll, opset_of(proto), table, example, guided))
-    checked = {"cond": example, "guided": guided}
+    _set_metadata(proto, _metadata(model, plan, dtype, shape, job.key, unroll, opset_of(proto), table, job.example,
+                                   guided))
+    checked = {"cond": job.example, "guided": guided}
     if validate and table and not unroll:
         # the Loop is the same for every plan of this structure: checked on the first steps of this one
         validate_export(proto, model, head(plan, min(plan.steps, VALIDATE_LOOP_STEPS)), dtype, shape, **checked)
@@ -314,7 +346,7 @@ def _build(model, plan, dtype, opset, shape, unroll, validate, model_fp=None, lo
         check_loop_tables(proto, plan)
     elif validate:
         validate_export(proto, model, plan, dtype, shape, **checked)
-    return proto, key
+    return proto
 
 
 def _check_guided(guided, plan, example):
@@ -341,12 +373,10 @@ def _sampler(net_proto, plan, unroll, shape, table=False, guided=False):
     return proto
 
 
-def _network(model, model_fp, dtype, opset, shape, say=lambda line: None, example=None):
-    """The eps-model graph, from the cache when this (model, dtype, opset, shape, conditioning inputs)
-    was exported before."""
+def _network(job: _Job, say=lambda line: None):
+    """The eps-model graph of a network job, from the cache when it was exported before."""
     onnx = import_onnx()
-    key = _export_key(model_fp, None, dtype, opset, shape, None, False, cond_signature(example, None))
-    path = lookup(_cache_path(key, None, dtype))
+    path = lookup(job.path)
     if path is not None:
         try:
             proto = onnx.load(str(path))
@@ -354,14 +384,15 @@ def _network(model, model_fp, dtype, opset, shape, say=lambda line: None, exampl
             return proto
         except Exception as e:  # a damaged cache entry is rebuilt, not fatal
             warnings.warn(f"ignoring the damaged cache entry {path} ({type(e).__name__}); re-exporting", stacklevel=3)
-    say(f"exporting the network with torch.onnx ({EXPORT_DTYPES[dtype]}; once per model and precision, then "
+    say(f"exporting the network with torch.onnx ({EXPORT_DTYPES[job.dtype]}; once per model and precision, then "
         f"cached; about {export_estimate_s():.0f} s here)")
     t0 = time.perf_counter()
-    proto = torch_export(model, dtype, opset, shape, example)
+    proto = torch_export(job.model, job.dtype, job.opset, job.shape, job.example)
     record_export_time(time.perf_counter() - t0)
     stats["torch_exports"] += 1
-    _set_metadata(proto, _metadata(model, None, dtype, shape, key, None, opset_of(proto), False, example))
-    store(_cache_path(key, None, dtype), proto.SerializeToString())
+    _set_metadata(proto, _metadata(job.model, None, job.dtype, job.shape, job.key, None, opset_of(proto), False,
+                                   job.example))
+    store(job.path, _serialized(proto))
     return proto
 
 
@@ -369,23 +400,24 @@ def network_cached(model, dtype=torch.float32, opset: int | None = None, *, shap
                    model_fp: str | None = None) -> bool:
     """Whether the torch export of this (model, dtype, opset, shape) is in the cache: if so, any
     sampler graph around it is built in a second or two; if not, the export costs export_estimate_s()."""
-    model = adapt(model)
-    shape = _check_args(model, None, dtype, opset, shape, None)
-    sig = cond_signature(cond_example(model), None)
-    key = _export_key(model_fp or model_fingerprint(model), None, dtype, opset, shape, None, False, sig)
-    return lookup(_cache_path(key, None, dtype)) is not None
+    return lookup(_prepare(model, None, dtype, opset, shape, None, model_fp=model_fp).path) is not None
+
+
+def _serialized(proto) -> bytes:
+    size = proto.ByteSize()
+    if size >= 2**31 - 1:
+        raise ValueError(f"the graph is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for one file; "
+                         "export the eps-model, or use fewer steps with unroll=False")
+    return proto.SerializeToString()
 
 
 def _write(path, proto) -> Path:
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.onnx'}")
-    size = proto.ByteSize()
-    if size >= 2**31 - 1:
-        raise ValueError(f"the graph is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for one file; "
-                         "export the eps-model, or use fewer steps with unroll=False")
+    data = _serialized(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_bytes(path, proto.SerializeToString())
+    return atomic_write_bytes(path, data)
 
 
 def export_cached(model, plan: SamplingPlan | None = None, dtype=torch.float32, opset: int | None = None, *,
@@ -395,23 +427,9 @@ def export_cached(model, plan: SamplingPlan | None = None, dtype=torch.float32, 
     plan (its structure only, with table_inputs), dtype, opset and ddim-fast version: a second call with
     the same inputs returns the file without exporting. model_fp: model_fingerprint(model), when the
     caller already has it; log(line): progress of a fresh export."""
-    model = adapt(model)
-    shape = _check_args(model, plan, dtype, opset, shape, unroll, table_inputs)
-    unroll = _resolve_unroll(plan, unroll)
-    example = cond_example(model, cond)
-    guided = _check_guided(guided, plan, example)
-    model_fp = model_fp or model_fingerprint(model)
-    sig = cond_signature(example, None if plan is None else guided)
-    key = _export_key(model_fp, plan, dtype, opset, shape, unroll, table_inputs, sig)
-    path = _cache_path(key, plan, dtype, table_inputs, unroll)
-    found = lookup(path)
+    job = _prepare(model, plan, dtype, opset, shape, unroll, table_inputs, guided, cond, model_fp)
+    found = lookup(job.path)
     if found is not None:
         stats["cache_hits"] += 1
         return found
-    proto, _ = _build(model, plan, dtype, opset, shape, unroll, True, model_fp, log=log, table=table_inputs,
-                      guided=guided, cond=cond)
-    size = proto.ByteSize()
-    if size >= 2**31 - 1:
-        raise ValueError(f"the graph is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for one file; "
-                         "use fewer steps or the Loop layout")
-    return store(path, proto.SerializeToString())
+    return store(job.path, _serialized(_build(job, True, log)))
