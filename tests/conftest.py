@@ -164,6 +164,17 @@ def onnx_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("ddim-fast-cache")
 
 
+@pytest.fixture(scope="module")
+def onnx_cache_env(onnx_cache):
+    """DDIM_FAST_CACHE pointed at the shared onnx_cache for one module, with no cache size limit from the
+    environment (a module opts in: pytestmark = pytest.mark.usefixtures("onnx_cache_env")). Yields the
+    folder the graphs are written to."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DDIM_FAST_CACHE", str(onnx_cache))
+        mp.delenv("DDIM_FAST_CACHE_MAX_MB", raising=False)
+        yield onnx_cache / "onnx"
+
+
 @pytest.fixture(scope="session")
 def onnx_tiny():
     """The ONNX tests' tiny UNet: seeded, norms and biases away from their init (every parameter

@@ -11,22 +11,13 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(onnx_cache):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DDIM_FAST_CACHE", str(onnx_cache))
-        yield onnx_cache / "onnx"
+pytestmark = pytest.mark.usefixtures("onnx_cache_env")
 
 
-@pytest.fixture(scope="module")
-def tiny(onnx_tiny):
-    return onnx_tiny
-
-
-def test_cli_export(tiny, tmp_path, capsys):
+def test_cli_export(onnx_tiny, tmp_path, capsys):
     from ddim_fast.checkpoint import save_model
 
-    save_model(tmp_path / "ckpt", tiny)
+    save_model(tmp_path / "ckpt", onnx_tiny)
     parser = argparse.ArgumentParser()
     Export.add_arguments(parser)
     out = tmp_path / "cli.onnx"
@@ -43,10 +34,10 @@ def test_cli_export(tiny, tmp_path, capsys):
                                         "--steps", "3"]))
 
 
-def test_cli_export_table_graph(tiny, tmp_path, capsys):
+def test_cli_export_table_graph(onnx_tiny, tmp_path, capsys):
     from ddim_fast.checkpoint import save_model
 
-    save_model(tmp_path / "ckpt", tiny)
+    save_model(tmp_path / "ckpt", onnx_tiny)
     parser = argparse.ArgumentParser()
     Export.add_arguments(parser)
     out = tmp_path / "table.onnx"
@@ -60,11 +51,11 @@ def test_cli_export_table_graph(tiny, tmp_path, capsys):
                                       "--graph", "table"]))
 
 
-def test_cli_export_multistep_sampler(tiny, tmp_path):
+def test_cli_export_multistep_sampler(onnx_tiny, tmp_path):
     """export --whole-sampler --sampler NAME: the metadata names the sampler and its options."""
     from ddim_fast.checkpoint import save_model
 
-    save_model(tmp_path / "ckpt", tiny)
+    save_model(tmp_path / "ckpt", onnx_tiny)
     parser = argparse.ArgumentParser()
     Export.add_arguments(parser)
     out = tmp_path / "ms.onnx"

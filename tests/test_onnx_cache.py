@@ -28,17 +28,7 @@ pytest.importorskip("onnx")
 SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(onnx_cache):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DDIM_FAST_CACHE", str(onnx_cache))
-        mp.delenv("DDIM_FAST_CACHE_MAX_MB", raising=False)
-        yield onnx_cache / "onnx"
-
-
-@pytest.fixture(scope="module")
-def tiny(onnx_tiny):
-    return onnx_tiny
+pytestmark = pytest.mark.usefixtures("onnx_cache_env")
 
 
 def _truth(model, x_T, plan, seed):
@@ -53,60 +43,60 @@ def _check(eng, ref_eng, model, plan, seed=3, batch=3):
 
 
 # -- one graph for every plan of a structure ------------------------------------------------------------
-def test_one_table_graph_serves_every_plan_of_a_structure(tiny):
+def test_one_table_graph_serves_every_plan_of_a_structure(onnx_tiny):
     """Unrolled (the CPU default up to UNROLL_MAX_STEPS): one graph per structure and S."""
     plans = [dd.SamplingPlan.build(SCHED, 4), dd.SamplingPlan.build(SCHED, 4, spacing="quad"),
              dd.SamplingPlan.build(SCHED, 4, spacing="trailing", final_alpha=1.0)]
     before = dict(dox.stats)
     for plan in plans:
-        eng = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu")
+        eng = dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu")
         assert eng._backend.table_inputs  # the CPU default
-        _check(eng, dd.Engine(tiny, plan, backend="reference", device="cpu"), tiny, plan)
+        _check(eng, dd.Engine(onnx_tiny, plan, backend="reference", device="cpu"), onnx_tiny, plan)
     # at most one sampler graph for the three plans (none if an earlier test built this one)
     assert dox.stats["sampler_builds"] - before["sampler_builds"] <= 1
     # noise is structure: eta > 0 takes another graph, which then serves every eta > 0 at this S
     noisy = [dd.SamplingPlan.build(SCHED, 4, eta=0.5), dd.SamplingPlan.build(SCHED, 4, eta=1.0, spacing="quad")]
     before = dict(dox.stats)
     for plan in noisy:
-        eng = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu")
-        got = _check(eng, dd.Engine(tiny, plan, backend="reference", device="cpu"), tiny, plan)
+        eng = dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu")
+        got = _check(eng, dd.Engine(onnx_tiny, plan, backend="reference", device="cpu"), onnx_tiny, plan)
         assert (eng.sample(3, seed=4) - got).abs().max() > 1e-2  # the seed drives the fed noise
     assert dox.stats["sampler_builds"] - before["sampler_builds"] <= 1
     # a new S builds a graph around the cached network: no torch export
     before = dict(dox.stats)
     plan = dd.SamplingPlan.build(SCHED, 7, spacing="quad")
-    _check(dd.Engine(tiny, plan, backend="onnxruntime", device="cpu"),
-           dd.Engine(tiny, plan, backend="reference", device="cpu"), tiny, plan)
+    _check(dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu"),
+           dd.Engine(onnx_tiny, plan, backend="reference", device="cpu"), onnx_tiny, plan)
     assert dox.stats["torch_exports"] == before["torch_exports"]
 
 
-def test_one_table_loop_serves_every_number_of_steps(tiny):
+def test_one_table_loop_serves_every_number_of_steps(onnx_tiny):
     before = dict(dox.stats)
     for plan in (dd.SamplingPlan.build(SCHED, 3), dd.SamplingPlan.build(SCHED, 6, spacing="quad")):
-        eng = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu", onnx_options={"unroll": False})
-        _check(eng, dd.Engine(tiny, plan, backend="reference", device="cpu"), tiny, plan)
+        eng = dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu", onnx_options={"unroll": False})
+        _check(eng, dd.Engine(onnx_tiny, plan, backend="reference", device="cpu"), onnx_tiny, plan)
     assert dox.stats["sampler_builds"] - before["sampler_builds"] <= 1
 
 
 @pytest.mark.parametrize("unroll", [True, False])
-def test_table_graph_equals_the_baked_graph(tiny, unroll):
+def test_table_graph_equals_the_baked_graph(onnx_tiny, unroll):
     """The same operations on the same float32 numbers: fed or baked, the table gives the same result."""
     plan = dd.SamplingPlan.build(SCHED, 5, eta=0.3, clip_x0=1.0)
-    table = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu", onnx_options={"unroll": unroll})
-    baked = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu",
+    table = dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu", onnx_options={"unroll": unroll})
+    baked = dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu",
                       onnx_options={"unroll": unroll, "table_inputs": False})
     assert table._backend.table_inputs and not baked._backend.table_inputs
     a, b = table.sample(4, seed=11), baked.sample(4, seed=11)
     assert (a - b).abs().max().item() <= 1e-6
 
 
-def test_inversion_through_the_table_graph(tiny):
+def test_inversion_through_the_table_graph(onnx_tiny):
     plan = dd.SamplingPlan.build(SCHED, 4)
-    eng = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu")
+    eng = dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu")
     x0 = dd.rng.initial_noise(5, (2, *eng.shape)).clamp(-1, 1)
     got = eng.invert(x0)
-    want = dd.Engine(tiny, plan, backend="reference", device="cpu").invert(x0)
-    truth = dd.invert(copy.deepcopy(tiny).double().eval(), x0.double(), plan.inverse())
+    want = dd.Engine(onnx_tiny, plan, backend="reference", device="cpu").invert(x0)
+    truth = dd.invert(copy.deepcopy(onnx_tiny).double().eval(), x0.double(), plan.inverse())
     assert_close_to_reference(got, want, truth, torch.float32)
 
 
@@ -121,8 +111,8 @@ def test_structure_keys_what_the_graph_depends_on():
         assert structure(other) != structure(a)
 
 
-def test_exported_table_file_runs_any_plan(tiny, tmp_path):
-    path = dd.export_onnx(tiny, tmp_path / "t.onnx", plan=dd.SamplingPlan.build(SCHED, 3), table_inputs=True,
+def test_exported_table_file_runs_any_plan(onnx_tiny, tmp_path):
+    path = dd.export_onnx(onnx_tiny, tmp_path / "t.onnx", plan=dd.SamplingPlan.build(SCHED, 3), table_inputs=True,
                           unroll=False)
     meta = dox.onnx_metadata(path)
     assert meta["graph"] == "loop" and meta["table_inputs"]
@@ -132,15 +122,15 @@ def test_exported_table_file_runs_any_plan(tiny, tmp_path):
     for plan in (dd.SamplingPlan.build(SCHED, 7, spacing="quad"), dd.SamplingPlan.build(SCHED, 2)):
         x_T = dd.rng.initial_noise(1, (2, 3, 16, 16))
         got = runner(x_T=x_T, **table_feeds(plan))
-        assert_close_to_reference(got, dd.sample(tiny, x_T, plan), dd.sample(copy.deepcopy(tiny).double(),
+        assert_close_to_reference(got, dd.sample(onnx_tiny, x_T, plan), dd.sample(copy.deepcopy(onnx_tiny).double(),
                                                                               x_T.double(), plan), torch.float32)
 
 
-def test_table_inputs_refusals(tiny, tmp_path):
+def test_table_inputs_refusals(onnx_tiny, tmp_path):
     with pytest.raises(ValueError, match="needs a plan"):
-        dd.export_onnx(tiny, tmp_path / "a.onnx", table_inputs=True)
+        dd.export_onnx(onnx_tiny, tmp_path / "a.onnx", table_inputs=True)
     with pytest.raises(ValueError, match="table_inputs must be"):
-        dd.Engine(tiny, dd.SamplingPlan.build(SCHED, 3), backend="onnxruntime", device="cpu",
+        dd.Engine(onnx_tiny, dd.SamplingPlan.build(SCHED, 3), backend="onnxruntime", device="cpu",
                   onnx_options={"table_inputs": "yes"})
 
 
@@ -179,33 +169,33 @@ def test_cache_limit_setting(monkeypatch):
             oc.cache_limit_bytes()
 
 
-def test_export_keeps_the_cache_under_its_limit(tiny, tmp_path, monkeypatch):
+def test_export_keeps_the_cache_under_its_limit(onnx_tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("DDIM_FAST_CACHE", str(tmp_path))
     old = _fake_entries(tmp_path / "onnx", [3_000_000, 3_000_000])
     monkeypatch.setenv("DDIM_FAST_CACHE_MAX_MB", "4")  # the tiny UNet's network file is ~1 MB
-    path = ex.export_cached(tiny)
+    path = ex.export_cached(onnx_tiny)
     assert path.parent == tmp_path / "onnx" and path.is_file()
     assert not any(p.exists() for p in old)  # the two old entries made room, the new one stays
     assert json.loads((tmp_path / "onnx" / "timings.json").read_text())["torch_export_s"] > 0
-    assert ex.export_estimate_s() > 0 and ex.network_cached(tiny)
+    assert ex.export_estimate_s() > 0 and ex.network_cached(onnx_tiny)
 
 
-def test_unwritable_cache_falls_back_with_one_warning(tiny, tmp_path, monkeypatch):
+def test_unwritable_cache_falls_back_with_one_warning(onnx_tiny, tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("DDIM_FAST_CACHE", str(blocker / "cache"))  # mkdir fails, even for root
     monkeypatch.setattr(oc, "_fallback", {})
     plan = dd.SamplingPlan.build(SCHED, 3)
     with pytest.warns(UserWarning, match="cannot be written.*DDIM_FAST_CACHE") as record:
-        eng = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu")
+        eng = dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu")
     assert len([w for w in record if "cannot be written" in str(w.message)]) == 1
     fallback = oc._fallback["dir"]
     assert eng._backend.paths["sample"].parent == fallback
-    _check(eng, dd.Engine(tiny, plan, backend="reference", device="cpu"), tiny, plan)
+    _check(eng, dd.Engine(onnx_tiny, plan, backend="reference", device="cpu"), onnx_tiny, plan)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning in this process; the export is found again
         hits = dox.stats["cache_hits"]
-        dd.Engine(tiny, dd.SamplingPlan.build(SCHED, 6), backend="onnxruntime", device="cpu")
+        dd.Engine(onnx_tiny, dd.SamplingPlan.build(SCHED, 6), backend="onnxruntime", device="cpu")
         assert dox.stats["cache_hits"] > hits
     assert ex.export_estimate_s() == ex.DEFAULT_EXPORT_S  # nothing recorded where nothing can be written
 
@@ -216,37 +206,37 @@ def _args(**kw):
                                  "progress": False, **kw})
 
 
-def test_cli_auto_takes_the_reference_backend_when_exporting_would_cost_more(tiny, tmp_path, monkeypatch):
+def test_cli_auto_takes_the_reference_backend_when_exporting_would_cost_more(onnx_tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("DDIM_FAST_CACHE", str(tmp_path))  # nothing cached
     plan = dd.SamplingPlan.build(SCHED, 3)
     monkeypatch.setattr(ex, "export_estimate_s", lambda: 1e6)
-    eng, _ = common.engine(_args(), model=tiny, plan=plan, images=2)
+    eng, _ = common.engine(_args(), model=onnx_tiny, plan=plan, images=2)
     assert eng.backend == "reference" and "shorter than the one-off ONNX export" in eng.backend_reason
-    assert not ex.network_cached(tiny)  # nothing was exported
+    assert not ex.network_cached(onnx_tiny)  # nothing was exported
     monkeypatch.setattr(ex, "export_estimate_s", lambda: 0.0)  # an export that costs nothing pays off
-    eng, _ = common.engine(_args(), model=tiny, plan=plan, images=2)
+    eng, _ = common.engine(_args(), model=onnx_tiny, plan=plan, images=2)
     assert eng.backend == "onnxruntime" and "more than exporting" in eng.backend_reason
-    assert ex.network_cached(tiny)
+    assert ex.network_cached(onnx_tiny)
     monkeypatch.setattr(ex, "export_estimate_s", lambda: 1e6)  # cached now: no estimate is needed
-    eng, _ = common.engine(_args(), model=tiny, plan=dd.SamplingPlan.build(SCHED, 5), images=1)
+    eng, _ = common.engine(_args(), model=onnx_tiny, plan=dd.SamplingPlan.build(SCHED, 5), images=1)
     assert eng.backend == "onnxruntime"
 
 
-def test_cli_probe_times_one_network_call(tiny):
+def test_cli_probe_times_one_network_call(onnx_tiny):
     t0 = time.perf_counter()
-    s = common._probe_s(tiny, 2, torch.float32)
+    s = common._probe_s(onnx_tiny, 2, torch.float32)
     assert 0 < s <= time.perf_counter() - t0
 
 
 @pytest.mark.parametrize("unroll", [None, False])
-def test_table_graphs_run_multistep_plans(tiny, unroll):
+def test_table_graphs_run_multistep_plans(onnx_tiny, unroll):
     """The history samplers through table-input graphs: the wider table, the pushes (built into an
     unrolled graph, so part of its key), and a Loop that serves any S."""
     opts = {"unroll": unroll}
     for plan in (dd.SamplingPlan.build(SCHED, 5, sampler="dpmpp_2m", spacing="trailing"),
                  dd.SamplingPlan.build(SCHED, 5, sampler="unipc", spacing="quad"),
                  dd.SamplingPlan.build(SCHED, 4, sampler="plms")):
-        eng = dd.Engine(tiny, plan, backend="onnxruntime", device="cpu", onnx_options=opts)
-        _check(eng, dd.Engine(tiny, plan, backend="reference", device="cpu"), tiny, plan)
+        eng = dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu", onnx_options=opts)
+        _check(eng, dd.Engine(onnx_tiny, plan, backend="reference", device="cpu"), onnx_tiny, plan)
     a, b = dd.SamplingPlan.build(SCHED, 5, sampler="dpmpp_2m"), dd.SamplingPlan.build(SCHED, 7, sampler="dpmpp_2m")
     assert structure(a) == structure(b) and structure(a) != structure(dd.SamplingPlan.build(SCHED, 5))

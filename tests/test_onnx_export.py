@@ -27,16 +27,7 @@ SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
 GSHAPE = (3, 8, 8)  # GaussianEps is size-agnostic; small keeps the float64 runs cheap
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(onnx_cache):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DDIM_FAST_CACHE", str(onnx_cache))
-        yield onnx_cache / "onnx"
-
-
-@pytest.fixture(scope="module")
-def tiny(onnx_tiny):
-    return onnx_tiny
+pytestmark = pytest.mark.usefixtures("onnx_cache_env")
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +40,9 @@ def _float64(model):
 
 
 # -- the eps-model ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_eps(onnx_tiny_eps):
-    return onnx_tiny_eps
-
-
 @pytest.mark.parametrize("batch", [1, 3])
-def test_eps_model_matches_the_reference(tiny, tiny_eps, batch):
-    runner = dox.OrtRunner(tiny_eps)
+def test_eps_model_matches_the_reference(onnx_tiny, onnx_tiny_eps, batch):
+    runner = dox.OrtRunner(onnx_tiny_eps)
     assert runner.inputs == ["x", "t"]
     g = torch.Generator().manual_seed(batch)
     x = torch.randn(batch, 3, 16, 16, generator=g)
@@ -64,16 +50,16 @@ def test_eps_model_matches_the_reference(tiny, tiny_eps, batch):
     got = runner(x=x, t=t)
     assert got.shape == x.shape and got.dtype == torch.float32
     with torch.no_grad():
-        ref64 = _float64(tiny)(x.double(), t)
-        ref32 = tiny(x, t)
+        ref64 = _float64(onnx_tiny)(x.double(), t)
+        ref32 = onnx_tiny(x, t)
     assert ref64.abs().max() > 0.1
     assert_close_to_reference(got, ref32, ref64, torch.float32)
 
 
-def test_eps_model_metadata_round_trip(tiny, tiny_eps):
-    meta = dox.onnx_metadata(tiny_eps)
+def test_eps_model_metadata_round_trip(onnx_tiny, onnx_tiny_eps):
+    meta = dox.onnx_metadata(onnx_tiny_eps)
     assert meta["kind"] == "eps_model"
-    assert dd.UNetConfig.from_dict(meta["model_config"]) == tiny.config
+    assert dd.UNetConfig.from_dict(meta["model_config"]) == onnx_tiny.config
     assert torch.equal(dd.NoiseSchedule.from_dict(meta["schedule"]).betas, SCHED.betas)
     assert meta["prediction"] == "eps" and meta["dtype"] == "fp32" and meta["version"] == dd.__version__
     assert meta["shape"] == [3, 16, 16]
@@ -220,17 +206,17 @@ def test_validate_export_rejects_another_model(tmp_path):
         dox.validate_export(path, GaussianEps(SCHED, mu=0.35), None, shape=GSHAPE)
 
 
-def test_bad_export_arguments(tiny, tmp_path):
+def test_bad_export_arguments(onnx_tiny, tmp_path):
     with pytest.raises(ValueError, match="float16"):
-        dd.export_onnx(tiny, tmp_path / "b.onnx", dtype=torch.bfloat16)
+        dd.export_onnx(onnx_tiny, tmp_path / "b.onnx", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="opset"):
-        dd.export_onnx(tiny, tmp_path / "b.onnx", opset=9)
+        dd.export_onnx(onnx_tiny, tmp_path / "b.onnx", opset=9)
     with pytest.raises(ValueError, match="prediction='eps'"):
-        dd.export_onnx(tiny, tmp_path / "b.onnx", plan=dd.SamplingPlan.build(SCHED, 3, prediction="v"))
+        dd.export_onnx(onnx_tiny, tmp_path / "b.onnx", plan=dd.SamplingPlan.build(SCHED, 3, prediction="v"))
     with pytest.raises(ValueError, match="shape"):
         dd.export_onnx(GaussianEps(SCHED), tmp_path / "b.onnx")
     with pytest.raises(ValueError, match="bfloat16"):
-        dd.Engine(tiny, dd.SamplingPlan.build(SCHED, 3), backend="onnxruntime", device="cpu", dtype=torch.bfloat16)
+        dd.Engine(onnx_tiny, dd.SamplingPlan.build(SCHED, 3), backend="onnxruntime", device="cpu", dtype=torch.bfloat16)
 
 
 def test_long_loop_exports_validate_the_body_and_the_tables(gauss, tmp_path, monkeypatch):

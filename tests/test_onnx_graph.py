@@ -14,16 +14,7 @@ onnx = pytest.importorskip("onnx")
 SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(onnx_cache):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DDIM_FAST_CACHE", str(onnx_cache))
-        yield onnx_cache / "onnx"
-
-
-@pytest.fixture(scope="module")
-def tiny(onnx_tiny):
-    return onnx_tiny
+pytestmark = pytest.mark.usefixtures("onnx_cache_env")
 
 
 @pytest.mark.parametrize("numel,p", [(192, 0.9), (192, 0.995), (192, 1.0), (7, 0.5), (101, 0.37), (1, 0.8)])
@@ -69,15 +60,15 @@ def _unused_initializers(graph):
 @pytest.mark.parametrize("kw", [dict(), dict(eta=0.5), dict(variance="large"), dict(clip_x0=1.0),
                                 dict(threshold=0.9, threshold_max=1.5), dict(eta=1.0, clip_x0=0.8)],
                          ids=["ddim", "eta", "sigma_hat", "clip", "threshold", "ddpm_clip"])
-def test_sampler_exports_carry_no_unused_initializers(tiny, kw, unroll, tmp_path, capfd):
+def test_sampler_exports_carry_no_unused_initializers(onnx_tiny, kw, unroll, tmp_path, capfd):
     plan = dd.SamplingPlan.build(SCHED, 4, **kw)
-    path = dd.export_onnx(tiny, tmp_path / "s.onnx", plan=plan, unroll=unroll, validate=False)
+    path = dd.export_onnx(onnx_tiny, tmp_path / "s.onnx", plan=plan, unroll=unroll, validate=False)
     proto = onnx.load(str(path))
     assert len(proto.graph.initializer) > 100  # the network's weights are in there
     assert _unused_initializers(proto.graph) == []
     capfd.readouterr()
     ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # default options and logging
     assert "Removing initializer" not in capfd.readouterr().err
-    inv = dd.export_onnx(tiny, tmp_path / "i.onnx", plan=dd.SamplingPlan.build(SCHED, 4).inverse(), unroll=unroll,
+    inv = dd.export_onnx(onnx_tiny, tmp_path / "i.onnx", plan=dd.SamplingPlan.build(SCHED, 4).inverse(), unroll=unroll,
                          validate=False)
     assert _unused_initializers(onnx.load(str(inv)).graph) == []
