@@ -156,6 +156,27 @@ def shared_tiny_unet(tmp_path_factory):
         yield ck
 
 
+# -- the Engine and backend tests' models (test_engine.py, test_backend_triton.py, test_backend_cuda_graph.py) --
+@pytest.fixture(scope="module")
+def analytic():
+    """GaussianEps over the linear T=1000 schedule: an exact, size-agnostic eps model."""
+    from ddim_fast.models.analytic import GaussianEps
+    from ddim_fast.schedule import NoiseSchedule
+
+    return GaussianEps(NoiseSchedule.linear(1000, 1e-4, 0.02))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A seeded tiny UNet (UNetConfig.tiny()) with the linear T=1000 schedule."""
+    import ddim_fast as dd
+
+    torch.manual_seed(0)
+    m = dd.UNet(dd.UNetConfig.tiny())
+    m.schedule = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
+    return m
+
+
 # -- the ONNX tests' shared model and cache (test_onnx_*.py, test_backend_onnxruntime.py) ---------------------
 @pytest.fixture(scope="session")
 def onnx_cache(tmp_path_factory):

@@ -9,23 +9,9 @@ from conftest import assert_close_to_reference
 
 import ddim_fast as dd
 from ddim_fast.engine import BackendUnavailable, batch_chunks
-from ddim_fast.models.analytic import GaussianEps
 
 SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
 SHAPE = (3, 8, 8)
-
-
-@pytest.fixture(scope="module")
-def analytic():
-    return GaussianEps(SCHED)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    m = dd.UNet(dd.UNetConfig.tiny())
-    m.schedule = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
-    return m
 
 
 def _plan(S=10, **kw):
