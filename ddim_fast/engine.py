@@ -6,7 +6,7 @@
     x_T = eng.invert(imgs)               # DDIM encoding (eta=0 plans)
 
 Backends (ddim_fast/backends/, one file each; all produce the reference sampler's result, within
-DESIGN.md's tolerance rule):
+docs/DESIGN.md's tolerance rule):
   reference    eager PyTorch (ddim_fast.sampling) on any device: the truth.
   triton       the UNet with fused Triton GroupNorm(+SiLU) and attention, and the fused step
                kernel (noise drawn in-kernel), launched eagerly. CUDA, or CPU under

@@ -1,4 +1,4 @@
-"""Network precisions by name, and DESIGN.md's tolerance rule for fast paths (one definition,
+"""Network precisions by name, and docs/DESIGN.md's tolerance rule for fast paths (one definition,
 used by the ONNX export check, the Engine, the CLI and the tests' assert_close_to_reference).
 
 Tolerance rule: a fast path's max-abs error against a float64 reference may be at most twice the
@@ -13,7 +13,7 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the network's precisions
 NAMES = {dtype: name for name, dtype in DTYPES.items()}  # torch.float16 -> "fp16"
-ATOL = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 5e-2}  # DESIGN.md's absolute slack per precision
+ATOL = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 5e-2}  # docs/DESIGN.md's absolute slack per precision
 
 
 def atol(dtype) -> float:
@@ -22,5 +22,5 @@ def atol(dtype) -> float:
 
 
 def tolerance_ok(err_fast: float, err_low: float, dtype) -> bool:
-    """DESIGN.md: error vs float64 <= 2 x the reference's error in the same precision + atol."""
+    """docs/DESIGN.md: error vs float64 <= 2 x the reference's error in the same precision + atol."""
     return err_fast <= 2 * err_low + atol(dtype)

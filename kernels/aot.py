@@ -22,7 +22,7 @@ strides. Must run WITHOUT TRITON_INTERPRET=1 (with it, @triton.jit returns inter
 that cannot be compiled).
 
 The UNet shapes come from the caller as `models`: (name, ModelShapes) pairs. This file imports
-nothing of ddim_fast (DESIGN.md), so the table is built there, from the network itself: `ddim-fast
+nothing of ddim_fast (docs/DESIGN.md, Import rules), so the table is built there, from the network itself: `ddim-fast
 aot` (ddim_fast/cli/aot.py) records the GroupNorm inputs of a forward pass of every UNetConfig
 preset and bundled model and hands them in.
 """

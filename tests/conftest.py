@@ -1,4 +1,4 @@
-"""Shared test setup: the Triton interpreter on CPU, the gpu marker, DESIGN.md's tolerance rule."""
+"""Shared test setup: the Triton interpreter on CPU, the gpu marker, docs/DESIGN.md's tolerance rule."""
 
 import atexit
 import os
@@ -70,7 +70,7 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = (item.location[0], (item.location[1] or 0) + 1, f"Skipped: {interpreter_range_bug()}")
 
 
-# DESIGN.md: a fast path's error against a float64 reference may be at most twice the error of
+# docs/DESIGN.md: a fast path's error against a float64 reference may be at most twice the error of
 # the reference run in the same low precision, plus an absolute slack: one definition, the library's.
 from ddim_fast.precision import NAMES, atol  # noqa: E402
 

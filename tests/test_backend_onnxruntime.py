@@ -1,6 +1,6 @@
 """Tier 4: backend="onnxruntime" (backends/onnxruntime.py) against the reference (CPU EP): seeded and
 explicit noise, inversion, the export cache, a missing onnxruntime; the GPU tier (CUDA EP, IO binding)
-is skipped without CUDA. Every parity check uses DESIGN.md's tolerance rule."""
+is skipped without CUDA. Every parity check uses docs/DESIGN.md's tolerance rule."""
 
 import copy
 import sys

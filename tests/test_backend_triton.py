@@ -1,5 +1,5 @@
 """backend="triton" (backends/triton.py): fused ops and the fused step kernel (the interpreter on a
-CPU) against the reference sampler, under DESIGN.md's tolerance rule."""
+CPU) against the reference sampler, under docs/DESIGN.md's tolerance rule."""
 
 import copy
 

@@ -459,7 +459,7 @@ def _ddim_loop(unet, scheduler, x, steps, eta, noise):
 
 @pytest.mark.parametrize("sched_kw, eta", PIPELINE_CASES)
 def test_a_pipeline_folder_samples_like_ddim_pipeline(pipeline_unet, sched_kw, eta, tmp_path):
-    """DDIM-10 of a pipeline folder (SamplingPlan.for_model) against DDIMPipeline, under DESIGN.md's
+    """DDIM-10 of a pipeline folder (SamplingPlan.for_model) against DDIMPipeline, under docs/DESIGN.md's
     tolerance rule: diffusers' own loop in float64 is the truth, its float32 run the reference."""
     from conftest import assert_close_to_reference
 

@@ -1,5 +1,5 @@
 """Determinism: for one seed, which CPU backends give bit-identical results, and which agree only
-under DESIGN.md's tolerance rule, across batch sizes, repeats and processes.
+under docs/DESIGN.md's tolerance rule, across batch sizes, repeats and processes.
 
 The facts (recorded in docs/RELIABILITY.md; measured on this project's 2-core x86 CPU machine):
 - the noise (x_T and every step's z) is a pure function of (seed, sample index, step): bit-identical

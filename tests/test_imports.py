@@ -1,4 +1,4 @@
-"""No import cycle inside ddim_fast (DESIGN.md), found by reading the source, not by importing it.
+"""No import cycle inside ddim_fast (docs/DESIGN.md, Import rules), found by reading the source, not by importing it.
 
 Every `import` and `from ... import` statement of every module under ddim_fast/ (kernels/ included,
 through its package name ddim_fast.kernels) is an edge, wherever it stands: at the top of a file,

@@ -288,7 +288,7 @@ def test_fid(net, images, feats, tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_features_follow_the_tolerance_rule(net, images):
-    # DESIGN.md's rule with the CPU fp32 network as the reference and CPU float64 as the truth.
+    # docs/DESIGN.md's rule with the CPU fp32 network as the reference and CPU float64 as the truth.
     # TF32 is switched off: it is PyTorch's cuDNN default but not an fp32 path.
     from conftest import assert_close_to_reference
 

@@ -1,7 +1,7 @@
 """Tier 4: the ONNX export and the ONNX Runtime backend against the reference (CPU EP), plus the
 GPU tier (CUDA EP, IO binding), which is skipped without CUDA.
 
-Every parity check uses DESIGN.md's tolerance rule (conftest.assert_close_to_reference): error
+Every parity check uses docs/DESIGN.md's tolerance rule (conftest.assert_close_to_reference): error
 against a float64 reference <= 2 x the error of the torch reference in the same precision + atol.
 The expensive step, torch.onnx tracing the tiny UNet, happens once for the module (a shared cache
 folder); GaussianEps exports are cheap.

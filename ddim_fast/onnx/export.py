@@ -4,7 +4,7 @@ cache.py), the sampler graph around it, the check in ONNX Runtime, the metadata,
 torch.onnx traces only the network, once per (weights, dtype, opset, shape); that is the slow part
 (10-30 s on a CPU, for the bundled model as for the CIFAR-10 UNet: mostly fixed cost), so the result
 is cached, keyed by content fingerprints. `unroll=None` picks unrolled up to UNROLL_MAX_STEPS steps
-and an ONNX Loop above (the NOTE there has the measurement); `table_inputs` makes the plan's table
+and an ONNX Loop above (docs/DESIGN.md has the measurement); `table_inputs` makes the plan's table
 and timesteps graph inputs, so one cached graph serves every plan of the same structure
 (graph.structure) and, unrolled, the same steps: what the Engine uses on a CPU.
 """
@@ -48,13 +48,7 @@ from .validate import check_loop_tables, head, validate_export
 GRAPH_VERSION = 1  # bump when the graph layout changes: part of every cache key
 EXPORT_DTYPES = {dtype: NAMES[dtype] for dtype in (torch.float32, torch.float16)}  # what ONNX export runs
 META_PREFIX = "ddim_fast."
-# NOTE: unrolled vs Loop, CIFAR-10 UNet, batch 1, ORT 1.32 CPU EP, 2-core AMD EPYC VM shared with other
-# jobs (bench_cpu_backends.py, graph rows; two runs): one sampling call takes 2.75 / 12.9 / 27.2 s
-# unrolled vs 3.08 / 14.5 / 31.3 s as a Loop at S = 10 / 50 / 100 (2 threads), and 2.59 / 12.5 s vs
-# 2.60 / 14.0 s at S = 10 / 50 (1 thread): the Loop is 0-15% slower (per-iteration subgraph overhead,
-# no cross-step memory planning). Creating the unrolled session takes 2.0-2.4 / 13-18 / 52 s
-# (superlinear in S) against 0.1-0.35 s for the Loop. Unrolled up to S=50 (session ~ one sampling
-# call, repaid within ~10 calls), the Loop above.
+# NOTE: the measurement behind 50 is in docs/DESIGN.md, "Unrolled or Loop: UNROLL_MAX_STEPS".
 UNROLL_MAX_STEPS = 50
 VALIDATE_LOOP_STEPS = 20  # a Loop export is validated on its first steps plus an exact check of its tables
 

@@ -1,5 +1,5 @@
 """Every export checks itself before a file is written: ONNX Runtime runs the graph on random inputs
-and the result must meet DESIGN.md's tolerance rule (ddim_fast.precision) against a float64
+and the result must meet docs/DESIGN.md's tolerance rule (ddim_fast.precision) against a float64
 reference (error <= 2 x the error of the torch reference in the same precision + atol)."""
 
 from __future__ import annotations
