@@ -1,6 +1,5 @@
-"""Image and array files in and out: grids, folders of PNGs, .npz archives (writes are atomic), and
-sample grids of a model (sample_images, write_sample_grid: the trainer's checkpoint grids, the
-digits evaluation).
+"""Image and array files in and out: grids, folders of PNGs, .npz archives (writes are atomic).
+Drawing a model's samples into a grid is sample_grid.py, one layer up.
 
 Images are float tensors (N, C, H, W) in [-1, 1]; C is 1 (grey) or 3 (RGB).
 """
@@ -15,10 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import rng
 from .files import atomic_write_bytes
-from .plan import SamplingPlan
-from .sampling import sample
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # read as inputs
 # Written as a grid: the format its suffix names. JPEG and WebP are written at high quality / lossless.
@@ -259,43 +255,3 @@ def _writable(path: Path) -> bool:
     import os
 
     return os.access(path, os.W_OK)
-
-
-# -- sample grids (a model's DDIM samples, e.g. a training checkpoint's) ------------------------------
-@torch.no_grad()
-def sample_images(model, n: int, *, steps: int = 20, seed: int = 0,
-                  batch_size: int = 256, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """n DDIM (eta = 0) samples of `model` with `steps` uniform steps, in [-1, 1]: (n, C, R, R).
-    class_labels (n,): the label of each sample, for a class-conditional model (no guidance)."""
-    c = model.config
-    if class_labels is not None:
-        class_labels = torch.as_tensor(class_labels)
-        if class_labels.shape != (n,):
-            raise ValueError(f"class_labels must have shape ({n},), one label per sample, "
-                             f"got {tuple(class_labels.shape)}")
-    plan = SamplingPlan.build(model.schedule, steps=steps, eta=0.0, prediction=model.prediction)
-    dev = next(model.parameters()).device
-    out = []
-    for lo in range(0, n, batch_size):
-        b = min(batch_size, n - lo)
-        shape = (b, c.in_channels, c.resolution, c.resolution)
-        x_T = rng.initial_noise(seed, shape, first_index=lo, device=dev)  # sample i keyed by (seed, i)
-        net = model
-        if class_labels is not None:
-            y = class_labels[lo:lo + b].to(dev)
-            net = lambda x, t, y=y: model(x, t, class_labels=y)
-        out.append(sample(net, x_T, plan).clamp(-1.0, 1.0).cpu())
-    return torch.cat(out)
-
-
-def write_sample_grid(path, model, n: int = 64, *, steps: int = 20, seed: int = 0, scale: int = 1):
-    """Sample n images with DDIM-`steps` and write them as one PNG at `path`, atomically. A
-    class-conditional model draws class i % num_classes for sample i (no guidance)."""
-    from PIL import Image
-
-    k = model.config.num_classes
-    labels = None if k is None else torch.arange(n) % k
-    im = image_grid(sample_images(model, n, steps=steps, seed=seed, class_labels=labels))
-    if scale > 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    atomic_write_bytes(path, png_bytes(im))

@@ -306,7 +306,7 @@ def evaluate_digits_model(model="digits", *, n: int = 200, steps: int = 20, seed
     import time
 
     from .checkpoint import load_model
-    from .images import sample_images, write_sample_grid
+    from .sample_grid import sample_images, write_sample_grid
 
     m = load_model(model) if not isinstance(model, nn.Module) else model
     t0 = time.perf_counter()

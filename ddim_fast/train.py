@@ -23,7 +23,7 @@ drew, and 1 or N processes see the same global batch. The global RNG states are 
 each checkpoint and restored, for any other code that draws from them.
 
 The run folder (--out: checkpoints, `latest`, log.jsonl) and saving / resuming / exporting a
-checkpoint are train_state.py; the checkpoints' sample grids are images.write_sample_grid.
+checkpoint are train_state.py; the checkpoints' sample grids are sample_grid.write_sample_grid.
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ import torch.nn.functional as F
 from . import distributed, rng, train_state
 from .checkpoint import find_latest_checkpoint
 from .data import TensorImages, load_dataset, num_workers_default
-from .images import sample_images, write_sample_grid  # noqa: F401  (re-exported: docs/bundled-model.md)
 from .models.unet import PRESETS, UNet, UNetConfig
 from .models.weights import build_model
 from .plan import PREDICTIONS
 from .precision import DTYPES
+from .sample_grid import sample_images, write_sample_grid  # noqa: F401  (re-exported: docs/bundled-model.md)
 from .schedule import NoiseSchedule
 from .train_state import export_ema  # noqa: F401  (re-exported: docs/bundled-model.md)
 

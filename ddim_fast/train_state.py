@@ -32,7 +32,7 @@ from .files import (
     move_into_place,
     read_safetensors,
 )
-from .images import write_sample_grid
+from .sample_grid import write_sample_grid
 
 TRAINER_FILE = "trainer.safetensors"
 GRID_FILE = "samples.png"

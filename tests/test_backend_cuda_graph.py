@@ -9,6 +9,7 @@ import torch
 from conftest import assert_close_to_reference
 
 import ddim_fast as dd
+from benchmarks import fake_cuda
 from ddim_fast.models.analytic import GaussianEps
 
 SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
@@ -167,21 +168,12 @@ def test_fp16_sampling_psnr_against_fp32(exact_cuda):
     assert psnr >= 40, psnr
 
 
-# -- the graph runner's bookkeeping on CPU, with a stand-in for the CUDA graph -------------------------
-class _ReplayBody:
-    """Stands in for torch.cuda.CUDAGraph: replay() re-runs the captured body eagerly. It checks
-    the runner's cache, static buffers and copies on a CPU; the real capture is the GPU tier."""
-
-    def __init__(self, body):
-        self.replay = body
-
-
+# -- the graph runner's bookkeeping on CPU, with the dry run's stand-in for the CUDA graph ------------------
 def test_graph_runner_bookkeeping(analytic, monkeypatch):
     pytest.importorskip("triton")  # the runner's fused step kernel (in the interpreter here)
     from ddim_fast.backends.cuda_graph import CudaGraphBackend
 
-    monkeypatch.setattr(CudaGraphBackend, "_warm_up", lambda self, body: body())
-    monkeypatch.setattr(CudaGraphBackend, "_record", lambda self, body: _ReplayBody(body))
+    fake_cuda.replay_graphs(monkeypatch.setattr)
     plan = _plan(4, eta=1.0)
     runner = CudaGraphBackend(analytic, plan, device=torch.device("cpu"), dtype=torch.float32, shape=SHAPE,
                               max_graphs=2)
@@ -201,16 +193,14 @@ def test_graph_engine_with_chunks_and_thresholding_on_cpu(analytic, monkeypatch)
     """The cuda_graph Engine on a CPU (capture replaced by replaying the body, as the GPU suite's
     dry run does): a threshold plan runs through the captured body, 5 samples above a limit of 2
     run as 2 + 2 + 1 with one graph for both 2s, and the result is the reference's."""
-    from ddim_fast import engine
-    from ddim_fast.backends.cuda_graph import CudaGraphBackend
     from ddim_fast.kernels import ddim_step as step_mod
 
     monkeypatch.setattr(step_mod, "MAX_BATCH", 2)
-    monkeypatch.setattr(engine, "choose_backend", lambda backend, device: ("cuda_graph", "test: replayed body"))
-    monkeypatch.setattr(CudaGraphBackend, "_warm_up", lambda self, body: body())
-    monkeypatch.setattr(CudaGraphBackend, "_record", lambda self, body: _ReplayBody(body))
+    fake_cuda.cuda_graph_on_cpu(monkeypatch.setattr)
+    fake_cuda.replay_graphs(monkeypatch.setattr)
     plan = _plan(4, eta=0.5, threshold=0.8, threshold_max=1.3)
-    eng = dd.Engine(GaussianEps(SCHED, mu=0.8, std=1.5), plan, shape=SHAPE, device="cpu")  # wide: s > 1
+    eng = dd.Engine(GaussianEps(SCHED, mu=0.8, std=1.5), plan, shape=SHAPE, backend="cuda_graph",
+                    device="cpu")  # wide: s > 1
     got = eng.sample(5, seed=4)
     assert eng.graph_captures == 2 and eng.max_batch == 2
     model = GaussianEps(SCHED, mu=0.8, std=1.5)
@@ -230,8 +220,7 @@ def test_graph_body_with_multistep_history_on_cpu(analytic, monkeypatch, sampler
     pytest.importorskip("triton")
     from ddim_fast.backends.cuda_graph import CudaGraphBackend
 
-    monkeypatch.setattr(CudaGraphBackend, "_warm_up", lambda self, body: body())
-    monkeypatch.setattr(CudaGraphBackend, "_record", lambda self, body: _ReplayBody(body))
+    fake_cuda.replay_graphs(monkeypatch.setattr)
     plan = _plan(5, spacing="trailing", sampler=sampler, **kw)
     runner = CudaGraphBackend(analytic, plan, device=torch.device("cpu"), dtype=torch.float32, shape=SHAPE)
     a = runner.sample(3, plan, seed=4, first_index=1)

@@ -11,6 +11,7 @@ import torch
 from conftest import assert_close_to_reference
 
 import ddim_fast as dd
+from benchmarks import fake_cuda
 from ddim_fast.conditioning import combine
 
 SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
@@ -163,11 +164,6 @@ def test_triton_engine_with_chunks_matches_the_reference(label_eps, monkeypatch)
     assert_close_to_reference(got, low, truth, torch.float32, "triton guided, chunks")
 
 
-class _ReplayBody:
-    def __init__(self, body):
-        self.replay = body
-
-
 def test_new_labels_and_scale_do_not_recapture(label_eps, monkeypatch):
     """The cuda_graph backend on a CPU with the capture replaced by replaying the body (the GPU suite's
     dry run): labels and the scale live in static buffers / a device scalar."""
@@ -175,8 +171,7 @@ def test_new_labels_and_scale_do_not_recapture(label_eps, monkeypatch):
     from ddim_fast.backends.cuda_graph import CudaGraphBackend
     from ddim_fast.conditioning import resolve
 
-    monkeypatch.setattr(CudaGraphBackend, "_warm_up", lambda self, body: body())
-    monkeypatch.setattr(CudaGraphBackend, "_record", lambda self, body: _ReplayBody(body))
+    fake_cuda.replay_graphs(monkeypatch.setattr)
     plan = _plan(2)
     runner = CudaGraphBackend(label_eps, plan, device=torch.device("cpu"), dtype=torch.float32, shape=label_eps.shape)
     ref = dd.Engine(label_eps, plan, backend="reference", device="cpu", shape=label_eps.shape)

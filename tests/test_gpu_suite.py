@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import INTERPRETER_RANGE_BUG, interpreter_range_bug
 
+from benchmarks import gpu_harness as gh
+from benchmarks import gpu_rows as gr
 from benchmarks import gpu_suite as gs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,25 +40,25 @@ def test_goals_are_ratios_against_the_users_loop():
     rows = [_row("cuda_graph_fp16", 1, 50, 10.0), _row("user_fp16_cl", 1, 50, 45.0),
             _row("compile_reduce_overhead", 1, 50, 12.0), _row("ddpm1000_cuda_graph", 1, 1000, 200.0),
             _row("reference_fp16_cl", 1, 50, 54.0), _row("user_fp16_cl", 16, 50, 1.0)]
-    assert len(gs.goals(rows)) == 4
-    graph = next(r for r in gs.goals(rows) if "user's eager loop" in r["goal"])
+    assert len(gr.goals(rows)) == 4
+    graph = next(r for r in gr.goals(rows) if "user's eager loop" in r["goal"])
     assert graph["measured"] == 4.5 and graph["met"] is True and graph["target"] == 3.0
-    comp = next(r for r in gs.goals(rows) if "torch.compile" in r["goal"])
+    comp = next(r for r in gr.goals(rows) if "torch.compile" in r["goal"])
     assert comp["measured"] == 1.2 and comp["met"] is False
-    ddpm = next(r for r in gs.goals(rows) if "DDPM" in r["goal"])
+    ddpm = next(r for r in gr.goals(rows) if "DDPM" in r["goal"])
     assert ddpm["measured"] == 20.0 and ddpm["target"] == 19.0 and ddpm["met"] is True
-    sync = next(r for r in gs.goals(rows) if "NaN check" in r["goal"])
+    sync = next(r for r in gr.goals(rows) if "NaN check" in r["goal"])
     assert sync["measured"] == 1.2 and sync["target"] is None and sync["met"] is None
-    dry = gs.goals([_row("cuda_graph_fp16", 1, 3, 2.0), _row("ddpm1000_cuda_graph", 1, 20, 30.0)], 3, 20)
+    dry = gr.goals([_row("cuda_graph_fp16", 1, 3, 2.0), _row("ddpm1000_cuda_graph", 1, 20, 30.0)], 3, 20)
     assert next(r for r in dry if "DDPM" in r["goal"])["measured"] == 15.0
 
 
 def test_missing_timings_are_reported_not_guessed(tmp_path):
-    g = gs.goals([_row("cuda_graph_fp16", 1, 50, None)])
+    g = gr.goals([_row("cuda_graph_fp16", 1, 50, None)])
     assert all(r["measured"] is None and r["met"] is None for r in g)
     data = _data(timings=[dict(_row("cuda_graph_fp16", 1, 50, None), status="failed", note="RuntimeError: boom")],
                  kernels=[dict(kernel="attention", case="B=1", status="skipped", note="budget: needs ~9 s, 2 s left")])
-    md = gs.markdown(data)
+    md = gr.markdown(data)
     assert "| cuda_graph_fp16 | 1 | 50 | - | - | - | - | off | failed | RuntimeError: boom |" in md
     assert "| attention | B=1 | - | - | - | - | - | skipped | budget: needs ~9 s, 2 s left |" in md
     assert "still running when this was written" in md
@@ -78,42 +80,42 @@ def test_suite_refuses_to_run_without_a_gpu(tmp_path):
 
 # -- budget bookkeeping --------------------------------------------------------------------------------
 def test_estimates_scale_from_what_was_measured():
-    est = gs.Estimator(min_reps=3)
-    user = gs.Row("user_fp32", 1, 50, "user", "fp32")
-    assert est.call_s(user) == pytest.approx(gs.PRIOR_STEP_S * 50)  # nothing measured: the prior
-    assert est.setup_s(user) == gs.PRIOR_SETUP_S["user"]
+    est = gh.Estimator(min_reps=3)
+    user = gr.Row("user_fp32", 1, 50, "user", "fp32")
+    assert est.call_s(user) == pytest.approx(gh.PRIOR_STEP_S * 50)  # nothing measured: the prior
+    assert est.setup_s(user) == gh.PRIOR_SETUP_S["user"]
     est.update(user, first_s=4.0, call_s=0.5)
     assert est.setup_s(user) == pytest.approx(3.5)
-    assert est.call_s(gs.Row("user_fp32", 16, 10, "user", "fp32")) == pytest.approx(0.5 * 10 / 50 * 16)
-    assert est.call_s(gs.Row("user_fp32", 1, 10, "user", "fp32")) == pytest.approx(0.1)  # batch 1 never scales down
-    other = gs.Row("triton_fp16", 1, 50, "engine", "fp16", backend="triton")
+    assert est.call_s(gr.Row("user_fp32", 16, 10, "user", "fp32")) == pytest.approx(0.5 * 10 / 50 * 16)
+    assert est.call_s(gr.Row("user_fp32", 1, 10, "user", "fp32")) == pytest.approx(0.1)  # batch 1 never scales down
+    other = gr.Row("triton_fp16", 1, 50, "engine", "fp16", backend="triton")
     assert est.call_s(other) == pytest.approx(2 * 0.5)  # another config: twice the slowest per step
-    graph = gs.Row("cuda_graph_fp16", 1, 50, "engine", "fp16", backend="cuda_graph")
+    graph = gr.Row("cuda_graph_fp16", 1, 50, "engine", "fp16", backend="cuda_graph")
     est.update(other, first_s=30.0, call_s=0.1)
     # a graph's first call: its kind's overhead (a prior here) plus warm-up and capture (two eager loops)
-    assert est.setup_s(graph) == pytest.approx(gs.PRIOR_SETUP_S["cuda_graph"] + 2 * 0.1)
+    assert est.setup_s(graph) == pytest.approx(gh.PRIOR_SETUP_S["cuda_graph"] + 2 * 0.1)
     est.update(graph, first_s=20.0, call_s=0.02)
-    ddpm = gs.Row("ddpm1000_cuda_graph", 1, 1000, "engine", "fp16", backend="cuda_graph", eta=1.0)
+    ddpm = gr.Row("ddpm1000_cuda_graph", 1, 1000, "engine", "fp16", backend="cuda_graph", eta=1.0)
     assert est.call_s(ddpm) == pytest.approx(0.02 * 1000 / 50)  # the family's time per step
     assert est.row_s(ddpm) == pytest.approx(19.98 + 2 * 0.1 * 20 + 5 * 0.4)
-    assert gs.reps_that_fit(0.5, 3.0, 3, 25) == 6 and gs.reps_that_fit(0.5, 1.0, 3, 25) == 0
-    assert gs.reps_that_fit(0.001, 3.0, 3, 25) == 25
+    assert gr.reps_that_fit(0.5, 3.0, 3, 25) == 6 and gr.reps_that_fit(0.5, 1.0, 3, 25) == 0
+    assert gr.reps_that_fit(0.001, 3.0, 3, 25) == 25
 
 
 def _suite(tmp_path, clock, seconds=100.0, quick=True):
-    budget = gs.Budget(seconds, clock=clock)
-    results = gs.Results(tmp_path, "t", _data())
+    budget = gh.Budget(seconds, clock=clock)
+    results = gh.Results(tmp_path, "t", _data())
     args = Namespace(dry_run=True, quick=quick, skip_tests=True)
-    return gs.Suite(args, results, budget), results
+    return gh.Suite(args, results, budget), results
 
 
 def test_rows_that_do_not_fit_are_skipped_with_their_estimate(tmp_path):
     now = [0.0]
     suite, results = _suite(tmp_path, lambda: now[0])
-    fits = gs.Row("user_fp32", 2, 3, "user", "fp32")
+    fits = gr.Row("user_fp32", 2, 3, "user", "fp32")
     suite.timing(fits)  # plenty of budget: measured
-    now[0] = 100.0 - gs.FINAL_RESERVE_S - gs.KERNEL_RESERVE_S["dry"] - 0.05  # 0.05 s left for rows
-    big = gs.Row("cuda_graph_fp16", 2, 3, "engine", "fp16", backend="cuda_graph")
+    now[0] = 100.0 - gh.FINAL_RESERVE_S - gh.KERNEL_RESERVE_S["dry"] - 0.05  # 0.05 s left for rows
+    big = gr.Row("cuda_graph_fp16", 2, 3, "engine", "fp16", backend="cuda_graph")
     suite.timing(big)
     rows = json.loads(results.json_path.read_text())["timings"]
     assert [r["status"] for r in rows] == ["ok", "skipped"]
@@ -121,30 +123,30 @@ def test_rows_that_do_not_fit_are_skipped_with_their_estimate(tmp_path):
     assert rows[1]["ms"] is None and rows[1]["note"].startswith("budget: needs ~") and "0 s left" in rows[1]["note"]
     assert rows[1]["estimate_s"] > 0.05
     suite.kernels_done = True  # the kernels' reserve is released once they ran
-    assert suite.reserve() == gs.FINAL_RESERVE_S
+    assert suite.reserve() == gh.FINAL_RESERVE_S
 
 
 def test_stream_process_kills_at_the_timeout_and_keeps_the_output(tmp_path):
     log = (tmp_path / "log").open("w")
     code = "import time; print('one', flush=True); time.sleep(60)"
-    rc, timed_out, lines, seconds = gs.stream_process([sys.executable, "-c", code], 2.0, log, prefix="")
+    rc, timed_out, lines, seconds = gh.stream_process([sys.executable, "-c", code], 2.0, log, prefix="")
     log.close()
     assert timed_out and rc == -signal.SIGKILL and lines == ["one"] and seconds < 30
-    assert (tmp_path / "log").read_text() == "one\n" and not gs._CHILDREN
+    assert (tmp_path / "log").read_text() == "one\n" and not gh._CHILDREN
 
 
 def test_watchdog_writes_the_files_and_exits_at_the_budget(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
-    gs._CHILDREN.add(sleeper.pid)
-    results = gs.Results(tmp_path, "w", _data(timings=[dict(_row("user_fp32", 1, 50, 3.0), status="ok")]))
+    gh._CHILDREN.add(sleeper.pid)
+    results = gh.Results(tmp_path, "w", _data(timings=[dict(_row("user_fp32", 1, 50, 3.0), status="ok")]))
     results.write()
     exited = threading.Event()
     suite = Namespace(current=("timings", "compile_max_autotune"))
-    budget = gs.Budget(gs.FINAL_RESERVE_S / 2 + 0.3)
-    gs.start_watchdog(results, [suite], budget, exit=lambda code: exited.set())
+    budget = gh.Budget(gh.FINAL_RESERVE_S / 2 + 0.3)
+    gh.start_watchdog(results, [suite], budget, exit=lambda code: exited.set())
     assert exited.wait(20)
     assert sleeper.wait(timeout=10) == -signal.SIGKILL  # its children die with it
-    gs._CHILDREN.discard(sleeper.pid)
+    gh._CHILDREN.discard(sleeper.pid)
     data = json.loads(results.json_path.read_text())
     assert data["suite"]["finished"] is False and "watchdog" in data["suite"]["stopped_by"]
     assert data["suite"]["killed_row"] == {"section": "timings", "label": "compile_max_autotune"}
@@ -238,7 +240,7 @@ def test_dry_run_from_a_fresh_clone_without_install(tmp_path):
     rows = data["timings"] + data["kernels"]
     assert all(0 <= r["t_start_s"] <= r["t_end_s"] <= suite["budget_s"] for r in rows)
     assert tests["returncode"] == 0 and tests["counts"]["skipped"] >= 5 and not tests["timed_out"]
-    assert tests["timeout_s"] <= gs.TESTS_SHARE * suite["budget_s"]
+    assert tests["timeout_s"] <= gh.TESTS_SHARE * suite["budget_s"]
     log = (out / f"{stem}-tests.log").read_text()
     assert log.startswith("$ ") and " -m pytest " in log and tests["summary"] in log
 
@@ -252,7 +254,7 @@ def test_dry_run_from_a_fresh_clone_without_install(tmp_path):
             continue
         assert r["status"] == "ok", r
     configs = [r["config"] for r in data["timings"]]
-    assert configs == [r.config for r in gs.plan_rows(True, True, 20)[0]]
+    assert configs == [r.config for r in gr.plan_rows(True, True, 20)[0]]
     assert {r["kernel"] for r in data["kernels"]} == {"copy", "ddim_step", "group_norm", "attention"}
     graph = next(r for r in data["timings"] if r["config"] == "cuda_graph_fp16")
     assert graph["captures"] == 1 and graph["ms"] > 0 and graph["tf32_conv"] in (True, False)

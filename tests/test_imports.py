@@ -1,4 +1,5 @@
-"""No import cycle inside ddim_fast (docs/DESIGN.md, Import rules), found by reading the source, not by importing it.
+"""No import cycle inside ddim_fast (docs/DESIGN.md, Import rules), and image file I/O below sampling, found by
+reading the source, not by importing it.
 
 Every `import` and `from ... import` statement of every module under ddim_fast/ (kernels/ included,
 through its package name ddim_fast.kernels) is an edge, wherever it stands: at the top of a file,
@@ -129,3 +130,23 @@ def test_kernel_files_import_nothing_from_the_rest_of_ddim_fast(module):
     name = next(n for n, p in module_files().items() if p == ROOT / module)
     outside = sorted(t for t in import_graph()[name] if not t.startswith("ddim_fast.kernels"))
     assert outside == []
+
+
+def reachable(graph: dict[str, set[str]], module: str) -> set[str]:
+    """Every module `module` imports, directly or through others."""
+    seen, todo = set(), [module]
+    while todo:
+        for w in graph[todo.pop()] - seen:
+            seen.add(w)
+            todo.append(w)
+    return seen
+
+
+def test_image_files_sit_below_sampling():
+    """images.py is file I/O: nothing it reaches samples a model (a model's sample grids are sample_grid.py,
+    above both)."""
+    graph = import_graph()
+    above = ("ddim_fast.sampling", "ddim_fast.plan", "ddim_fast.rng", "ddim_fast.engine", "ddim_fast.backends",
+             "ddim_fast.models", "ddim_fast.sample_grid")  # and their sub-modules
+    assert sorted(m for m in reachable(graph, "ddim_fast.images") if m.startswith(above)) == []
+    assert {"ddim_fast.images", "ddim_fast.sampling"} <= graph["ddim_fast.sample_grid"]

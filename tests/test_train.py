@@ -14,7 +14,7 @@ import torch
 import ddim_fast as dd
 from ddim_fast import train as T
 from ddim_fast.cli import main as cli_main
-from ddim_fast.images import sample_images
+from ddim_fast.sample_grid import sample_images
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -94,15 +94,13 @@ class CudaGraphBackend(TritonBackend):
             self.loop(buf["x"], plan, buf["seed"], buf["first"], buf.get("noise"), buf["flag"], buf["cond"],
                       buf["w"])
 
-        self._warm_up(body)
+        warm_up(body, self.device)
         self.graphs[key] = (self._record(body), buf)
         self.captures += 1
         while len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)
 
-    def _warm_up(self, body):
-        warm_up(body, self.device)
-
+    # The capture itself; on a CPU the dry run and the tests replace it and warm_up (benchmarks/fake_cuda.py).
     def _record(self, body):
         """Capture body() into a CUDA graph allocated from the pool all graphs share."""
         if self.pool is None:

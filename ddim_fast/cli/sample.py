@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed, rng
-from .. import images as io
+from .. import distributed, images, rng
 from ..checkpoint import load_model
 from ..files import atomic_write_bytes
 from ..sampling import slerp
@@ -51,17 +50,18 @@ class Sample:
         p.add_argument("--seed", type=int, default=0, help="image k of a seed is the same at any batch size")
         add_guidance_options(p)
         p.add_argument("--out", default="samples.png",
-                       help=f"a grid image ({', '.join(io.GRID_FORMATS)}), an .npz, or a folder (one PNG per image)")
+                       help=f"a grid image ({', '.join(images.GRID_FORMATS)}), an .npz, or a folder (one PNG per "
+                            "image)")
         add_grid_options(p)
 
     @staticmethod
     def run(args):
         if args.num < 1:
             raise ValueError(f"--num must be >= 1, got {args.num}")
-        kind = io.output_kind(args.out)
+        kind = images.output_kind(args.out)
         if distributed.Dist.from_env().world > 1 or kind == "folder":
             return _sample_folder(args)
-        io.check_output(args.out, args.overwrite)
+        images.check_output(args.out, args.overwrite)
         check_scale(args)
         eng, model = engine(args, eta=args.eta, variance=args.variance, images=args.num)
         print(f"model {args.model} ({params(model)}), {eng.plan.steps} steps eta={eng.plan.eta} "
@@ -79,8 +79,8 @@ class Sample:
                                     ) from None
         dt = time.perf_counter() - t0
         imgs = torch.cat(out)
-        path = io.save_images(imgs, args.out, overwrite=args.overwrite, scale=args.scale,
-                              meta=describe(args, eng, model) | {"seed": args.seed})
+        path = images.save_images(imgs, args.out, overwrite=args.overwrite, scale=args.scale,
+                                  meta=describe(args, eng, model) | {"seed": args.seed})
         print(f"sampled {args.num} images in {dt:.2f} s ({1000 * dt / args.num:.1f} ms/image) -> {path}")
         return 0
 
@@ -118,8 +118,8 @@ def _settings_diff(then: dict, now: dict) -> list[str]:
 def _check_folder_run(out: Path, settings: dict, overwrite: bool) -> bool:
     """Whether this run may use `out`: refuse a finished run or an unfinished one made with other
     settings (unless overwrite). Returns True when the folder must be cleared first (overwrite)."""
-    manifest = out / io.MANIFEST
-    images = [p for p in out.iterdir() if _INDEXED_PNG.fullmatch(p.name)] if out.is_dir() else []
+    manifest = out / images.MANIFEST
+    pngs = [p for p in out.iterdir() if _INDEXED_PNG.fullmatch(p.name)] if out.is_dir() else []
     if manifest.is_file():
         try:
             then = json.loads(manifest.read_text())
@@ -130,17 +130,17 @@ def _check_folder_run(out: Path, settings: dict, overwrite: bool) -> bool:
         if overwrite:
             return True
         if complete:
-            raise FileExistsError(f"{out} is a finished run ({io.MANIFEST}); pass --overwrite or another --out")
+            raise FileExistsError(f"{out} is a finished run ({images.MANIFEST}); pass --overwrite or another --out")
         diff = _settings_diff(then.get("settings", {}), settings)
         if diff:
             raise ValueError(f"{out} holds an unfinished run made with other settings ({'; '.join(diff)}): rerun "
                              "with the folder's settings to finish it, pass --overwrite to start over, or choose "
                              "another --out")
         return False
-    if images and not overwrite:
-        raise FileExistsError(f"{out} holds {len(images)} image(s) but no {io.MANIFEST} recording how they were made; "
-                              "pass --overwrite to start over, or choose another --out")
-    return bool(images)
+    if pngs and not overwrite:
+        raise FileExistsError(f"{out} holds {len(pngs)} image(s) but no {images.MANIFEST} recording how they were "
+                              "made; pass --overwrite to start over, or choose another --out")
+    return bool(pngs)
 
 
 def _clear_folder_run(out: Path):
@@ -149,7 +149,7 @@ def _clear_folder_run(out: Path):
         if _INDEXED_PNG.fullmatch(p.name) or (p.name.startswith(".") and p.name.endswith(".tmp")
                                               and ".png." in p.name):
             p.unlink(missing_ok=True)
-    (out / io.MANIFEST).unlink(missing_ok=True)
+    (out / images.MANIFEST).unlink(missing_ok=True)
 
 
 def _sample_folder(args):
@@ -157,15 +157,15 @@ def _sample_folder(args):
     settings are recorded in manifest.json before the first image; a rerun continues only with the
     same settings, and the manifest is marked complete once every image exists."""
     out = Path(args.out)
-    if io.output_kind(out) != "folder":
+    if images.output_kind(out) != "folder":
         raise ValueError(f"distributed sampling writes a folder of PNGs: give --out DIR, not {out}")
     dist, dev = distributed.Dist.from_env(), parse_device(args.device)
     if dist.world > 1:
         dist, dev = distributed.setup(dev)
     rank, world = dist.rank, dist.world
-    manifest = out / io.MANIFEST
+    manifest = out / images.MANIFEST
     try:
-        io.check_output(out, overwrite=True)  # a writable folder (a restart fills the one it finds)
+        images.check_output(out, overwrite=True)  # a writable folder (a restart fills the one it finds)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         model = load(args) if rank == 0 else load_model(args.model)
@@ -197,7 +197,7 @@ def _sample_folder(args):
                 for lo in todo:
                     b = min(args.batch_size, args.num - lo)
                     imgs = eng.sample(b, seed=args.seed, first_index=lo, **cond_for(args, lo, b)).cpu()
-                    io.save_images(imgs, out, overwrite=True, indices=range(lo, lo + b))
+                    images.save_images(imgs, out, overwrite=True, indices=range(lo, lo + b))
                     done += b
                     bar.update(b)
         except KeyboardInterrupt:
@@ -237,13 +237,13 @@ class Encode:
 
     @staticmethod
     def run(args):
-        if io.output_kind(args.out) != "npz":
+        if images.output_kind(args.out) != "npz":
             raise ValueError(f"encode writes latents to an .npz file, not {args.out}")
-        io.check_output(args.out, args.overwrite)
+        images.check_output(args.out, args.overwrite)
         model = load(args)
         c = model.config
         changes = []
-        x0, names = io.load_images(args.input, c.in_channels, c.resolution, changes=changes)
+        x0, names = images.load_images(args.input, c.in_channels, c.resolution, changes=changes)
         if changes:  # say what was done to fit the model, which changes what the latents encode
             size = f"{c.in_channels}x{c.resolution}x{c.resolution}"
             print(f"{len(changes)} image(s) adapted to the model's {size} input:")
@@ -279,10 +279,10 @@ class Decode:
 
     @staticmethod
     def run(args):
-        io.check_output(args.out, args.overwrite)
+        images.check_output(args.out, args.overwrite)
         check_scale(args)
-        lat = io.load_npz(args.input, "latents")
-        names = io.load_npz_meta(args.input).get("names")
+        lat = images.load_npz(args.input, "latents")
+        names = images.load_npz_meta(args.input).get("names")
         eng, model = engine(args, images=len(lat))
         t0, imgs = time.perf_counter(), []
         with progress(len(lat), args.progress, "decode") as bar:
@@ -292,9 +292,9 @@ class Decode:
                 bar.update(len(imgs[-1]))
         imgs = torch.cat(imgs)
         dt = time.perf_counter() - t0
-        keep = names if io.safe_names(names, len(imgs)) else None
-        io.save_images(imgs, args.out, overwrite=args.overwrite, scale=args.scale, names=keep,
-                       meta=describe(args, eng, model) | ({"names": keep} if keep else {}))
+        keep = names if images.safe_names(names, len(imgs)) else None
+        images.save_images(imgs, args.out, overwrite=args.overwrite, scale=args.scale, names=keep,
+                           meta=describe(args, eng, model) | ({"names": keep} if keep else {}))
         print(f"decoded {len(imgs)} latent(s) with {eng.plan.steps} steps in {dt:.2f} s -> {args.out}")
         return 0
 
@@ -318,11 +318,11 @@ class Interpolate:
     def run(args):
         if args.num < 2:
             raise ValueError(f"--num must be >= 2 (the two endpoints), got {args.num}")
-        io.check_output(args.out, args.overwrite)
+        images.check_output(args.out, args.overwrite)
         check_scale(args)
         eng, model = engine(args, images=args.num)
         if args.latents:
-            lat = io.load_npz(args.latents, "latents")
+            lat = images.load_npz(args.latents, "latents")
             if len(lat) < 2:
                 raise ValueError(f"{args.latents} holds {len(lat)} latent(s); interpolation needs two")
             z0, z1 = lat[0], lat[1]
@@ -333,20 +333,20 @@ class Interpolate:
         imgs = torch.cat([eng(z[lo : lo + args.batch_size], **cond_for(args, lo, len(z[lo : lo + args.batch_size])))
                           .cpu() for lo in range(0, len(z), args.batch_size)])
         dt = time.perf_counter() - t0
-        io.save_images(imgs, args.out, overwrite=args.overwrite, nrow=args.num, scale=args.scale,
-                       meta=describe(args, eng, model))
+        images.save_images(imgs, args.out, overwrite=args.overwrite, nrow=args.num, scale=args.scale,
+                           meta=describe(args, eng, model))
         print(f"decoded {args.num} slerp frames with {eng.plan.steps} steps in {dt:.2f} s -> {args.out}")
         return 0
 
 
 # -- helpers ---------------------------------------------------------------------------------------
 def _save_latents(out, latents, meta):
-    import io as _io
+    import io
 
     import numpy as np
 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     np.savez(buf, latents=latents.numpy(), meta=np.asarray(json.dumps(meta)))
     atomic_write_bytes(out, buf.getvalue())
 
