@@ -69,9 +69,12 @@ from .schedule import NoiseSchedule, timesteps
 COEF_COLUMNS = ("cx", "ce", "d0", "dx", "de", "sigma")
 # A multistep plan's table is wider: the history terms h1..h3 (coefficients of the last three pushed
 # estimates H1..H3) and what the step pushes, P = pu*clip(x0) + pv*x + pw*m when push = 1 (see (**)).
-HISTORY_COLUMNS = ("h1", "h2", "h3", "pu", "pv", "pw", "push")
-MAX_HISTORY = 3
+HISTORY_WEIGHTS = ("h1", "h2", "h3")
+PUSH_COLUMNS = ("pu", "pv", "pw", "push")
+HISTORY_COLUMNS = HISTORY_WEIGHTS + PUSH_COLUMNS
+MAX_HISTORY = len(HISTORY_WEIGHTS)
 ALL_COLUMNS = COEF_COLUMNS + HISTORY_COLUMNS
+COL = {name: j for j, name in enumerate(ALL_COLUMNS)}  # a column's index in a row (a DDIM row is the first six)
 SAMPLERS = ("ddim", "plms", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
 MAX_ORDER = {"ddim": 1, "plms": 4, "dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2, "unipc": 3}
 DEFAULT_ORDER = {"ddim": 1, "plms": 4, "dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2, "unipc": 2}
@@ -82,11 +85,8 @@ EPS_AT = ("current", "target")
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 # A sampler starts from pure noise at its first timestep t1, where the forward process still keeps
 # sqrt(alpha_bar[t1]) of the image. It is "far from the end" (and warned about) when that exceeds
-# FAR_START_SIGNAL and twice what the schedule's last timestep keeps. NOTE: linear 1e-4..0.02, T=1000:
-# t1 = 999 keeps 0.006, 900 (uniform S=10) 0.016, 800 (quad) 0.039, 675 0.099, 599 (uniform S=600)
-# 0.16; so every uniform S dividing T (from S=4) and every quad list stay quiet, and uniform
-# S in 501..674 (which start at S-1) warn. The factor 2 keeps schedules whose end is itself noisy
-# (scaled_linear keeps 0.068 at T-1, 0.119 at t=900) quiet at the spacings their users run.
+# FAR_START_SIGNAL and twice what the schedule's last timestep keeps; the measured numbers behind
+# 0.1 and the factor 2 are in docs/DESIGN.md ("far start").
 FAR_START_SIGNAL = 0.1
 
 
@@ -211,52 +211,28 @@ class SamplingPlan:
         final = _check_final_alpha(final_alpha, a[-1], int(ts[-1]))
         a_next = a[1:] + [final]
         _warn_far_start(ac, ts, spacing)
-        if sampler != "ddim":
-            ts, a, a_next, rows, history = _multistep_rows(sampler, ts, a, a_next, prediction, order,
-                                                           bool(lower_order_final), plms_start)
-            return cls(
-                timesteps=ts,
-                alpha=torch.tensor(a, dtype=torch.float64),
-                alpha_next=torch.tensor(a_next, dtype=torch.float64),
-                coef=torch.tensor(rows, dtype=torch.float64).reshape(len(a), len(ALL_COLUMNS)),
-                T=schedule.T,
-                prediction=prediction,
-                spacing=spacing if isinstance(spacing, str) else "explicit",
-                clip_x0=clip_x0,
-                threshold=threshold,
-                threshold_max=threshold_max,
-                sampler=sampler,
-                order=order,
-                lower_order_final=bool(lower_order_final),
-                plms_start=plms_start if sampler == "plms" else None,
-                history=history,
-            )
-        rows = []
-        for i, (ai, an) in enumerate(zip(a, a_next)):
-            cx, ce, ex, ee = _estimates(ai, prediction)
-            if variance == "ddim":
-                sigma = eta * math.sqrt((1 - an) / (1 - ai)) * math.sqrt(1 - ai / an)
-                c = math.sqrt(max(1 - an - sigma**2, 0.0))  # max(): rounding at eta = 1
-                rows.append((cx, ce, math.sqrt(an), c * ex, c * ee, sigma))
-            else:
-                beta = 1 - ai / an
-                last = i == len(a) - 1
-                d0 = math.sqrt(an) * beta / (1 - ai)
-                dx = math.sqrt(ai / an) * (1 - an) / (1 - ai)
-                rows.append((cx, ce, d0, dx, 0.0, 0.0 if last else math.sqrt(beta)))
+        options = _Options(sampler, prediction, eta, variance, order, bool(lower_order_final), plms_start)
+        ts, a, a_next, rows = SAMPLER_ROWS[sampler](ts, a, a_next, options)
+        columns = COEF_COLUMNS if sampler == "ddim" else ALL_COLUMNS
+        coef = torch.tensor(rows, dtype=torch.float64).reshape(len(a), len(columns))
         return cls(
             timesteps=ts,
             alpha=torch.tensor(a, dtype=torch.float64),
             alpha_next=torch.tensor(a_next, dtype=torch.float64),
-            coef=torch.tensor(rows, dtype=torch.float64).reshape(len(a), 6),
+            coef=coef,
             T=schedule.T,
-            eta=eta,
+            eta=eta if sampler == "ddim" else 0.0,  # (a multistep sampler's eta was checked to be 0: store +0.0)
             variance=variance,
             prediction=prediction,
             spacing=spacing if isinstance(spacing, str) else "explicit",
             clip_x0=clip_x0,
             threshold=threshold,
             threshold_max=threshold_max,
+            sampler=sampler,
+            order=order,
+            lower_order_final=bool(lower_order_final) if sampler != "ddim" else True,  # (a DDIM plan ignores it)
+            plms_start=plms_start if sampler == "plms" else None,
+            history=_history_depth(coef),
         )
 
     @classmethod
@@ -324,13 +300,13 @@ class SamplingPlan:
             a_read = a_up[0] if ac == 1.0 and self.prediction == "x0" else ac
             cx, ce, ex, ee = _estimates(a_read, self.prediction)
             s1n = math.sqrt(1 - an)
-            rows.append((cx, ce, math.sqrt(an), s1n * ex, s1n * ee, 0.0))
+            rows.append(_row(COEF_COLUMNS, cx=cx, ce=ce, d0=math.sqrt(an), dx=s1n * ex, de=s1n * ee, sigma=0.0))
         return replace(
             self,
             timesteps=t_eval,
             alpha=torch.tensor(a_cur, dtype=torch.float64),
             alpha_next=torch.tensor(a_up, dtype=torch.float64),
-            coef=torch.tensor(rows, dtype=torch.float64).reshape(len(rows), 6),
+            coef=torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(COEF_COLUMNS)),
             clip_x0=None,
             threshold=None,
             direction="invert",
@@ -352,9 +328,10 @@ class SamplingPlan:
 
     @property
     def needs_noise(self) -> bool:
-        return bool((self.coef[:, 5] != 0).any())
+        return bool((self.column("sigma") != 0).any())
 
     def column(self, name: str) -> torch.Tensor:
+        """The (S,) column `name` of the table: one of COEF_COLUMNS, or of ALL_COLUMNS for a multistep plan."""
         return self.coef[:, ALL_COLUMNS.index(name)]
 
     def to(self, device=None, dtype=torch.float32) -> SamplingPlan:
@@ -536,48 +513,157 @@ def _check_sampler(sampler, order, steps, eta, variance, clip_x0, threshold, plm
     return order
 
 
+# -- the table's rows: one function per sampler family, one signature -------------------------------
+@dataclass(frozen=True)
+class _Options:
+    """The checked `build` settings a sampler's rows depend on."""
+
+    sampler: str
+    prediction: str
+    eta: float
+    variance: str
+    order: int
+    lower_order_final: bool
+    plms_start: str
+
+
+def _row(columns=ALL_COLUMNS, /, **values) -> tuple:
+    """One table row in `columns` order (a multistep row by default) from its named values; the others 0."""
+    if not values.keys() <= set(columns):
+        raise AssertionError(f"no such column(s) {sorted(values.keys() - set(columns))}")  # a bug here
+    return tuple(values.get(name, 0.0) for name in columns)
+
+
+def _history_weights(h) -> dict:
+    """{"h1": h[0], "h2": h[1], ...}: the weights of the pushed estimates H1, H2, ... (newest first)."""
+    if len(h) > MAX_HISTORY:
+        raise AssertionError("history deeper than MAX_HISTORY")  # a bug here, not the user's input
+    return dict(zip(HISTORY_WEIGHTS, h))
+
+
+def _history_depth(coef: torch.Tensor) -> int:
+    """How many history buffers the table's update reads: its deepest h column with a nonzero entry
+    (0 for a DDIM table, which has no h columns)."""
+    used = [k for k, name in enumerate(HISTORY_WEIGHTS, 1)
+            if COL[name] < coef.shape[1] and bool((coef[:, COL[name]] != 0).any())]
+    return max(used, default=0)
+
+
+def _ddim_rows(ts, a, a_next, o: _Options):
+    """(*): Eq. 12 with sigma from eta (Eq. 16, variance "ddim") or the paper's sigma-hat ("large")."""
+    rows = []
+    for i, (ai, an) in enumerate(zip(a, a_next)):
+        cx, ce, ex, ee = _estimates(ai, o.prediction)
+        if o.variance == "ddim":
+            sigma = o.eta * math.sqrt((1 - an) / (1 - ai)) * math.sqrt(1 - ai / an)
+            c = math.sqrt(max(1 - an - sigma**2, 0.0))  # max(): rounding at eta = 1
+            rows.append(_row(COEF_COLUMNS, cx=cx, ce=ce, d0=math.sqrt(an), dx=c * ex, de=c * ee, sigma=sigma))
+        else:
+            beta = 1 - ai / an
+            last = i == len(a) - 1
+            d0 = math.sqrt(an) * beta / (1 - ai)
+            dx = math.sqrt(ai / an) * (1 - an) / (1 - ai)
+            rows.append(_row(COEF_COLUMNS, cx=cx, ce=ce, d0=d0, dx=dx, de=0.0,
+                             sigma=0.0 if last else math.sqrt(beta)))
+    return ts, a, a_next, rows
+
+
 _ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
                     4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
-def _row(cx, ce, d0=0.0, dx=0.0, de=0.0, sigma=0.0, h=(), pu=0.0, pv=0.0, pw=0.0, push=1.0):
-    hs = list(h) + [0.0] * (MAX_HISTORY - len(h))
-    if len(hs) > MAX_HISTORY or any(v != 0 for v in hs[MAX_HISTORY:]):
-        raise AssertionError("history deeper than MAX_HISTORY")  # a bug here, not the user's input
-    return (cx, ce, d0, dx, de, sigma, *hs[:MAX_HISTORY], pu, pv, pw, push)
+def _plms_rows(ts, a, a_next, o: _Options):
+    """PNDM's pseudo linear multistep (Liu et al. 2022; diffusers' PNDMScheduler(skip_prk_steps=True)):
+    the DDIM (eta = 0) transfer x' = A x + B m' applied to m' = an Adams-Bashforth combination of the
+    current and earlier model outputs (raw outputs, converted at the current state, as diffusers does).
+    The Heun start adds a row (the first timestep again), so the timesteps and alphas are its own."""
+    def transfer(a_from, a_to):
+        cx, ce, ex, ee = _estimates(a_from, o.prediction)
+        sa, s1a = math.sqrt(a_to), math.sqrt(1.0 - a_to)
+        return cx, ce, sa * cx + s1a * ex, sa * ce + s1a * ee
+
+    rows, t_out, a_in, a_out = [], [], [], []
+    heun = o.plms_start == "heun" and len(a) >= 2
+    for i in range(len(a)):
+        cx, ce, A, B = transfer(a[i], a_next[i])
+        if heun and i == 1:  # repeat step 0 with the mean of the first two outputs: x1' = x1 + B0 (m1 - m0) / 2
+            B0 = rows[0][COL["de"]]  # step 0's B (times its Adams-Bashforth weight 1)
+            rows.append(_row(cx=cx, ce=ce, dx=1.0, de=B0 / 2, **_history_weights((-B0 / 2,)), push=0.0))
+            t_out.append(int(ts[1]))
+            a_in.append(a[1])
+            a_out.append(a[1])
+        c = _ADAMS_BASHFORTH[_plms_order(sum(r[COL["push"]] != 0 for r in rows), o.order)]
+        rows.append(_row(cx=cx, ce=ce, dx=A, de=B * c[0], **_history_weights([B * v for v in c[1:]]),
+                         pw=1.0, push=1.0))
+        t_out.append(int(ts[i]))
+        a_in.append(a[i])
+        a_out.append(a_next[i])
+    return torch.tensor(t_out, dtype=torch.int64), a_in, a_out, rows
 
 
-def _multistep_rows(sampler, ts, a, a_next, prediction, order, lower_order_final, plms_start):
-    """(timesteps, alpha, alpha_next, rows, history depth) of a multistep plan; see the module docstring."""
-    S = len(a)
-    if sampler == "plms":
-        return _plms_rows(ts, a, a_next, prediction, order, plms_start)
+def _dpmpp_rows(ts, a, a_next, o: _Options):
+    """dpmpp_2m / dpmpp_3m / dpmpp_2m_sde: x' = rho x + (d0, h1, h2) . (x0, H1, H2) + sigma z, pushing P = x0."""
     lam = [_lambda(v) for v in a]
     rows = []
-    corr = None  # unipc: the corrector of the step before, as a vector over (x0c, H1, H2, ...)
-    for i in range(S):
-        cx, ce, _, _ = _estimates(a[i], prediction)
-        final_one = a_next[i] == 1.0
-        if sampler == "unipc":
-            k = 1 if final_one else min(order, S - i if lower_order_final else order, i + 1)
-            rho, vec, nxt = _unipc_step(lam, a, a_next, i, k)
-            if corr is not None:  # x^c = x + corr . (x0c, H1, ...): x' = rho x^c + vec . (x0c, H1, ...)
-                vec = _add(vec, [rho * c for c in corr])
-            corr = nxt
-        else:
-            if order == 1 or i == 0 or (i == S - 1 and (final_one or (lower_order_final and S < 15))):
-                k = 1
-            elif order == 2 or i == 1 or (i == S - 2 and lower_order_final and S < 15):
-                k = 2
-            else:
-                k = 3
-            rho, vec, sigma = _dpmpp_step(lam, a, a_next, i, k, sde=sampler == "dpmpp_2m_sde")
-        rows.append(_row(cx, ce, d0=vec[0], dx=rho, h=vec[1:], pu=1.0,
-                         sigma=sigma if sampler == "dpmpp_2m_sde" else 0.0))
-    history = max((j for j in range(1, MAX_HISTORY + 1) if any(r[5 + j] != 0 for r in rows)), default=0)
-    return ts, a, a_next, rows, history
+    for i in range(len(a)):
+        k = _dpmpp_order(i, len(a), o.order, a_next[i] == 1.0, o.lower_order_final)
+        rho, vec, sigma = _dpmpp_step(lam, a, a_next, i, k, sde=o.sampler == "dpmpp_2m_sde")
+        cx, ce, _, _ = _estimates(a[i], o.prediction)
+        rows.append(_row(cx=cx, ce=ce, d0=vec[0], dx=rho, sigma=sigma, **_history_weights(vec[1:]),
+                         pu=1.0, push=1.0))
+    return ts, a, a_next, rows
 
 
+def _unipc_rows(ts, a, a_next, o: _Options):
+    """unipc (bh2): the step's predictor from the corrected state x^c = x + corr . (x0, H1, ...) of the step
+    before (see the module docstring), pushing P = x0."""
+    lam = [_lambda(v) for v in a]
+    rows = []
+    corr = None  # the corrector of the step before, as a vector over (x0c, H1, H2, ...)
+    for i in range(len(a)):
+        k = _unipc_order(i, len(a), o.order, a_next[i] == 1.0, o.lower_order_final)
+        rho, vec, nxt = _unipc_step(lam, a, a_next, i, k)
+        if corr is not None:  # x^c = x + corr . (x0c, H1, ...): x' = rho x^c + vec . (x0c, H1, ...)
+            vec = _add(vec, [rho * c for c in corr])
+        corr = nxt
+        cx, ce, _, _ = _estimates(a[i], o.prediction)
+        rows.append(_row(cx=cx, ce=ce, d0=vec[0], dx=rho, **_history_weights(vec[1:]), pu=1.0, push=1.0))
+    return ts, a, a_next, rows
+
+
+# Every sampler's table through one signature: rows(timesteps, alpha, alpha_next, options) ->
+# (timesteps, alpha, alpha_next, rows), each row in ALL_COLUMNS order (COEF_COLUMNS for ddim).
+SAMPLER_ROWS = {"ddim": _ddim_rows, "plms": _plms_rows, "dpmpp_2m": _dpmpp_rows, "dpmpp_3m": _dpmpp_rows,
+                "dpmpp_2m_sde": _dpmpp_rows, "unipc": _unipc_rows}
+
+
+# Order rules: the order k of step i of S. Each sampler follows diffusers' scheduler, and a step that
+# lands on alpha_bar = 1 (the data) is always first order: the higher orders divide by sigma = 0 there.
+def _dpmpp_order(i, S, order, lands_on_data, lower_order_final) -> int:
+    """DPM-Solver++ (DPMSolverMultistepScheduler): warm-up 1 at step 0 and at most 2 at step 1 (the history
+    holds i estimates); with lower_order_final and S < 15, 1 at the last step and at most 2 at the one before."""
+    if order == 1 or i == 0 or (i == S - 1 and (lands_on_data or (lower_order_final and S < 15))):
+        return 1
+    if order == 2 or i == 1 or (i == S - 2 and lower_order_final and S < 15):
+        return 2
+    return 3
+
+
+def _unipc_order(i, S, order, lands_on_data, lower_order_final) -> int:
+    """UniPC's predictor (UniPCMultistepScheduler): warm-up at most i + 1 (the history holds i estimates);
+    with lower_order_final at most the steps left, S - i."""
+    if lands_on_data:
+        return 1
+    return min(order, S - i if lower_order_final else order, i + 1)
+
+
+def _plms_order(pushed, order) -> int:
+    """PLMS (PNDMScheduler): Adams-Bashforth over the current output and the `pushed` ones stored before it
+    (warm-up), at most `order` (and 4, the highest formula)."""
+    return min(order, pushed + 1, 4)
+
+
+# -- the coefficients of one step ---------------------------------------------------------------
 def _lambda(a: float) -> float:
     """log(alpha_t / sigma_t), the half log-SNR of alpha_bar a (inf at a = 1)."""
     return math.inf if a == 1.0 else 0.5 * (math.log(a) - math.log1p(-a))
@@ -591,32 +677,36 @@ def _add(u, v):
 
 def _dpmpp_step(lam, a, a_next, i, k, sde=False):
     """DPM-Solver++ (Lu et al. 2022, multistep, data prediction) from step i's state to alpha_bar
-    a_next[i] with order k: (rho, vec, sigma) with x' = rho x + vec . (x0_i, x0_{i-1}, x0_{i-2}) + sigma z."""
+    a_next[i] with order k: (rho, vec, sigma) with x' = rho x + vec . (x0_i, x0_{i-1}, x0_{i-2}) + sigma z.
+    phi_1..phi_3 as in the authors' code: phi_1 = e^-h - 1, phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2."""
     an = a_next[i]
     if an == 1.0:  # lands on the data: x' = x0 (every order's limit that exists)
         return 0.0, [1.0], 0.0
     al_t, sg_t, sg_s = math.sqrt(an), math.sqrt(1 - an), math.sqrt(1 - a[i])
     h = _lambda(an) - lam[i]
-    if sde:  # SDE-DPM-Solver++(2M), midpoint: the ODE's coefficients with h doubled, plus noise
+    if sde:  # SDE-DPM-Solver++(2M), midpoint: the ODE's x0 weights with h doubled, x damped by e^-h, noise
+        phi_1 = math.expm1(-2 * h)
         rho = sg_t / sg_s * math.exp(-h)
-        c0 = -al_t * math.expm1(-2 * h)  # alpha_t (1 - e^{-2h})
-        sigma = sg_t * math.sqrt(-math.expm1(-2 * h))
+        sigma = sg_t * math.sqrt(-phi_1)  # sigma_t sqrt(1 - e^-2h)
     else:
-        rho, c0, sigma = sg_t / sg_s, -al_t * math.expm1(-h), 0.0  # -alpha_t (e^{-h} - 1)
+        phi_1 = math.expm1(-h)
+        rho, sigma = sg_t / sg_s, 0.0
+    c0 = -al_t * phi_1  # the weight of x0_i: alpha_t (1 - e^-h), DDIM at eta 0 for order 1
     if k == 1:
         return rho, [c0], sigma
     r0 = (lam[i] - lam[i - 1]) / h
     d1_0 = [1 / r0, -1 / r0, 0.0]  # D1_0 = (m0 - m1) / r0 over (m0, m1, m2)
     if k == 2:  # midpoint: x' = rho x + c0 (D0 + D1 / 2)
         return rho, _add([c0], [c0 * 0.5 * v for v in d1_0[:2]]), sigma
+    # order 3 (dpmpp_3m; dpmpp_2m_sde stops at 2, so phi_1 is e^-h - 1 here)
     r1 = (lam[i - 1] - lam[i - 2]) / h
     d1_1 = [0.0, 1 / r1, -1 / r1]  # D1_1 = (m1 - m2) / r1
     diff = [p - q for p, q in zip(d1_0, d1_1)]
     d1 = [p + r0 / (r0 + r1) * q for p, q in zip(d1_0, diff)]
     d2 = [q / (r0 + r1) for q in diff]
-    em = math.expm1(-h)
-    c1 = al_t * (em / h + 1.0)
-    c2 = -al_t * ((em + h) / h**2 - 0.5)
+    phi_2 = phi_1 / h + 1.0
+    phi_3 = (phi_1 + h) / h**2 - 0.5  # = phi_2 / h - 1/2, written as the table's numbers were first computed
+    c1, c2 = al_t * phi_2, -al_t * phi_3  # x' = rho x + c0 D0 + c1 D1 + c2 D2
     return rho, _add(_add([c0], [c1 * v for v in d1]), [c2 * v for v in d2]), sigma
 
 
@@ -665,34 +755,3 @@ def _unipc_step(lam, a, a_next, i, k):
 def _solve(A, y):
     """A x = y for a small dense system, in float64 (torch.linalg.solve)."""
     return torch.linalg.solve(torch.tensor(A, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)).tolist()
-
-
-def _plms_rows(ts, a, a_next, prediction, order, start):
-    """PNDM's pseudo linear multistep (Liu et al. 2022; diffusers' PNDMScheduler(skip_prk_steps=True)):
-    the DDIM (eta = 0) transfer x' = A x + B m' applied to m' = an Adams-Bashforth combination of the
-    current and earlier model outputs (raw outputs, converted at the current state, as diffusers does)."""
-    def transfer(i_from, a_from, a_to):
-        cx, ce, ex, ee = _estimates(a_from, prediction)
-        sa, s1a = math.sqrt(a_to), math.sqrt(1.0 - a_to)
-        return cx, ce, sa * cx + s1a * ex, sa * ce + s1a * ee
-
-    S = len(a)
-    rows, t_out, a_in, a_out = [], [], [], []
-    heun = start == "heun" and S >= 2
-    for i in range(S):
-        cx, ce, A, B = transfer(i, a[i], a_next[i])
-        if heun and i == 1:  # repeat step 0 with the mean of the first two outputs: x1' = x1 + B0 (m1 - m0) / 2
-            B0 = rows[0][4]
-            rows.append(_row(cx, ce, dx=1.0, de=B0 / 2, h=(-B0 / 2,), push=0.0))
-            t_out.append(int(ts[1]))
-            a_in.append(a[1])
-            a_out.append(a[1])
-        n = len(rows)
-        k = min(order, n if heun and n >= 2 else n + 1, 4)
-        c = _ADAMS_BASHFORTH[k]
-        rows.append(_row(cx, ce, dx=A, de=B * c[0], h=[B * v for v in c[1:]], pw=1.0))
-        t_out.append(int(ts[i]))
-        a_in.append(a[i])
-        a_out.append(a_next[i])
-    history = max((j for j in range(1, MAX_HISTORY + 1) if any(r[5 + j] != 0 for r in rows)), default=0)
-    return torch.tensor(t_out, dtype=torch.int64), a_in, a_out, rows, history

@@ -16,7 +16,7 @@ import torch
 
 from . import conditioning, rng
 from .models.diffusers_unet import adapt
-from .plan import SamplingPlan
+from .plan import COL, HISTORY_WEIGHTS, SamplingPlan
 
 NONFINITE = ("raise", "warn", "ignore")
 
@@ -135,7 +135,7 @@ def step(x, m, c, plan: SamplingPlan, z=None, hist=None):
 
     Returns (x', x0): the new state and the (clipped) x0 estimate.
     """
-    cx, ce, d0, dx, de, sigma = c[:6]
+    cx, ce, d0, dx, de, sigma = (c[COL[name]] for name in ("cx", "ce", "d0", "dx", "de", "sigma"))
     x0 = cx * x + ce * m  # (1) "predicted x0", Eq. 12 (or the prediction's equivalent)
     if plan.threshold is not None:
         x0 = dynamic_threshold(x0, plan.threshold, plan.threshold_max)
@@ -144,9 +144,9 @@ def step(x, m, c, plan: SamplingPlan, z=None, hist=None):
     # (2) sqrt(a') x0 + (3) the "direction pointing to x_t", both as coefficients of x0, x and m
     x_new = d0 * x0 + dx * x + de * m
     if hist:  # (**): the history terms, then the push (P from the step's input x)
-        h, (pu, pv, pw, push) = c[6 : 6 + len(hist)], c[9:13]
-        for k, H in enumerate(hist):
-            x_new = x_new + h[k] * H
+        for name, H in zip(HISTORY_WEIGHTS, hist):  # h1 H1 + h2 H2 + ...
+            x_new = x_new + c[COL[name]] * H
+        pu, pv, pw, push = (c[COL[name]] for name in ("pu", "pv", "pw", "push"))
         if push != 0:
             hist.insert(0, pu * x0 + pv * x + pw * m)
             hist.pop()

@@ -49,8 +49,13 @@ import triton.language as tl
 
 from .checks import batch_fits, check, device_scalar, float_tensor, is_int, runnable
 
-NUM_COEF = 6  # (cx, ce, d0, dx, de, sigma), ddim_fast/plan.py COEF_COLUMNS
-NUM_COEF_HIST = 13  # + (h1, h2, h3, pu, pv, pw, push), plan.py ALL_COLUMNS: a multistep plan's table
+# The coefficient table's columns: offsets into a row, in the order of ddim_fast/plan.py's ALL_COLUMNS.
+# A kernel file imports nothing from ddim_fast (DESIGN.md), so tests/test_plan.py checks each
+# COL_<NAME> against plan.py's ALL_COLUMNS.index(name). constexpr: the only globals a Triton kernel may read.
+COL_CX, COL_CE, COL_D0, COL_DX, COL_DE, COL_SIGMA = map(tl.constexpr, range(6))  # plan.py COEF_COLUMNS
+COL_H1, COL_H2, COL_H3, COL_PU, COL_PV, COL_PW, COL_PUSH = map(tl.constexpr, range(6, 13))  # HISTORY_COLUMNS
+NUM_COEF = COL_SIGMA.value + 1  # a plain plan's row: (*)
+NUM_COEF_HIST = COL_PUSH.value + 1  # a multistep plan's row: (**)
 MAX_HISTORY = 3
 PURPOSE_STEP = 1  # the counter word that separates per-step noise from x_T (ddim_fast/rng.py)
 CLIP_NONE, CLIP_RANGE, CLIP_THRESHOLD = 0, 1, 2
@@ -72,7 +77,7 @@ def ddim_step_ref(x, m, coef, step, *, z=None, clip=None, threshold=None, hist=N
     the doubled batch [uncond; cond] combined as m_u + w (m_c - m_u).
     """
     row = coef[int(step)].to(x.dtype)
-    cx, ce, d0, dx, de, sigma = row[:6]
+    cx, ce, d0, dx, de, sigma = (row[j.value] for j in (COL_CX, COL_CE, COL_D0, COL_DX, COL_DE, COL_SIGMA))
     m = m.to(x.dtype)
     if guidance is not None:
         m_u, m_c = m.chunk(2)
@@ -87,10 +92,10 @@ def ddim_step_ref(x, m, coef, step, *, z=None, clip=None, threshold=None, hist=N
         x0 = x0.clamp(*clip)
     out = d0 * x0 + dx * x + de * m  # (2) + (3): sqrt(a') x0 and the direction to x_t
     if hist is not None and hist.shape[0] > 0:
-        for k in range(hist.shape[0]):
-            out = out + row[6 + k] * hist[k]  # (**) history terms
-        if row[12] != 0:
-            p = row[9] * x0 + row[10] * x + row[11] * m
+        for k, j in enumerate((COL_H1, COL_H2, COL_H3)[: hist.shape[0]]):
+            out = out + row[j.value] * hist[k]  # (**) history terms
+        if row[COL_PUSH.value] != 0:
+            p = row[COL_PU.value] * x0 + row[COL_PV.value] * x + row[COL_PW.value] * m
             hist[1:] = hist[:-1].clone()
             hist[0] = p
     if z is not None:
@@ -116,11 +121,11 @@ def _ddim_step_kernel(
     ptr = b.to(tl.int64) * N + j  # (BLOCK,) int64 offsets into x, m, x0
 
     i = tl.load(STEP)  # the sampler step, from device memory
-    cx = tl.load(COEF + i * NCOL + 0)
-    ce = tl.load(COEF + i * NCOL + 1)
-    d0 = tl.load(COEF + i * NCOL + 2)
-    dx = tl.load(COEF + i * NCOL + 3)
-    de = tl.load(COEF + i * NCOL + 4)
+    cx = tl.load(COEF + i * NCOL + COL_CX)
+    ce = tl.load(COEF + i * NCOL + COL_CE)
+    d0 = tl.load(COEF + i * NCOL + COL_D0)
+    dx = tl.load(COEF + i * NCOL + COL_DX)
+    de = tl.load(COEF + i * NCOL + COL_DE)
 
     x = tl.load(X + ptr, mask=mask, other=0.0)  # fp32 state
     m = tl.load(M + ptr, mask=mask, other=0.0).to(tl.float32)  # model output, any float dtype
@@ -136,23 +141,23 @@ def _ddim_step_kernel(
     out = d0 * x0 + dx * x + de * m  # (2) + (3)
     if HIST > 0:  # (**): the history terms, then the push into the same buffer
         h1 = tl.load(HIST_PTR + ptr, mask=mask, other=0.0)
-        out += tl.load(COEF + i * NCOL + 6) * h1
+        out += tl.load(COEF + i * NCOL + COL_H1) * h1
         if HIST > 1:
             h2 = tl.load(HIST_PTR + HSTRIDE + ptr, mask=mask, other=0.0)
-            out += tl.load(COEF + i * NCOL + 7) * h2
+            out += tl.load(COEF + i * NCOL + COL_H2) * h2
         if HIST > 2:
             h3 = tl.load(HIST_PTR + 2 * HSTRIDE + ptr, mask=mask, other=0.0)
-            out += tl.load(COEF + i * NCOL + 8) * h3
-        if tl.load(COEF + i * NCOL + 12) != 0.0:
-            pu = tl.load(COEF + i * NCOL + 9)
-            p = pu * x0 + tl.load(COEF + i * NCOL + 10) * x + tl.load(COEF + i * NCOL + 11) * m
+            out += tl.load(COEF + i * NCOL + COL_H3) * h3
+        if tl.load(COEF + i * NCOL + COL_PUSH) != 0.0:
+            pu = tl.load(COEF + i * NCOL + COL_PU)
+            p = pu * x0 + tl.load(COEF + i * NCOL + COL_PV) * x + tl.load(COEF + i * NCOL + COL_PW) * m
             if HIST > 2:
                 tl.store(HIST_PTR + 2 * HSTRIDE + ptr, h2, mask=mask)
             if HIST > 1:
                 tl.store(HIST_PTR + HSTRIDE + ptr, h1, mask=mask)
             tl.store(HIST_PTR + ptr, p, mask=mask)
     if NOISE:
-        sigma = tl.load(COEF + i * NCOL + 5)
+        sigma = tl.load(COEF + i * NCOL + COL_SIGMA)
         if sigma != 0.0:  # e.g. the last step of variance="large": no draw at all
             # (4) z: key of (seed, sample, step) then element j, exactly as ddim_fast/rng.py;
             # the counters must stay 32-bit or tl.philox switches to its 64-bit variant.
@@ -345,7 +350,8 @@ def threshold_scale(x, m, coef, step, p, s_max=math.inf):
     B = x.shape[0]
     n = x.numel() // B
     c = coef.index_select(0, step)  # (1, 6) on the device: no host sync
-    a = (c[:, 0:1] * x.reshape(B, n) + c[:, 1:2] * m.reshape(B, n).float()).abs_()  # (B, n)
+    cx, ce = c[:, COL_CX.value : COL_CX.value + 1], c[:, COL_CE.value : COL_CE.value + 1]  # (1, 1)
+    a = (cx * x.reshape(B, n) + ce * m.reshape(B, n).float()).abs_()  # (B, n)
     rank = torch.tensor(p, dtype=torch.float32) * (n - 1)  # host scalar, as torch.quantile
     below, above = math.floor(rank.item()), math.ceil(rank.item())
     weight = float(rank - below)

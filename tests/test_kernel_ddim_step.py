@@ -16,7 +16,7 @@ from ddim_fast import rng
 from ddim_fast.kernels import ddim_step as step_mod
 from ddim_fast.kernels.ddim_step import abs_order_stats, ddim_step, ddim_step_ref, initial_noise, threshold_scale
 from ddim_fast.models.analytic import GaussianEps
-from ddim_fast.plan import SamplingPlan
+from ddim_fast.plan import COL, SamplingPlan
 from ddim_fast.sampling import sample, step
 from ddim_fast.schedule import NoiseSchedule
 
@@ -90,7 +90,7 @@ def test_noise_is_the_reference_stream():
     """With only sigma = 1 the kernel writes z itself: rng.step_noise to float32 rounding, and the
     same sample gets the same noise at any batch size (first_index addresses it)."""
     coef = torch.zeros(4, 6, device=DEV)
-    coef[3, 5] = 1.0
+    coef[3, COL["sigma"]] = 1.0
     shape, seed = (3, 3, 9, 11), 2**40 + 7
     x = torch.zeros(shape, device=DEV)
     step_t = torch.tensor([3], dtype=torch.int32, device=DEV)
@@ -107,7 +107,7 @@ def test_noise_is_the_reference_stream():
 def test_first_index_from_device_memory():
     """first_index as a (1,) int64 device tensor (what a CUDA graph replays) = the int."""
     coef = torch.zeros(2, 6, device=DEV)
-    coef[1, 5] = 1.0
+    coef[1, COL["sigma"]] = 1.0
     shape = (2, 3, 5, 4)
     step_t = torch.tensor([1], dtype=torch.int32, device=DEV)
     seed_t = torch.tensor([77], dtype=torch.int64, device=DEV)
@@ -138,7 +138,7 @@ def test_initial_noise_is_the_reference_x_T(shape):
 def test_zero_sigma_draws_nothing():
     """A step whose sigma is 0 ignores the seed; eta = 0 (no seed) gives the same bits."""
     plan = SamplingPlan.build(SCHED, steps=5, variance="large")  # no noise on the last step
-    assert plan.coef[-1, 5] == 0 and plan.coef[0, 5] > 0
+    assert plan.column("sigma")[-1] == 0 and plan.column("sigma")[0] > 0
     x, m = _inputs((2, 3, 5, 5), torch.float16, seed=1)
     with_seed, _ = _run(x, m, plan, plan.steps - 1, seed=99)
     without, _ = _run(x, m, plan, plan.steps - 1, seed=None)

@@ -8,6 +8,7 @@ folder); GaussianEps exports are cheap.
 """
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ from ddim_fast import onnx as dox
 from ddim_fast.models.analytic import GaussianEps
 from ddim_fast.onnx import export, graph
 from ddim_fast.onnx.network import Network, quiet_exporter
-from ddim_fast.onnx.validate import check_loop_tables
+from ddim_fast.onnx.validate import check_loop_tables, head
+from ddim_fast.plan import COL
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -238,3 +240,19 @@ def test_long_loop_exports_validate_the_body_and_the_tables(gauss, tmp_path, mon
     table.CopyFrom(onnx.numpy_helper.from_array(arr, table.name))
     with pytest.raises(dox.ExportValidationError, match="tables differ"):
         check_loop_tables(proto, plan)
+
+
+def test_a_validation_head_keeps_the_noise_input_of_its_plan():
+    """head(plan, k): the first k steps; when those draw no noise but the plan does, sigma (and only sigma)
+    is nudged so the validated graph takes the same noise input. The plan's own table is untouched."""
+    plan = dd.SamplingPlan.build(SCHED, 6, eta=0.5)
+    coef = plan.coef.clone()
+    coef[:2, COL["sigma"]] = 0.0  # the first two steps draw nothing
+    plan = dataclasses.replace(plan, coef=coef)
+    first = head(plan, 2)
+    assert plan.needs_noise and first.needs_noise and first.steps == 2
+    assert torch.equal(plan.coef, coef)
+    assert torch.equal(first.column("sigma"), torch.full((2,), 1e-3, dtype=torch.float64))
+    others = [j for j in range(6) if j != COL["sigma"]]
+    assert torch.equal(first.coef[:, others], coef[:2, others])
+    assert torch.equal(head(plan, 4).coef, coef[:4])  # noise in the head already: the table as it is

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ddim_fast as dd
-from ddim_fast.plan import COEF_COLUMNS, SamplingPlan
+from ddim_fast.plan import ALL_COLUMNS, COEF_COLUMNS, COL, MAX_HISTORY, SAMPLER_ROWS, SAMPLERS, SamplingPlan
 from ddim_fast.sampling import step
 
 SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
@@ -56,9 +56,9 @@ def test_eta1_full_chain_is_ddpm_posterior():
     x, e, z = _rand(3, 4, seed=4), _rand(3, 4, seed=5), _rand(3, 4, seed=6)
     for i, t in enumerate(plan.timesteps.tolist()):
         mean, var = _ddpm_posterior(x, e, t, sched.alphas_cumprod, sched.betas)
-        torch.testing.assert_close(plan.coef[i, 5].item() ** 2, var, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(plan.column("sigma")[i].item() ** 2, var, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(_apply(plan, i, x, e, z), mean + math.sqrt(var) * z, rtol=0, atol=1e-12)
-    assert plan.coef[-1, 5] == 0  # the last step (to alpha = 1) draws no noise
+    assert plan.column("sigma")[-1] == 0  # the last step (to alpha = 1) draws no noise
 
 
 def test_large_variance_is_posterior_mean_plus_sqrt_beta():
@@ -69,7 +69,7 @@ def test_large_variance_is_posterior_mean_plus_sqrt_beta():
     for i, t in enumerate(plan.timesteps.tolist()):
         mean, _ = _ddpm_posterior(x, e, t, sched.alphas_cumprod, sched.betas)
         sd = 0.0 if t == 0 else math.sqrt(sched.betas[t].item())  # sigma-hat; none on the last step
-        assert plan.coef[i, 5].item() == pytest.approx(sd, rel=1e-12, abs=0)
+        assert plan.column("sigma")[i].item() == pytest.approx(sd, rel=1e-12, abs=0)
         torch.testing.assert_close(_apply(plan, i, x, e, z), mean + sd * z, rtol=0, atol=1e-12)
 
 
@@ -273,3 +273,151 @@ def test_numpy_integers_are_ints():
     assert plan.timesteps.tolist() == list(range(901, 0, -100))
     with pytest.raises(ValueError, match="steps must be an int"):
         SamplingPlan.build(SCHED, np.bool_(True))
+
+
+# -- the table, row by row: exact values from the formulas (a refactor must not move a bit) ------------
+def _lam(a):
+    return 0.5 * (math.log(a) - math.log1p(-a))
+
+
+def _x0_of(a, prediction):
+    """(cx, ce) of x0 = cx x + ce m, and (ex, ee) of eps, as the module docstring writes them."""
+    sa, s1a = math.sqrt(a), math.sqrt(1.0 - a)
+    return {"eps": (1.0 / sa, -s1a / sa, 0.0, 1.0), "x0": (0.0, 1.0, 1.0 / s1a, -sa / s1a),
+            "v": (sa, -s1a, s1a, sa)}[prediction]
+
+
+def _rows(plan):
+    return [dict(zip(ALL_COLUMNS, r)) for r in plan.coef.tolist()]
+
+
+def test_columns_have_one_index_each_and_every_sampler_has_rows():
+    assert ALL_COLUMNS[: len(COEF_COLUMNS)] == COEF_COLUMNS and len(ALL_COLUMNS) == 13 and MAX_HISTORY == 3
+    assert [COL[name] for name in ALL_COLUMNS] == list(range(13))
+    assert set(SAMPLER_ROWS) == set(SAMPLERS)
+    plan = SamplingPlan.build(SCHED, 6, sampler="unipc")
+    for name in ALL_COLUMNS:
+        assert torch.equal(plan.column(name), plan.coef[:, COL[name]])
+
+
+def test_kernel_column_offsets_are_plans():
+    pytest.importorskip("triton")
+    from ddim_fast.kernels import ddim_step as kernel
+
+    offsets = {name[4:].lower(): v.value for name, v in vars(kernel).items() if name.startswith("COL_")}
+    assert offsets == {name: ALL_COLUMNS.index(name) for name in ALL_COLUMNS}
+    assert (kernel.NUM_COEF, kernel.NUM_COEF_HIST, kernel.MAX_HISTORY) == (len(COEF_COLUMNS), len(ALL_COLUMNS),
+                                                                          MAX_HISTORY)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_ddim_eta0_rows_are_the_formula(prediction):
+    plan = SamplingPlan.build(SCHED, 5, prediction=prediction)
+    assert plan.coef.shape == (5, 6) and plan.history == 0
+    for i, (a, an) in enumerate(zip(plan.alpha.tolist(), plan.alpha_next.tolist())):
+        cx, ce, ex, ee = _x0_of(a, prediction)
+        c = math.sqrt(1 - an)  # sigma = 0: x' = sqrt(a') x0 + sqrt(1 - a') eps
+        assert plan.coef[i].tolist() == [cx, ce, math.sqrt(an), c * ex, c * ee, 0.0]
+    if prediction == "eps":  # the textbook form, no prediction conversion in between
+        a, an = plan.alpha[0].item(), plan.alpha_next[0].item()
+        assert plan.coef[0].tolist() == [1 / math.sqrt(a), -math.sqrt(1 - a) / math.sqrt(a), math.sqrt(an), 0.0,
+                                         math.sqrt(1 - an), 0.0]
+
+
+def test_ddim_eta_and_sigma_hat_rows_are_the_formula():
+    plan = SamplingPlan.build(SCHED, 4, eta=0.5)
+    large = SamplingPlan.build(SCHED, 4, variance="large")
+    for i, (a, an) in enumerate(zip(plan.alpha.tolist(), plan.alpha_next.tolist())):
+        cx, ce, _, _ = _x0_of(a, "eps")
+        sigma = 0.5 * math.sqrt((1 - an) / (1 - a)) * math.sqrt(1 - a / an)  # Eq. 16
+        c = math.sqrt(1 - an - sigma**2)
+        assert plan.coef[i].tolist() == [cx, ce, math.sqrt(an), 0.0, c, sigma]
+        beta = 1 - a / an
+        assert large.coef[i].tolist() == [cx, ce, math.sqrt(an) * beta / (1 - a),
+                                          math.sqrt(a / an) * (1 - an) / (1 - a), 0.0,
+                                          0.0 if i == 3 else math.sqrt(beta)]
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "unipc"])
+def test_multistep_first_and_last_rows_are_ddim_and_x0(sampler):
+    """Step 0 is first order (DDIM at eta 0 in DPM-Solver++'s form) for both; the step onto alpha_bar = 1
+    is x' = x0. Both push x0 and carry no noise."""
+    plan = SamplingPlan.build(SCHED, 5, sampler=sampler, prediction="v")
+    rows = _rows(plan)
+    a, an = plan.alpha[0].item(), plan.alpha_next[0].item()
+    h = _lam(an) - _lam(a)
+    cx, ce, _, _ = _x0_of(a, "v")
+    d0, dx = -math.sqrt(an) * math.expm1(-h), math.sqrt(1 - an) / math.sqrt(1 - a)  # alpha_t (1 - e^-h), sig_t/sig_s
+    assert list(rows[0].values()) == [cx, ce, d0, dx, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    cx, ce, _, _ = _x0_of(plan.alpha[-1].item(), "v")
+    assert plan.alpha_next[-1] == 1.0
+    # unipc too: x' = rho x^c + ..., rho = 0 there, so the step before's corrector drops out
+    assert rows[-1] == {**dict.fromkeys(ALL_COLUMNS, 0.0), "cx": cx, "ce": ce, "d0": 1.0, "pu": 1.0, "push": 1.0}
+
+
+def test_dpmpp_2m_rows_are_the_midpoint_formula():
+    """dpmpp_2m, 6 steps (lower_order_final: the last one first order): rows 1..4 are DPM-Solver++(2M),
+    x' = rho x - alpha_t phi_1 (x0 + D1 / 2) with D1 = (x0 - H1) / r0."""
+    plan = SamplingPlan.build(SCHED, 6, sampler="dpmpp_2m", spacing="trailing")
+    rows, a, an = _rows(plan), plan.alpha.tolist(), plan.alpha_next.tolist()
+    assert plan.history == 1
+    for i in range(1, 5):
+        h = _lam(an[i]) - _lam(a[i])
+        c0 = -math.sqrt(an[i]) * math.expm1(-h)
+        r0 = (_lam(a[i]) - _lam(a[i - 1])) / h
+        cx, ce, _, _ = _x0_of(a[i], "eps")
+        assert list(rows[i].values()) == [cx, ce, c0 + c0 * 0.5 * (1 / r0), math.sqrt(1 - an[i]) / math.sqrt(1 - a[i]),
+                                          0.0, 0.0, c0 * 0.5 * (-1 / r0), 0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    sde = _rows(SamplingPlan.build(SCHED, 6, sampler="dpmpp_2m_sde", spacing="trailing"))
+    h = _lam(an[0]) - _lam(a[0])  # SDE-DPM-Solver++ step 0: the x0 weight with h doubled, x damped, noise
+    assert (sde[0]["d0"], sde[0]["dx"], sde[0]["sigma"]) == (
+        -math.sqrt(an[0]) * math.expm1(-2 * h), math.sqrt(1 - an[0]) / math.sqrt(1 - a[0]) * math.exp(-h),
+        math.sqrt(1 - an[0]) * math.sqrt(-math.expm1(-2 * h)))
+
+
+def test_dpmpp_3m_rows_are_the_third_order_formula():
+    """dpmpp_3m, 8 steps: rows 2..5 are third order, x' = rho x - alpha_t phi_1 x0 + alpha_t phi_2 D1
+    - alpha_t phi_3 D2 (the authors' names) with D1, D2 from (x0, H1, H2) over the step ratios r0, r1."""
+    plan = SamplingPlan.build(SCHED, 8, sampler="dpmpp_3m", spacing="trailing")
+    rows, a, an, lam = _rows(plan), plan.alpha.tolist(), plan.alpha_next.tolist(), [_lam(v) for v in plan.alpha]
+    assert plan.history == 2
+    for i in range(2, 6):
+        al_t, h = math.sqrt(an[i]), _lam(an[i]) - lam[i]
+        r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
+        d1_0, d1_1 = [1 / r0, -1 / r0, 0.0], [0.0, 1 / r1, -1 / r1]  # over (x0, H1, H2)
+        diff = [p - q for p, q in zip(d1_0, d1_1)]
+        d1 = [p + r0 / (r0 + r1) * q for p, q in zip(d1_0, diff)]
+        d2 = [q / (r0 + r1) for q in diff]
+        phi_1 = math.expm1(-h)
+        phi_2 = phi_1 / h + 1.0
+        phi_3 = (phi_1 + h) / h**2 - 0.5  # plan.py's form of phi_2 / h - 1/2 (the authors' code)
+        assert phi_3 == pytest.approx(phi_2 / h - 0.5, rel=1e-9)
+        w = [(-al_t * phi_1 if j == 0 else 0.0) + al_t * phi_2 * d1[j] + -al_t * phi_3 * d2[j] for j in range(3)]
+        cx, ce, _, _ = _x0_of(a[i], "eps")
+        assert list(rows[i].values()) == [cx, ce, w[0], math.sqrt(1 - an[i]) / math.sqrt(1 - a[i]), 0.0, 0.0,
+                                          w[1], w[2], 0.0, 1.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("start", ["heun", "euler"])
+def test_plms_rows_are_adams_bashforth_on_the_ddim_transfer(start):
+    plan = SamplingPlan.build(SCHED, 5, sampler="plms", plms_start=start)
+    rows, a, an = _rows(plan), plan.alpha.tolist(), plan.alpha_next.tolist()
+    ab = [(1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24)]
+    heun = start == "heun"
+    assert len(rows) == 5 + heun and plan.history == 3
+    if heun:  # the repeated first timestep: x1' = x1 + B0 (m1 - m0) / 2, nothing pushed
+        B0 = rows[0]["de"]
+        assert plan.timesteps[1] == plan.timesteps[2] and a[1] == an[1]
+        cx, ce, _, _ = _x0_of(a[1], "eps")
+        assert list(rows[1].values()) == [cx, ce, 0.0, 1.0, B0 / 2, 0.0, -B0 / 2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    k = 0  # outputs pushed so far
+    for i, r in enumerate(rows):
+        if heun and i == 1:
+            continue
+        cx, ce, ex, ee = _x0_of(a[i], "eps")
+        A = math.sqrt(an[i]) * cx + math.sqrt(1 - an[i]) * ex  # DDIM (eta 0): x' = A x + B m
+        B = math.sqrt(an[i]) * ce + math.sqrt(1 - an[i]) * ee
+        c = ab[min(k, 3)]
+        hs = [B * v for v in c[1:]] + [0.0] * (4 - len(c))
+        assert list(r.values()) == [cx, ce, 0.0, A, B * c[0], 0.0, *hs, 0.0, 0.0, 1.0, 1.0]
+        k += 1

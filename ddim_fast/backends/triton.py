@@ -10,6 +10,7 @@ import os
 import torch
 
 from ..conditioning import cast_cond
+from ..plan import COL
 from .base import Backend, net_input, prepare_model, raise_if_flagged
 
 
@@ -62,7 +63,7 @@ class TritonBackend(Backend):
             self.ddim_step(x, m, coef, steps[i : i + 1], seed=seeded, first_index=first_t, clip=clip,
                            threshold=threshold, flag=flag, hist=hist, guidance=w)
             if noise is not None and plan.needs_noise:
-                x.add_(coef[i, 5] * noise[i])  # explicit z: sigma_i z_i on top of the noise-free step
+                x.add_(coef[i, COL["sigma"]] * noise[i])  # explicit z: sigma_i z_i on top of the noise-free step
         return x
 
     def predict(self, x, t1, cond, w):

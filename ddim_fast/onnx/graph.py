@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..plan import ALL_COLUMNS, COEF_COLUMNS, SamplingPlan
+from ..plan import ALL_COLUMNS, COEF_COLUMNS, COL, HISTORY_WEIGHTS, SamplingPlan
 from .runtime import import_onnx
 
 
@@ -76,8 +76,8 @@ def step_ops(b: Builder, plan: SamplingPlan, x: str, m: str, c: dict, z: str | N
     out = b.op("Add", [b.op("Mul", [c["d0"], x0]), b.op("Mul", [c["dx"], x])])
     out = b.op("Add", [out, b.op("Mul", [c["de"], m])], "x_mean")
     if hist:  # (**) the history terms, then the push (P from the step's input x)
-        for k, H in enumerate(hist):
-            out = b.op("Add", [out, b.op("Mul", [c[f"h{k + 1}"], H])], f"x_h{k + 1}")
+        for name, H in zip(HISTORY_WEIGHTS, hist):
+            out = b.op("Add", [out, b.op("Mul", [c[name], H])], f"x_{name}")
         push = c["push"]
         if push is not False:
             p = b.op("Add", [b.op("Add", [b.op("Mul", [c["pu"], x0]), b.op("Mul", [c["pv"], x])]),
@@ -241,7 +241,7 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inpu
         return guided_ops(bld, m, "guidance") if guided else m
 
     K = plan.history
-    columns = ALL_COLUMNS[: 6 + K] + ALL_COLUMNS[9:12] if K else COEF_COLUMNS  # what step_ops reads
+    columns = COEF_COLUMNS + HISTORY_WEIGHTS[:K] + ("pu", "pv", "pw") if K else COEF_COLUMNS  # what step_ops reads
     if unroll:
         x = x_in
         hist = [b.op("ConstantOfShape", [b.op("Shape", [x_in], "state_shape")], "h0")] * K if K else None
@@ -257,18 +257,18 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inpu
             b.nodes.extend(copy_nodes(nodes, rename, pre))
             m = formed(b, pre + pred)  # (B, C, H, W) the model output at step i
             z = None
-            if noise and (table_inputs or coef[i, 5] != 0):  # a fed table's sigma may be nonzero at any step
+            if noise and (table_inputs or coef[i, COL["sigma"]] != 0):  # a fed table's sigma may be nonzero at any step
                 z = b.op("Gather", ["noise", b.const(i, np.int64)], f"{pre}z", axis=0)  # (B, C, H, W)
             # sigma only where the step adds noise: an initializer no node reads makes plain onnxruntime
             # warn "Removing initializer ... not used" on every load
             if table_inputs:
-                c = {name: b.op("Gather", [row, b.const(ALL_COLUMNS.index(name), np.int64)], f"{pre}{name}", axis=0)
+                c = {name: b.op("Gather", [row, b.const(COL[name], np.int64)], f"{pre}{name}", axis=0)
                      for name in columns if name != "sigma" or z is not None}
             else:
-                c = {name: b.const(coef[i, ALL_COLUMNS.index(name)], hint=f"{pre}{name}") for name in columns
+                c = {name: b.const(coef[i, COL[name]], hint=f"{pre}{name}") for name in columns
                      if name != "sigma" or z is not None}
             if K:  # whether step i pushes is part of an unrolled graph (layout_key keys on it)
-                c["push"] = bool(coef[i, ALL_COLUMNS.index("push")] != 0)
+                c["push"] = bool(coef[i, COL["push"]] != 0)
                 x, hist = step_ops(b, plan, x, m, c, z, numel, hist)
             else:
                 x = step_ops(b, plan, x, m, c, z, numel)
@@ -285,7 +285,7 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inpu
         t_i = body.op("Gather", [steps_t, i], "t_i", axis=0)  # () int64
         t = body.op("Expand", [body.op("Unsqueeze", [t_i, body.const([0], np.int64)]), net_batch], "t")  # (B,)
         row = body.op("Gather", [table, i], "row", axis=0)  # (6,)
-        c = {name: body.op("Gather", [row, body.const(ALL_COLUMNS.index(name), np.int64)], name, axis=0)
+        c = {name: body.op("Gather", [row, body.const(COL[name], np.int64)], name, axis=0)
              for name in columns + (("push",) if K else ())}
         rename = {"x": net_state(body, x), "t": t, **net_cond, **{k: k for k in keep}}
         body.nodes.extend(copy_nodes(nodes, rename, "ddim/body/net/"))

@@ -12,7 +12,7 @@ import torch
 
 from ..checks import sample_shape
 from ..conditioning import cond_spec, example_cond, null_cond
-from ..plan import SamplingPlan
+from ..plan import COL, SamplingPlan
 from ..precision import NAMES, atol, tolerance_ok
 from ..sampling import invert, sample
 from .graph import table_feeds
@@ -112,7 +112,9 @@ def head(plan: SamplingPlan, k: int) -> SamplingPlan:
     head = dataclasses.replace(plan, timesteps=plan.timesteps[:k], alpha=plan.alpha[:k],
                                alpha_next=plan.alpha_next[:k], coef=plan.coef[:k])
     if head.needs_noise != plan.needs_noise:  # the noise input would differ: validate with noise on
-        head = dataclasses.replace(head, coef=torch.cat([head.coef[:, :5], head.coef[:, 5:] + 1e-3], dim=1))
+        coef = head.coef.clone()
+        coef[:, COL["sigma"]] += 1e-3
+        head = dataclasses.replace(head, coef=coef)
     return head
 
 
