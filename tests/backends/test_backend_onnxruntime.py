@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_close_to_reference
 
 import ddim_fast as dd
 from ddim_fast import onnx as dox
 from ddim_fast.backends.onnxruntime import OnnxRuntimeBackend, host_noise
 from ddim_fast.engine import BackendUnavailable
+from tests.helpers import assert_close_to_reference
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

@@ -23,10 +23,10 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close_to_reference
 
 import ddim_fast as dd
 from ddim_fast.models.analytic import GaussianEps
+from tests.helpers import assert_close_to_reference
 
 SCHED = dd.NoiseSchedule.linear(100, 1e-3, 0.05)
 GSHAPE = (3, 8, 8)

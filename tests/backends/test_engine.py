@@ -5,10 +5,10 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close_to_reference
 
 import ddim_fast as dd
 from ddim_fast.engine import BackendUnavailable, batch_chunks
+from tests.helpers import assert_close_to_reference
 
 SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
 SHAPE = (3, 8, 8)

@@ -18,13 +18,12 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
-from conftest import INTERPRETER_RANGE_BUG, interpreter_range_bug
 
 from benchmarks import gpu_harness as gh
 from benchmarks import gpu_rows as gr
 from benchmarks import gpu_suite as gs
+from tests.helpers import INTERPRETER_RANGE_BUG, ROOT, interpreter_range_bug
 
-ROOT = Path(__file__).resolve().parent.parent
 # Run a module with setuptools' editable-install finders removed, so nothing can come from this
 # checkout's `pip install -e .`: only PYTHONPATH and the (non-project) site-packages remain.
 NO_EDITABLE = ("import runpy, sys\n"

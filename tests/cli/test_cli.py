@@ -3,15 +3,14 @@ Ctrl-C, progress notes, Triton as an optional extra."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from ddim_fast import cli
 from ddim_fast import train as T
 from ddim_fast.checks import MissingExtra, is_int, require
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["train", "--config", "tiny", "--steps", "2", "--batch-size", "4", "--save-every", "1", "--grid-size", "0",
          "--no-progress"]
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MarkerPayload
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -32,6 +31,7 @@ from ddim_fast import images
 from ddim_fast.checkpoint import save_model
 from ddim_fast.cli import error_message, main
 from ddim_fast.models.analytic import GaussianEps
+from tests.helpers import MarkerPayload
 
 SCHED = dd.NoiseSchedule.linear(100, 1e-3, 0.05)  # T = 100: steps 101 is out of range
 FUZZ = settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,

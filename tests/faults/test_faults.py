@@ -27,8 +27,8 @@ from ddim_fast.checkpoint import TRAINER_JSON, save_model
 from ddim_fast.cli import main
 from ddim_fast.models.analytic import GaussianEps
 from ddim_fast.sampling import NonFiniteError
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SCHED = dd.NoiseSchedule.linear(100, 1e-3, 0.05)
 
 

@@ -12,10 +12,9 @@ import torch
 
 pytest.importorskip("triton")  # an extra (gpu, dev): without it these tests skip
 
-from conftest import assert_close_to_reference, poisoned_like
-
 from ddim_fast.kernels.attention import attention, attention_ref
 from ddim_fast.models.ops import ReferenceOps
+from tests.helpers import assert_close_to_reference, poisoned_like
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -10,8 +10,6 @@ import torch
 
 pytest.importorskip("triton")  # an extra (gpu, dev): without it these tests skip
 
-from conftest import assert_close_to_reference, poisoned_like
-
 from ddim_fast import rng
 from ddim_fast.kernels import ddim_step as step_mod
 from ddim_fast.kernels.ddim_step import abs_order_stats, ddim_step, ddim_step_ref, initial_noise, threshold_scale
@@ -19,6 +17,7 @@ from ddim_fast.models.analytic import GaussianEps
 from ddim_fast.plan import SamplingPlan
 from ddim_fast.sampling import sample, step
 from ddim_fast.schedule import NoiseSchedule
+from tests.helpers import assert_close_to_reference, poisoned_like
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

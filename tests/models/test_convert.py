@@ -11,7 +11,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import MarkerPayload
 
 import ddim_fast as dd
 from ddim_fast import checkpoint as ck
@@ -20,6 +19,7 @@ from ddim_fast.cli.convert import Convert
 from ddim_fast.models import convert as cv
 from ddim_fast.models.unet import UNet, UNetConfig
 from ddim_fast.schedule import NoiseSchedule
+from tests.helpers import MarkerPayload, assert_close_to_reference
 
 # Loading an official file without its YAML guesses the image size and says so (tested below).
 pytestmark = pytest.mark.filterwarnings("ignore:.*the weights do not determine the image size")
@@ -461,8 +461,6 @@ def _ddim_loop(unet, scheduler, x, steps, eta, noise):
 def test_a_pipeline_folder_samples_like_ddim_pipeline(pipeline_unet, sched_kw, eta, tmp_path):
     """DDIM-10 of a pipeline folder (SamplingPlan.for_model) against DDIMPipeline, under docs/DESIGN.md's
     tolerance rule: diffusers' own loop in float64 is the truth, its float32 run the reference."""
-    from conftest import assert_close_to_reference
-
     diffusers = pytest.importorskip("diffusers")
     scheduler = diffusers.DDIMScheduler(**sched_kw)
     pipe = diffusers.DDIMPipeline(unet=pipeline_unet, scheduler=scheduler)

@@ -11,9 +11,9 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close_to_reference
 
 import ddim_fast as dd
+from tests.helpers import assert_close_to_reference
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -18,6 +18,7 @@ from ddim_fast.models.unet import (
     UNetConfig,
     timestep_embedding,
 )
+from tests.helpers import assert_close_to_reference
 
 
 def randomize(model: nn.Module, seed: int = 0, scale: float = 0.3) -> nn.Module:
@@ -458,8 +459,6 @@ def test_conditional_forward_traces_with_torch_export(cond):
 # -- on a GPU (tier 5; skipped without CUDA) ----------------------------------------------------------------
 @pytest.mark.gpu
 def test_cuda_forward_matches_the_cpu_reference(tiny, tmp_path):
-    from conftest import assert_close_to_reference
-
     from ddim_fast.checkpoint import load_model, save_model
     from ddim_fast.schedule import NoiseSchedule
 

@@ -12,7 +12,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_close_to_reference
 
 import ddim_fast as dd
 from ddim_fast import onnx as dox
@@ -21,6 +20,7 @@ from ddim_fast.onnx import cache as oc
 from ddim_fast.onnx import export as ex
 from ddim_fast.onnx.graph import structure, table_feeds
 from ddim_fast.onnx.runtime import OrtRunner
+from tests.helpers import assert_close_to_reference
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

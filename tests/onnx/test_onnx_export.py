@@ -1,7 +1,7 @@
 """Tier 4: the ONNX export and the ONNX Runtime backend against the reference (CPU EP), plus the
 GPU tier (CUDA EP, IO binding), which is skipped without CUDA.
 
-Every parity check uses docs/DESIGN.md's tolerance rule (conftest.assert_close_to_reference): error
+Every parity check uses docs/DESIGN.md's tolerance rule (tests/helpers.py, assert_close_to_reference): error
 against a float64 reference <= 2 x the error of the torch reference in the same precision + atol.
 The expensive step, torch.onnx tracing the tiny UNet, happens once for the module (a shared cache
 folder); GaussianEps exports are cheap.
@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_close_to_reference
 
 import ddim_fast as dd
 from ddim_fast import onnx as dox
@@ -19,6 +18,7 @@ from ddim_fast.models.analytic import GaussianEps
 from ddim_fast.onnx import export, graph
 from ddim_fast.onnx.network import Network, quiet_exporter
 from ddim_fast.onnx.validate import check_loop_tables
+from tests.helpers import assert_close_to_reference
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close_to_reference
 
 import ddim_fast as dd
 from benchmarks import fake_cuda
 from ddim_fast.conditioning import combine
+from tests.helpers import assert_close_to_reference
 
 SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
 

@@ -9,34 +9,15 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_close_to_reference
 
 import ddim_fast as dd
 from ddim_fast.models.analytic import GaussianEps
 from ddim_fast.sampling import sample
+from tests.helpers import ToyNet, assert_close_to_reference
+from tests.helpers import toy_x as _x
 
 SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
 MULTISTEP = ("plms", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
-
-
-class ToyNet(torch.nn.Module):
-    """A small non-linear model(x, t) that mixes channels: every history coefficient shows in its output."""
-
-    def __init__(self, C=3, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        # a buffer, not a parameter: the reference sampler runs a model in its parameters' dtype, and this one
-        # must follow the state's (float64 in the exactness checks)
-        self.register_buffer("w", torch.randn(C, C, generator=g) * 0.5)
-
-    def forward(self, x, t):
-        tt = (t.to(x.dtype) / 1000).view(-1, *([1] * (x.ndim - 1)))
-        mixed = torch.einsum("ij,bj...->bi...", self.w.to(x.dtype), x)
-        return torch.tanh(mixed * (1 + tt)) * 0.8 + 0.2 * x * tt
-
-
-def _x(B=2, shape=(3, 4, 4), seed=1, dtype=torch.float64):
-    return torch.randn(B, *shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 # -- diffusers ----------------------------------------------------------------------------------

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_samplers import SCHED, ToyNet, _x
 
 import ddim_fast as dd
 from ddim_fast.sampling import sample
+from tests.helpers import ToyNet, toy_x
 
+SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
 REF = os.environ.get("DDIM_FAST_AUTHORS_REF")
 
 
@@ -62,7 +63,7 @@ def _authors_run(kind, model, x, S, k, order):
     ("unipc", "unipc", 2, 10, 99), ("unipc", "unipc", 3, 12, 80), ("unipc", "unipc", 1, 8, 120),
 ])
 def test_equals_the_authors_code_in_float64(kind, sampler, order, S, k, capsys):
-    model, x = ToyNet(), _x()
+    model, x = ToyNet(), toy_x()
     theirs = _authors_run(kind, model, x, S, k, order)
     ts = [SCHED.T - 1 - j * k for j in range(S)]
     plan = dd.SamplingPlan.build(SCHED, spacing=ts, sampler=sampler, order=order, lower_order_final=False,

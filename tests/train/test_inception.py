@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import MarkerPayload
 from safetensors.torch import save_file
 
 from ddim_fast import inception as I
 from ddim_fast.metrics import feature_statistics
+from tests.helpers import MarkerPayload, assert_close_to_reference
 
 
 def _random_weights(model: I.FIDInceptionV3, seed: int) -> I.FIDInceptionV3:
@@ -290,8 +290,6 @@ def test_fid(net, images, feats, tmp_path):
 def test_cuda_features_follow_the_tolerance_rule(net, images):
     # docs/DESIGN.md's rule with the CPU fp32 network as the reference and CPU float64 as the truth.
     # TF32 is switched off: it is PyTorch's cuDNN default but not an fp32 path.
-    from conftest import assert_close_to_reference
-
     x = images[0][:2]
     truth = copy.deepcopy(net).double()
     truth = truth(truth.preprocess(x))  # (2, 2048) float64

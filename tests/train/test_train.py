@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +14,7 @@ import ddim_fast as dd
 from ddim_fast import train as T
 from ddim_fast.cli import main as cli_main
 from ddim_fast.sample_grid import sample_images
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def _cfg(out, **kw):
