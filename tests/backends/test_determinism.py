@@ -3,7 +3,7 @@ under docs/DESIGN.md's tolerance rule, across batch sizes, repeats and processes
 
 The facts (recorded in docs/RELIABILITY.md; measured on this project's 2-core x86 CPU machine):
 - the noise (x_T and every step's z) is a pure function of (seed, sample index, step): bit-identical
-  at any batch size (tests/test_rng.py), so every difference below comes from the network's arithmetic;
+  at any batch size (tests/plan/test_rng.py), so every difference below comes from the network's arithmetic;
 - reference, elementwise network: bit-identical across batch sizes and repeats;
 - reference, UNet: bit-identical on repeats and across processes, NOT across batch sizes (PyTorch's CPU
   convolutions pick per-batch-size kernels): within float32 rounding (1e-5);

@@ -149,7 +149,7 @@ CASES = {
     "exclusive options": (["interpolate", *M, "--seeds", "1", "2", "--latents", "{ok}"],
                           ["argument --latents: not allowed with argument --seeds"]),
     "unknown benchmark": (["bench", "fastest"], ["argument name: invalid choice: 'fastest'"]),
-    # -- values out of range (steps 0 and eta < 0 are in test_cli_sample.py)
+    # -- values out of range (steps 0 and eta < 0 are in cli/test_cli_sample.py)
     "steps above T": (["sample", *M[:-3], "--steps", "101", "--out", "x.png"],
                       ["steps must be an int in [1, T=100], got 101", "steps=T for the full"]),
     "encode steps 0": (["encode", *M[:-3], "--steps", "0", "--input", "{ok}"], ["steps must be an int in [1, T=100]"]),

@@ -3,7 +3,7 @@
 
 Those files are not part of this project and are never copied into it: point DDIM_FAST_AUTHORS_REF at a
 folder holding them (e.g. from clones of the two repositories) to run these checks; without it they skip,
-saying so. CI runs tests/test_samplers.py instead, whose float64 reference is diffusers with its tables
+saying so. CI runs tests/plan/test_samplers.py instead, whose float64 reference is diffusers with its tables
 patched to float64.
 
 The authors solve in continuous time t in [1/N, 1] over a discrete schedule (log alpha piecewise linear
@@ -32,7 +32,7 @@ def _module(name):
     path = Path(REF or "") / f"{name}.py"
     if not REF or not path.is_file():
         pytest.skip(f"the authors' {name}.py is not available: set DDIM_FAST_AUTHORS_REF to a folder holding it "
-                    "(it is not shipped; tests/test_samplers.py checks against float64-patched diffusers instead)")
+                    "(it is not shipped; tests/plan/test_samplers.py checks against float64-patched diffusers instead)")
     spec = importlib.util.spec_from_file_location(f"authors_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
