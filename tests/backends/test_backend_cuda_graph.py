@@ -84,7 +84,7 @@ def test_graph_replay_matches_eager_triton_and_reference(tiny, dtype, exact_cuda
 @pytest.mark.parametrize("sampler, kw", [("plms", {}), ("dpmpp_3m", {"threshold": 0.9}), ("unipc", {"order": 3}),
                                          ("dpmpp_2m_sde", {})])
 def test_graph_captures_multistep_history(tiny, sampler, kw, exact_cuda):
-    """A multistep plan (issue 15): the whole loop with its history buffer captured; equal to the eager
+    """A multistep plan: the whole loop with its history buffer captured; equal to the eager
     triton run and within the rule of the reference, from a given x_T and from the seed, at odd batches;
     a sample does not depend on the batch it is drawn in."""
     plan = dd.SamplingPlan.build(tiny.schedule, 6, spacing="trailing", sampler=sampler, **kw)

@@ -26,7 +26,7 @@ def _truth_and_low(model, plan, x_T, seed, dtype):
 
 @pytest.mark.parametrize("eta", [0.0, 0.8])
 def test_triton_backend_matches_reference(tiny, eta):
-    """Issue 4's end-to-end check: fused ops + fused step (in-kernel noise) vs the reference."""
+    """End to end: fused ops + fused step (in-kernel noise) vs the reference."""
     pytest.importorskip("triton")
     plan = dd.SamplingPlan.build(tiny.schedule, 2, eta=eta)  # the interpreter is slow: 2 steps
     x_T = dd.rng.initial_noise(4, (2, 3, 16, 16))

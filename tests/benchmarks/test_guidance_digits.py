@@ -1,4 +1,4 @@
-"""benchmarks/guidance_digits.py (issue 16's guidance table): its --quick mode runs the whole harness
+"""benchmarks/guidance_digits.py (the guidance-scale table): its --quick mode runs the whole harness
 (20 samples, 4 steps, every scale) in seconds and writes the JSON the README table comes from. The
 measurement itself (500 samples per scale, DDIM-20) is a benchmark, not a test."""
 

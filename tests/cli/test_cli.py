@@ -1,4 +1,4 @@
-"""The `ddim-fast` command as a new user meets it (issue 17): missing extras, --help, --version,
+"""The `ddim-fast` command as a new user meets it: missing extras, --help, --version,
 Ctrl-C, progress notes, Triton as an optional extra."""
 
 import subprocess

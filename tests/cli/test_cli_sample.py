@@ -121,7 +121,7 @@ def test_unknown_model_name_lists_the_bundled_ones(capsys):
     assert "bundled" in capsys.readouterr().err
 
 
-# -- issue 17 ---------------------------------------------------------------------------------------------
+# -- training run folders, resumed folder runs, outputs and their formats, Ctrl-C, --sampler --------------
 def _fake_run(root, steps=(2, 4)):
     """A training run folder as `ddim-fast train` leaves it: checkpoints/step-N (weights, EMA, trainer.json)
     and `latest`. Each checkpoint's weights differ, so the test sees which one was loaded."""
@@ -155,7 +155,7 @@ def test_a_training_run_folder_loads_its_latest_checkpoints_ema(tmp_path, capsys
 
 
 def test_a_resume_with_other_settings_is_refused_and_names_them(model_dir, tmp_path, capsys):
-    """The issue's case: an interrupted folder run continued with --steps/--eta/--seed changed."""
+    """An interrupted folder run continued with --steps/--eta/--seed changed."""
     out = tmp_path / "run"
     c = ["--model", model_dir, "--backend", "reference", "--no-progress", "--batch-size", 2, "--out", out]
     assert _run("sample", *c, "--num", 6, "--steps", 4) == 0
@@ -271,7 +271,7 @@ def test_ctrl_c_in_sample_says_how_to_resume(model_dir, tmp_path, monkeypatch, c
 
 
 def test_sample_with_a_multistep_sampler(model_dir, tmp_path, capsys):
-    """--sampler (issue 15): the npz equals the API's plan with the same options; a bad order is one line."""
+    """--sampler: the npz equals the API's plan with the same options; a bad order is one line."""
     c = _common(model_dir)
     assert _run("sample", *c, "--num", 3, "--sampler", "unipc", "--order", 3, "--spacing", "trailing",
                 "--out", tmp_path / "u.npz") == 0

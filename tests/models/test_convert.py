@@ -432,9 +432,9 @@ def test_convert_diffusers(small_diffusers, tmp_path):
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
 
 
-# -- issue 17: a pipeline folder's scheduler settings; diffusers' default UNet2DModel ---------------------
+# -- a pipeline folder's scheduler settings; diffusers' default UNet2DModel -------------------------------
 PIPELINE_CASES = [  # DDIMScheduler settings (linear 1e-4..0.02, T=1000) and DDIMPipeline's eta
-    (dict(set_alpha_to_one=False, clip_sample=False), 0.0),  # the issue's case: 0.027 off before
+    (dict(set_alpha_to_one=False, clip_sample=False), 0.0),  # ends on alpha_bar[0], no clip: not the paper's default
     (dict(set_alpha_to_one=False, clip_sample=True, timestep_spacing="trailing"), 0.0),
     (dict(steps_offset=1, clip_sample=True, clip_sample_range=0.5), 0.0),
     (dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5, set_alpha_to_one=False), 0.0),
@@ -493,7 +493,7 @@ def test_a_pipeline_folder_samples_like_ddim_pipeline(pipeline_unet, sched_kw, e
 
 
 def test_the_paper_default_plan_is_not_the_pipelines(pipeline_unet):
-    """What the issue saw: the default plan (final alpha 1, no clip) is far from DDIMPipeline with
+    """The paper's default plan (final alpha 1, no clip) is far from DDIMPipeline with
     set_alpha_to_one=False: the tolerance rule above tells the two apart."""
     diffusers = pytest.importorskip("diffusers")
     scheduler = diffusers.DDIMScheduler(set_alpha_to_one=False, clip_sample=False)

@@ -1,4 +1,4 @@
-"""Issue 16 items 5-6: a diffusers UNet2DConditionModel / class-conditional UNet2DModel taken as it is,
+"""A diffusers UNet2DConditionModel / class-conditional UNet2DModel taken as it is,
 against the CFG loop users run today (DDIMScheduler, [uncond; cond] batch, the combine, scheduler.step).
 
 The diffusers loop in float64 (model .double(), the scheduler's tables replaced by the float64 schedule)

@@ -1,4 +1,4 @@
-"""The ONNX cache and the table-input sampler graph (issue 17, item 13): one torch export per (model,
+"""The ONNX cache and the table-input sampler graph: one torch export per (model,
 dtype), one sampler graph per plan structure whatever its steps, spacing or eta, a size-limited cache,
 an unwritable cache that falls back with one warning, and the CLI's `auto` on a CPU that never makes a
 command slower than the reference backend (but for its one timed network call)."""

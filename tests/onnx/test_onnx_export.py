@@ -67,7 +67,7 @@ def test_eps_model_metadata_round_trip(onnx_tiny, onnx_tiny_eps):
 
 
 def test_conditional_unet_export(tmp_path):
-    """export_onnx of a class-conditional UNet takes the labels as a third input (issue 16: the network
+    """export_onnx of a class-conditional UNet takes the labels as a third input (the network
     graph carries the model's conditioning inputs); fed the null label it is the unconditional branch.
     A graph that takes the labels as a third input (what a
     guided export builds on) exports through torch.onnx too and runs in ONNX Runtime."""

@@ -34,7 +34,7 @@ def test_threshold_graph_equals_dynamic_threshold(numel, p):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-# -- issue 17: no unused initializers (plain onnxruntime warns about each, on every load) ------------------
+# -- no unused initializers (plain onnxruntime warns about each, on every load) ----------------------------
 def _read_names(graph):
     """Every value name a node of `graph` (or of its subgraphs: Loop bodies) reads, plus its outputs."""
     names = {o.name for o in graph.output}

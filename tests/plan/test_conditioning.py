@@ -1,4 +1,4 @@
-"""Issue 16: conditioning and classifier-free guidance through the reference sampler, the fused step kernel,
+"""Conditioning and classifier-free guidance through the reference sampler, the fused step kernel,
 the Engine (chunks, CUDA graph bookkeeping), ONNX and the CLI, with the bad-input list."""
 
 import copy
@@ -217,7 +217,7 @@ def test_onnx_engine_guided_and_metadata(cond_unet, unroll, tmp_path, monkeypatc
 
 
 def test_multistep_samplers_compose_with_guidance(cond_unet, label_eps, tmp_path, monkeypatch):
-    """Issues 15 and 16 together: a history sampler consumes the guided m however it was formed, on the
+    """Multistep samplers with guidance: a history sampler consumes the guided m however it was formed, on the
     reference, the fused Triton step (interpreter) and the ONNX table graph."""
     monkeypatch.setenv("DDIM_FAST_CACHE", str(tmp_path))
     kw = {"cond": {"class_labels": Y}, "guidance": 2.5}

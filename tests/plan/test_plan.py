@@ -170,7 +170,7 @@ def test_schedule_type_checked():
         SamplingPlan.build(SCHED.alphas_cumprod, 10)
 
 
-# -- issue 17 -------------------------------------------------------------------------------------------
+# -- the official ddpm_noisy, far starts, final_alpha, clip bounds, numpy integers ----------------------
 def _official_ddpm_noisy_step(x, e, z, a, a_next):
     """One step of the official code's ddpm_steps (ermongroup/ddim, functions/denoising.py), written
     out: x0 clamped to [-1, 1], the posterior mean over the skip, noise std sqrt(1 - a/a')
@@ -196,7 +196,7 @@ def test_large_with_clip_is_the_official_ddpm_noisy_and_without_it_is_not():
 @pytest.mark.parametrize(
     "S, spacing, warns",
     [
-        (600, "uniform", True),  # starts at 599 (the issue's case)
+        (600, "uniform", True),  # starts at 599, sqrt(alpha_bar) 0.16 (docs/DESIGN.md's table)
         (501, "uniform", True),
         (3, "uniform", True),  # [666, 333, 0]
         (1, "uniform", True),  # [0]

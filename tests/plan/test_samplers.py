@@ -1,4 +1,4 @@
-"""Multistep samplers (issue 15): plms, dpmpp_2m/3m, dpmpp_2m_sde and unipc as plans of the one update
+"""Multistep samplers: plms, dpmpp_2m/3m, dpmpp_2m_sde and unipc as plans of the one update
 (**) of plan.py. Exactness against diffusers' schedulers (float32 under the tolerance rule; float64 with
 their tables patched to float64, to ~1e-12), DDIM as the first-order member, the errors, and every
 backend against the reference (the interpreter for triton, the CPU EP for onnxruntime)."""

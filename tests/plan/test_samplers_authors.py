@@ -1,4 +1,4 @@
-"""The multistep samplers against their authors' own code, in float64 (issue 15): DPM-Solver++
+"""The multistep samplers against their authors' own code, in float64: DPM-Solver++
 (LuChengTHU/dpm-solver, dpm_solver_pytorch.py) and UniPC (wl-zhao/UniPC, uni_pc.py).
 
 Those files are not part of this project and are never copied into it: point DDIM_FAST_AUTHORS_REF at a

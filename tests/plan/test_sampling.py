@@ -213,7 +213,7 @@ def test_slerp():
         dd.slerp(z0, z1[:2], 0.5)
 
 
-# -- issue 17: a float64 state with a float32 (or half) network -----------------------------------------
+# -- a float64 state with a float32 (or half) network ---------------------------------------------------
 @pytest.mark.parametrize("net_dtype", [torch.float32, torch.bfloat16])
 def test_a_float64_state_runs_the_network_in_its_own_dtype(net_dtype):
     torch.manual_seed(0)

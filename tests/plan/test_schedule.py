@@ -148,7 +148,7 @@ def test_no_warning_without_duplicates():
         timesteps(1000, 10, "quad")
 
 
-# -- issue 17: the official quad list, diffusers' trailing / linspace ----------------------------------
+# -- the official quad list, diffusers' trailing / linspace --------------------------------------------
 @pytest.mark.parametrize("T", [500, 1000, 4000])
 def test_quad_equals_the_official_numpy_list_for_every_S(T):
     """The official code: int(s) for s in np.linspace(0, sqrt(0.8 T), S) ** 2 (duplicates removed here)."""

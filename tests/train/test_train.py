@@ -324,7 +324,7 @@ def test_bundled_digits_model_draws_recognisable_digits():
     report = digits_report(sample_images(model, 20, steps=20, seed=0), clf)
     # NOTE measured for the shipped model, 20 samples, DDIM-20: mean confidence 0.876 / 0.958 /
     # 0.917 / 0.943 and 9 / 9 / 10 / 9 classes for seeds 0-3 (real test digits: 0.97, 10).
-    # The issue's thresholds (> 0.8, >= 6 classes) keep a margin over seed 0's numbers.
+    # The thresholds (> 0.8, >= 6 classes) keep a margin over seed 0's numbers.
     assert report["mean_confidence"] > 0.8, report
     assert report["classes"] >= 6, report
     # The same check fails for an untrained network of the same shape (measured 0.13, 3 classes).
