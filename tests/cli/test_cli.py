@@ -30,6 +30,9 @@ def test_require_names_the_extra(monkeypatch):
 
 def test_train_digits_without_scikit_learn(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn", None)
+    # the sub-module the trainer looks for too: once an earlier test in this process loaded the digits,
+    # find_spec("sklearn.datasets") answers from sys.modules without looking at the parent
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     assert cli.main([*TRAIN, "--dataset", "digits", "--out", str(tmp_path / "run")]) == 2
     err = _one_line(capsys.readouterr().err)
     assert "pip install 'ddim-fast[train]'" in err and not (tmp_path / "run").exists()
