@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the goal rows and the kernels only")
     ap.add_argument("--skip-tests", action="store_true", help="no test tier")
     ap.add_argument("--tests", nargs="+",
-                    help="test paths for the tier (default: tests; dry run: tests/test_backend_cuda_graph.py)")
+                    help="test paths for the tier (default: tests; dry run: tests/backends/test_backend_cuda_graph.py)")
     ap.add_argument("--dry-run", action="store_true", help="on a CPU, CUDA faked: checks the harness, not speed")
     ap.add_argument("--child-row", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         size = "dry" if args.dry_run else ("quick" if args.quick else "full")
         cap = min(TESTS_SHARE * budget.seconds, budget.left() - FINAL_RESERVE_S - KERNEL_RESERVE_S[size])
         print(f"\nGPU test tier (at most {cap:.0f} s) ...", flush=True)
-        paths = args.tests or (["tests/test_backend_cuda_graph.py"] if args.dry_run else ["tests"])
+        paths = args.tests or (["tests/backends/test_backend_cuda_graph.py"] if args.dry_run else ["tests"])
         tests = run_tests(paths, max(cap, 1.0), results.log_path)
         print(f"  -> {tests['summary']}", flush=True)
         results.update(tests=tests)

@@ -1,4 +1,6 @@
-"""Shared test setup: the Triton interpreter on CPU, the gpu marker, docs/DESIGN.md's tolerance rule."""
+"""Test setup: the environment (threads, a throw-away ONNX cache, the Triton interpreter on a CPU), the gpu
+marker's skip, the interpreter-bug hook, and the shared fixtures. Helpers that test modules import are in
+tests/helpers.py."""
 
 import atexit
 import os
@@ -24,40 +26,9 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Triton 3.6's interpreter with numpy >= 2.4 cannot run range() with a runtime bound (triton issue
-# #9171, fixed upstream by PR #9172): every such loop raises "only 0-dimensional arrays can be
-# converted to Python scalars". Compiled kernels are unaffected. On such a machine a test that hits
-# it is skipped with this reason (after a probe confirms the bug), never failed by accident.
-INTERPRETER_RANGE_BUG = "only 0-dimensional arrays can be converted to Python scalars"
-_probe = {}
-
-
-def interpreter_range_bug() -> str | None:
-    """Why this Triton interpreter cannot run our kernels' loops (the skip reason), or None."""
-    if "reason" not in _probe:
-        _probe["reason"] = None
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            try:
-                import numpy
-                import triton
-                import triton.language as tl
-
-                @triton.jit
-                def _range_probe(OUT, n):
-                    acc = 0
-                    for i in range(0, n):
-                        acc += i
-                    tl.store(OUT, acc)
-
-                out = torch.zeros(1, dtype=torch.int32)
-                _range_probe[(1,)](out, 3)
-            except Exception as e:  # the probe fails only in the known way on a broken interpreter
-                if INTERPRETER_RANGE_BUG in repr(e):
-                    _probe["reason"] = (
-                        f"triton {triton.__version__}'s interpreter with numpy {numpy.__version__} cannot run "
-                        "range() with a runtime bound (triton issue #9171, fixed by triton PR #9172); "
-                        "compiled kernels are unaffected: use another triton or numpy < 2.4 for this tier")
-    return _probe["reason"]
+# A test that fails only because this Triton interpreter cannot run loops with a runtime bound (a known
+# upstream bug, see tests/helpers.py) is reported as skipped with the reason, once a probe confirms the bug.
+from tests.helpers import INTERPRETER_RANGE_BUG, interpreter_range_bug  # noqa: E402
 
 
 @pytest.hookimpl(hookwrapper=True)  # the old-style wrapper: any pytest / pluggy the GPU machine may have
@@ -68,43 +39,6 @@ def pytest_runtest_makereport(item, call):
             and INTERPRETER_RANGE_BUG in repr(call.excinfo.value) and interpreter_range_bug()):
         report.outcome = "skipped"
         report.longrepr = (item.location[0], (item.location[1] or 0) + 1, f"Skipped: {interpreter_range_bug()}")
-
-
-# docs/DESIGN.md: a fast path's error against a float64 reference may be at most twice the error of
-# the reference run in the same low precision, plus an absolute slack: one definition, the library's.
-from ddim_fast.precision import NAMES, atol  # noqa: E402
-
-
-def assert_close_to_reference(fast, reference, truth, dtype, what=""):
-    """The tolerance rule for every fast path (max-abs errors over the whole tensor):
-
-        max|fast - truth| <= 2 * max|reference - truth| + ATOL[dtype] (ddim_fast.precision)
-
-    fast:      the fast path's output;  reference: the reference path run in the same (low)
-    precision;  truth: the reference path in float64;  dtype: the precision of the run (the
-    network's dtype, e.g. fp16 even when the output is fp32). NaN or inf anywhere fails.
-    """
-    if dtype not in NAMES:
-        raise ValueError(f"no tolerance for {dtype}; the rule covers {list(NAMES)}")
-    assert fast.shape == truth.shape == reference.shape, (fast.shape, reference.shape, truth.shape)
-    truth = truth.double()
-    assert torch.isfinite(fast).all(), f"{what}: the fast path produced NaN/inf"
-    assert torch.isfinite(truth).all() and torch.isfinite(reference).all(), f"{what}: non-finite reference"
-    err = (fast.double() - truth).abs().max().item()
-    ref_err = (reference.double() - truth).abs().max().item()
-    bound = 2 * ref_err + atol(dtype)
-    assert err <= bound, f"{what}: error {err:.3g} > 2 x reference error {ref_err:.3g} + atol {atol(dtype):g}"
-
-
-class MarkerPayload:
-    """Unpickling this creates the file `marker`: a harmless stand-in for arbitrary code, so a
-    test can prove that a loader never executed a pickle."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 @pytest.fixture
@@ -120,11 +54,6 @@ def exact_cuda():
         yield
     finally:
         b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32, b.cudnn.deterministic, b.cudnn.benchmark = saved
-
-
-def poisoned_like(t, **kw):
-    """An output buffer full of NaN, so a kernel that skips an element is caught."""
-    return torch.full_like(t, float("nan"), **kw)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -156,7 +85,7 @@ def shared_tiny_unet(tmp_path_factory):
         yield ck
 
 
-# -- the Engine and backend tests' models (test_engine.py, test_backend_triton.py, test_backend_cuda_graph.py) --
+# -- the Engine and backend tests' models (backends/test_engine.py, test_backend_triton.py, ...) ------------
 @pytest.fixture(scope="module")
 def analytic():
     """GaussianEps over the linear T=1000 schedule: an exact, size-agnostic eps model."""
@@ -177,7 +106,7 @@ def tiny():
     return m
 
 
-# -- the ONNX tests' shared model and cache (test_onnx_*.py, test_backend_onnxruntime.py) ---------------------
+# -- the ONNX tests' shared model and cache (onnx/test_onnx_*.py, backends/test_backend_onnxruntime.py) ----------
 @pytest.fixture(scope="session")
 def onnx_cache(tmp_path_factory):
     """One ddim-fast cache folder for every ONNX test module: the tiny UNet's torch export (the slow

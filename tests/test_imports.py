@@ -1,5 +1,5 @@
-"""No import cycle inside ddim_fast (docs/DESIGN.md, Import rules), and image file I/O below sampling, found by
-reading the source, not by importing it.
+"""No import cycle inside ddim_fast (docs/DESIGN.md, Import rules), image file I/O below sampling, and no test
+module importing another test module or conftest.py, found by reading the source, not by importing it.
 
 Every `import` and `from ... import` statement of every module under ddim_fast/ (kernels/ included,
 through its package name ddim_fast.kernels) is an edge, wherever it stands: at the top of a file,
@@ -150,3 +150,43 @@ def test_image_files_sit_below_sampling():
              "ddim_fast.models", "ddim_fast.sample_grid")  # and their sub-modules
     assert sorted(m for m in reachable(graph, "ddim_fast.images") if m.startswith(above)) == []
     assert {"ddim_fast.images", "ddim_fast.sampling"} <= graph["ddim_fast.sample_grid"]
+
+
+# -- the tests themselves: shared code is tests/helpers.py -----------------------------------------------------
+def imports_of_test_modules(source: str) -> list[str]:
+    """'line: statement' for each import in `source` that names a test module (test_*) or conftest, in any
+    form: `from conftest import x`, `import tests.plan.test_plan`, `from tests.plan import test_plan`,
+    `from .test_x import y`. What test modules share belongs in tests/helpers.py (fixtures in conftest.py,
+    which pytest provides without an import)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] + [alias.name for alias in node.names]
+        else:
+            continue
+        parts = [part for name in names for part in name.split(".")]
+        if any(part == "conftest" or part.startswith("test_") for part in parts):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_test_import_check_catches_what_it_should():
+    bad = ["from conftest import assert_close_to_reference", "from test_samplers import ToyNet",
+           "import tests.plan.test_plan", "from tests.plan import test_plan", "from .test_x import y",
+           "from . import conftest", "from tests.conftest import onnx_tiny", "from tests.helpers import test_x"]
+    good = ["from tests.helpers import ToyNet, assert_close_to_reference", "import pytest",
+            "from torch.testing import assert_close", "from benchmarks import gpu_suite", "import unittest"]
+    assert [len(imports_of_test_modules(line)) for line in bad] == [1] * len(bad)
+    assert imports_of_test_modules("\n".join(good)) == []
+    assert imports_of_test_modules("def f():\n    from test_rng import KERNEL_SCRIPT\n") == [
+        "2: from test_rng import KERNEL_SCRIPT"]  # lazy imports count
+
+
+def test_no_test_module_imports_another_or_conftest():
+    files = sorted((ROOT / "tests").rglob("*.py"))
+    assert ROOT / "tests" / "helpers.py" in files and len(files) > 40
+    found = [f"{path.relative_to(ROOT)}:{hit}" for path in files for hit in imports_of_test_modules(path.read_text())]
+    assert found == [], "test modules importing a test module or conftest (move what they share to " \
+        "tests/helpers.py):\n  " + "\n  ".join(found)
