@@ -684,6 +684,8 @@ def _dpmpp_step(lam, a, a_next, i, k, sde=False):
         return 0.0, [1.0], 0.0
     al_t, sg_t, sg_s = math.sqrt(an), math.sqrt(1 - an), math.sqrt(1 - a[i])
     h = _lambda(an) - lam[i]
+    if h == 0.0:  # onto its own alpha_bar (final_alpha = the last timestep's): the identity, every order's limit
+        return 1.0, [0.0], 0.0
     if sde:  # SDE-DPM-Solver++(2M), midpoint: the ODE's x0 weights with h doubled, x damped by e^-h, noise
         phi_1 = math.expm1(-2 * h)
         rho = sg_t / sg_s * math.exp(-h)
@@ -720,6 +722,8 @@ def _unipc_step(lam, a, a_next, i, k):
         return 0.0, [1.0], None
     al_t, sg_t, sg_s = math.sqrt(an), math.sqrt(1 - an), math.sqrt(1 - a[i])
     h = _lambda(an) - lam[i]
+    if h == 0.0:  # onto its own alpha_bar: the identity (x' = the corrected state), as in _dpmpp_step
+        return 1.0, [0.0], None
     hh = -h
     h_phi_1 = math.expm1(hh)
     B_h = h_phi_1  # bh2

@@ -182,6 +182,26 @@ def test_plms_euler_start_is_adams_bashforth():
     assert (sample(model, x, heun) - got).abs().max() > 1e-4  # the two starts differ
 
 
+@pytest.mark.parametrize("sampler, S", [("unipc", 10), ("dpmpp_2m", 20), ("dpmpp_3m", 20), ("dpmpp_2m_sde", 20),
+                                        ("dpmpp_2m", 10)])
+def test_a_last_step_onto_its_own_alpha_bar_is_the_identity(sampler, S):
+    """final_alpha = alphas_cumprod[0] with a list ending at t = 0 makes the last step go nowhere (h = 0): it
+    builds (it divided by zero before) and that step leaves the state as it is (dpmpp), or as the previous
+    step's corrector leaves it (unipc), exactly."""
+    plan = dd.SamplingPlan.build(SCHED, S, sampler=sampler, spacing="uniform",
+                                 final_alpha=float(SCHED.alphas_cumprod[0]))
+    last = plan.coef[-1]
+    assert plan.timesteps[-1] == 0 and last[COL["dx"]] == 1.0 and last[COL["de"]] == 0.0
+    assert last[COL["sigma"]] == 0.0 and torch.isfinite(plan.coef).all()
+    model, x = ToyNet(), _x()
+    states = []
+    out = sample(model, x, plan, seed=0, callback=lambda i, t, y, x0: states.append(y.clone()))
+    if sampler == "unipc":
+        assert last[COL["d0"]] != 0.0  # the corrector of the step before is folded in
+    else:
+        assert last[COL["d0"]] == 0.0 and torch.equal(out, states[-2])
+
+
 def test_describe_names_the_sampler():
     d = dd.SamplingPlan.build(SCHED, 8, sampler="unipc", order=3, lower_order_final=False).describe()
     assert (d["sampler"], d["order"], d["lower_order_final"], d["history"]) == ("unipc", 3, False, 3)
