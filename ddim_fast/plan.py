@@ -64,7 +64,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .schedule import NoiseSchedule, timesteps
+from .schedule import NoiseSchedule, timestep_list_as_spacing, timesteps
 
 COEF_COLUMNS = ("cx", "ce", "d0", "dx", "de", "sigma")
 # A multistep plan's table is wider: the history terms h1..h3 (coefficients of the last three pushed
@@ -152,6 +152,7 @@ class SamplingPlan:
     ) -> SamplingPlan:
         """A sampler over `steps` timesteps of `schedule`.
 
+        steps:      the number of steps; or the timestep list itself (as spacing=[...]).
         eta:        0 = DDIM (deterministic), 1 = DDPM (the posterior's "fixed small" variance).
         spacing:    see `ddim_fast.timesteps`; or an explicit list (then `steps` may be None).
         variance:   "ddim" (sigma from eta) or "large" (the paper's sigma-hat column: the eta=1 mean
@@ -186,6 +187,7 @@ class SamplingPlan:
         """
         if not isinstance(schedule, NoiseSchedule):
             raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        steps, spacing = timestep_list_as_spacing(steps, spacing)
         if not isinstance(spacing, str):
             ts = timesteps(schedule.T, None, spacing)
             if steps is not None and steps != len(ts):
