@@ -132,6 +132,13 @@ def error_message(e: BaseException) -> str:
     return "; ".join(lines)
 
 
+def check_environment() -> None:
+    """The environment variables a command may read later, checked at start-up: DDIM_FAST_CACHE_MAX_MB."""
+    from ..onnx.cache import cache_limit_bytes
+
+    cache_limit_bytes()
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     try:
@@ -148,6 +155,7 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():  # warnings print as one line each: "ddim-fast CMD: warning: ..."
         warnings.showwarning = lambda message, *_a, **_k: print(f"{prog}: warning: {message}", file=sys.stderr)
         try:
+            check_environment()
             return int(command(args.command).run(args) or 0)
         except USER_ERRORS as e:
             print(f"{prog}: error: {error_message(e)}", file=sys.stderr)

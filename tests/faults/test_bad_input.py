@@ -338,6 +338,26 @@ def test_console_script_prints_no_traceback(f, tmp_path):
         assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []
 
 
+def test_a_bad_cache_limit_is_refused_at_the_first_use_of_the_cache(tmp_path, monkeypatch, capsys):
+    """DDIM_FAST_CACHE_MAX_MB=abc used to pass unnoticed until a write pruned the cache, and for ever when the
+    export was cached: now the first look-up refuses it, before any export (the CLI: at start-up)."""
+    from ddim_fast.onnx import cache as oc
+    from ddim_fast.onnx import export as ex
+
+    monkeypatch.setenv("DDIM_FAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("DDIM_FAST_CACHE_MAX_MB", "abc")
+    monkeypatch.setattr(ex, "torch_export", lambda *a, **k: pytest.fail("exported"))
+    message = (r"^DDIM_FAST_CACHE_MAX_MB must be a number of megabytes, got 'abc'; set it to a number of megabytes "
+               r">= 0 \(e.g. 2048, the default\) or unset it$")
+    for use in (lambda: oc.lookup(tmp_path / "onnx" / "x.onnx"), lambda: oc.store(tmp_path / "onnx" / "x.onnx", b"x"),
+                lambda: ex.export_cached(GaussianEps(SCHED), shape=(1, 4, 4))):
+        with pytest.raises(ValueError, match=message):
+            use()
+    assert main(["sample", "--no-progress", "--out", str(tmp_path / "x.png")]) == 2  # the command line: at start-up
+    assert capsys.readouterr().err == f"ddim-fast sample: error: {message[1:-1]}\n".replace("\\", "")
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- API entry points the module tests leave out -------------------------------------------------------
 def test_load_model_damaged_weights(f):
     with pytest.raises(ValueError, match=r"truncated_ck/model\.safetensors is not a readable safetensors file.*"
