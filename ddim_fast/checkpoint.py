@@ -33,6 +33,7 @@ import torch
 from .files import (
     atomic_save_safetensors,
     atomic_write_json,
+    check_creatable,
     fsync_dir,
     move_into_place,
     read_safetensors,
@@ -75,7 +76,7 @@ def save_model(path, model: UNet, *, ema_state_dict: dict | None = None, extra: 
     clash = sorted(set(extra) & set(RESERVED_KEYS))
     if clash:
         raise ValueError(f"extra must not set the reserved key(s) {clash}; put them under another name")
-    _check_destination(path, overwrite)
+    check_destination(path, overwrite)
 
     state = model.state_dict()
     if ema_state_dict is not None:
@@ -111,8 +112,11 @@ def _unwrap(model):
     return model
 
 
-def _check_destination(path: Path, overwrite: bool) -> None:
+def check_destination(path: Path, overwrite: bool) -> None:
+    """A checkpoint may be written at `path`: a new folder in an existing, writable folder, or (overwrite)
+    a checkpoint folder or an empty one, never anything else."""
     if not path.exists() and not path.is_symlink():
+        check_creatable(path)  # its folder exists: a checkpoint folder is created, the folders above it are not
         return
     if not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
@@ -140,6 +144,7 @@ def load_model(path_or_name, *, ema: bool | None = None, device="cpu", map_locat
         device = map_location
     if ema not in (None, True, False):
         raise ValueError(f"ema must be None (EMA if present), True or False, got {ema!r}")
+    _check_path_or_name(path_or_name)
     path = _resolve(path_or_name)
     if path.is_file() and path.name in (MODEL_FILE, EMA_FILE) and _read_own_config(path.parent):
         if ema is None:  # naming one of the two weight files picks it
@@ -165,6 +170,15 @@ def load_model(path_or_name, *, ema: bool | None = None, device="cpu", map_locat
     else:
         model = convert.load_diffusers(path)
     return model.to(device).eval()
+
+
+def _check_path_or_name(path_or_name) -> None:
+    if isinstance(path_or_name, bytes) or not isinstance(path_or_name, (str, os.PathLike)) \
+            or not str(path_or_name).strip():
+        names = ", ".join(bundled_names()) or "none are installed"
+        raise ValueError(f"load_model takes a path (a str or pathlib.Path) to a checkpoint folder, a training run "
+                         f"folder, an official ckpt.pth or a diffusers folder, or a bundled model name ({names}); "
+                         f"got {path_or_name!r}")
 
 
 def detect_format(path) -> str:
@@ -302,7 +316,7 @@ def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False,
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise FileNotFoundError(f"no checkpoint at {src}: check the path")
-    _check_destination(dst, overwrite)  # before any reading: the output is checked first
+    check_destination(dst, overwrite)  # before any reading: the output is checked first
     kind = detect_format(src)
     if kind == FORMAT:
         raise ValueError(f"{src} is already a ddim-fast checkpoint; nothing to convert (copy the folder)")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
-from ..onnx.export import EXPORT_DTYPES, export_onnx, onnx_metadata
+from ..onnx.export import EXPORT_DTYPES, check_onnx_path, export_onnx, onnx_metadata
 from ..onnx.runtime import import_onnx, import_ort
 from ..plan import VARIANCES
 from ..precision import DTYPES
@@ -47,14 +45,9 @@ class Export:
 
     @staticmethod
     def run(args) -> int:
-        out = Path(args.out)
-        if out.suffix.lower() != ".onnx":
-            raise ValueError(f"--out must name an .onnx file, got {out}")
+        out = check_onnx_path(args.out)  # an .onnx file in an existing, writable folder (export_onnx's rule)
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-        parent = next((p for p in out.parents if p.exists()), Path("."))
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise ValueError(f"cannot write {out}: {parent} is not a writable folder; choose another --out")
         given = [k for k in SAMPLER_OPTIONS
                  if getattr(args, k, None) is not None or (k == "clip_x0" and hasattr(args, k))]
         given += ["invert"] if args.invert else []

@@ -174,7 +174,7 @@ def _sample_folder(args):
         clear = _check_folder_run(out, settings, args.overwrite)  # every rank decides the same
         distributed.barrier(dist)  # nobody changes the folder before every rank has read it
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
+            out.mkdir(exist_ok=True)  # the output folder itself, never the folders above it (checked)
             if clear:
                 _clear_folder_run(out)
             if clear or not manifest.is_file():
@@ -345,7 +345,6 @@ def _save_latents(out, latents, meta):
 
     import numpy as np
 
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, latents=latents.numpy(), meta=np.asarray(json.dumps(meta)))
     atomic_write_bytes(out, buf.getvalue())

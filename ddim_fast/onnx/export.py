@@ -23,7 +23,7 @@ import torch
 from .. import __version__
 from ..checks import is_int, sample_shape
 from ..conditioning import cond_spec, example_cond, resolve
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, check_creatable
 from ..models.diffusers_unet import adapt
 from ..plan import SamplingPlan
 from ..precision import NAMES
@@ -226,11 +226,25 @@ def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float
     (needed for a length other than 77 of encoder_hidden_states; its batch is ignored).
     guided:     (sampler) classifier-free guidance in the graph: inputs uncond_<name> per conditioning
                 input and `guidance` (a float32 scalar); each step runs the network on [uncond; cond].
+    path:       must end in .onnx, in an existing writable folder (checked before any work).
     Returns the path. The file carries its config, schedule, plan, version and its conditioning
     inputs (names, shapes, dtypes, what null means) in metadata_props (read them with onnx_metadata).
     """
+    path = check_onnx_path(path)  # before any work
     job = _prepare(model, plan, dtype, opset, shape, unroll, table_inputs, guided, cond)
     return _write(path, _build(job, validate, log))
+
+
+def check_onnx_path(path) -> Path:
+    """The output of an export: a file name ending in .onnx whose folder exists and is writable (the rules
+    and words of export_onnx and of `ddim-fast export --out` alike)."""
+    path = Path(path)
+    if path.suffix.lower() != ".onnx":
+        raise ValueError(f"the output must name an .onnx file, got {path}: give a path ending in .onnx, "
+                         f"e.g. {path.with_suffix('.onnx').name if path.stem else 'model.onnx'}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.onnx'}")
+    return check_creatable(path)
 
 
 def cond_example(model, cond=None) -> dict:
@@ -406,12 +420,8 @@ def _serialized(proto) -> bytes:
 
 
 def _write(path, proto) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.onnx'}")
-    data = _serialized(proto)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_bytes(path, data)
+    path = check_onnx_path(path)  # again: the folder may have gone while the graph was built
+    return atomic_write_bytes(path, _serialized(proto))
 
 
 def export_cached(model, plan: SamplingPlan | None = None, dtype=torch.float32, opset: int | None = None, *,

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import ddim_fast as dd
-from ddim_fast import images
+from ddim_fast import files, images
 from ddim_fast.checkpoint import save_model
 from ddim_fast.cli import error_message, main
 from ddim_fast.models.analytic import GaussianEps
@@ -225,7 +225,7 @@ CASES = {
     "folder output is a file": (["sample", *M, "--out", "{a_file}"], ["a-file is a file, not a folder; remove it"]),
     "train under a file": (["train", "--out", "{a_file}/run", "--config", "tiny", "--dataset", "synthetic:8",
                             "--steps", "1", "--batch-size", "4", "--grid-size", "0", "--no-progress"],
-                           ["Not a directory", "a part of the path is a file, not a folder"]),
+                           ["a-file is a file, not a folder", "choose another output path"]),
 }
 
 
@@ -285,7 +285,7 @@ def test_resume_from_a_damaged_checkpoint_names_the_fix(tmp_path, monkeypatch, c
 # -- the file system says no ---------------------------------------------------------------------------
 def test_unwritable_output_folder(f, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(images, "_writable", lambda path: False)  # as a read-only folder looks (we run as root)
+    monkeypatch.setattr(files, "writable", lambda path: False)  # as a read-only folder looks (we run as root)
     rc, err = _cli(capsys, ["sample", *M, "--out", "x.png"], f)
     assert_one_line_error(rc, err, "sample", "cannot write under", "choose an output path in a writable folder")
     assert list(tmp_path.iterdir()) == []
@@ -336,6 +336,37 @@ def test_console_script_prints_no_traceback(f, tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.count("\n") == 1 and fragment in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []
+
+
+# -- the API and the command line agree -----------------------------------------------------------------
+def test_the_api_refuses_what_the_command_line_refuses(f, tmp_path, monkeypatch, capsys):
+    """The same rule and the same words on both sides: an export path that is not .onnx, an output in a
+    missing folder (export_onnx, save_images, save_model alike); load_model of something that is not a path."""
+    from ddim_fast.onnx import export as ex
+
+    monkeypatch.setattr(ex, "_prepare", lambda *a, **k: pytest.fail("started the export"))
+    monkeypatch.chdir(tmp_path)
+    cases = [(lambda: dd.export_onnx(GaussianEps(SCHED), "x.txt"), ["export", "--model", "{tiny}", "--out", "x.txt"]),
+             (lambda: dd.export_onnx(GaussianEps(SCHED), "no/x.onnx"), ["export", "--model", "{tiny}", "--out",
+                                                                           "no/x.onnx"]),
+             (lambda: images.save_images(torch.zeros(1, 3, 4, 4), "no/x.png"), ["sample", *M, "--out", "no/x.png"]),
+             (lambda: save_model("no/ck", dd.load_model(f["tiny"])), ["convert", "{tiny}/../whole.pth", "no/ck"])]
+    messages = []
+    for api, argv in cases:
+        with pytest.raises((ValueError, OSError)) as e:
+            api()
+        rc, err = _cli(capsys, argv, f)
+        assert_one_line_error(rc, err, argv[0])
+        assert err == f"ddim-fast {argv[0]}: error: {e.value}\n"
+        messages.append(str(e.value))
+    assert messages[0] == "the output must name an .onnx file, got x.txt: give a path ending in .onnx, e.g. x.onnx"
+    assert messages[1:] == ["the folder no does not exist; create it first (ddim-fast creates only the output folder "
+                            "itself)"] * 3
+    assert list(tmp_path.iterdir()) == []
+    for bad in (None, 3, b"digits", "", ["digits"]):
+        with pytest.raises(ValueError, match=r"^load_model takes a path \(a str or pathlib.Path\) to a checkpoint "
+                                             r"folder, .* or a bundled model name \(digits, digits-cond\); got "):
+            dd.load_model(bad)
 
 
 def test_a_bad_cache_limit_is_refused_at_the_first_use_of_the_cache(tmp_path, monkeypatch, capsys):
@@ -522,7 +553,7 @@ def test_export_checks_its_output_before_exporting(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_bytes(b"x")
     assert main(["export", "--out", str(blocker / "x.onnx")]) == 2
-    assert "not a writable folder" in capsys.readouterr().err
+    assert "a-file is a file, not a folder" in capsys.readouterr().err
     assert main(["export", "--out", str(tmp_path / "x.txt")]) == 2
     assert "must name an .onnx file" in capsys.readouterr().err
     assert main(["export", "--whole-sampler", "--steps", "0", "--out", str(tmp_path / "x.onnx")]) == 2
