@@ -15,7 +15,9 @@ never leaves a half-written checkpoint at the destination and never destroys a g
     a training run folder               (`ddim-fast train --out`: its latest complete checkpoint)
     a bundled name                      (a folder ddim_fast/assets/<name>/, e.g. "digits")
     an official DDIM `ckpt.pth`         (see models/convert.py; read with weights_only=True)
-    a diffusers UNet2DModel folder      (or a pipeline folder with unet/ and scheduler/)
+    a diffusers UNet2DModel folder      (or a pipeline folder with unet/ and scheduler/): converted into
+                                        this project's UNet when it is the DDPM UNet, else a
+                                        UNet2DModel / UNet2DConditionModel loaded as it is with diffusers
 Every load checks keys and shapes first; a mismatch names the missing, unexpected and mis-shaped
 keys and the configuration the weights would fit.
 """
@@ -133,6 +135,9 @@ def load_model(path_or_name, *, ema: bool | None = None, device="cpu", map_locat
     """A ready UNet (eval mode, `.config`, `.schedule` and `.prediction` set) from a ddim-fast folder,
     a training run folder (its latest complete checkpoint; `checkpoint_info["run"]` names the run and
     ["path"] the checkpoint), a bundled model name, an official DDIM ckpt.pth or a diffusers folder.
+    A diffusers UNet that does not convert exactly into this project's UNet comes back as the diffusers
+    model itself (`.schedule`, `.prediction`, `.sampler_defaults` set the same way; `checkpoint_info`
+    "as_is" and "why" say so), which every sampler and backend takes.
 
     ema: None = the EMA weights if the checkpoint has them; True = require them; False = the raw
     weights. (Official files: EMA preferred as well; diffusers folders hold one set of weights.)
@@ -338,6 +343,13 @@ def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False,
         if config is not None or resolution is not None:
             raise ValueError(f"{'config' if config is not None else 'resolution'}= applies to official checkpoints "
                              "only; a diffusers folder has its own config.json")
+        model_dir, _ = importers._diffusers_folders(src)
+        route, why = importers.diffusers_route(importers._read_json(model_dir / CONFIG_FILE))
+        if route == "as_is":  # before any weights are read
+            raise ValueError(f"{src} holds a diffusers UNet that does not convert into ddim-fast's UNet: {why}. "
+                             f"Use the folder as it is instead (dd.load_model({str(src)!r}), --model {src}): it loads "
+                             "with diffusers and samples on every backend, without the fused GroupNorm/attention "
+                             "kernels")
         model, keep_ema = importers.load_diffusers(src), None
         info = model.checkpoint_info
     source = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool)) or v is None}

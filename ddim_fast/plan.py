@@ -245,11 +245,18 @@ class SamplingPlan:
         (any keyword of `build`, None included). Overriding spacing drops a default steps_offset
         that only "leading" takes; overriding clip_x0 drops a default threshold and vice versa.
         Defaults that came from diffusers warn when this plan's step targets differ from
-        DDIMScheduler's (it steps from t to t - T // S, this plan to the next timestep of its list)."""
+        DDIMScheduler's (it steps from t to t - T // S, this plan to the next timestep of its list).
+
+        model: a model loaded with dd.load_model (or any object with .schedule, .prediction and
+        .sampler_defaults), or a diffusers pipeline, scheduler, scheduler config dict, pipeline folder,
+        its scheduler/ folder or a scheduler_config.json: their settings are DDIMPipeline's
+        (scheduler_config.py), so DDIM-S of the plan is the pipeline's DDIM-S."""
+        model = _plan_source(model)
         schedule = getattr(model, "schedule", None)
         if not isinstance(schedule, NoiseSchedule):
-            raise ValueError(f"{type(model).__name__} carries no noise schedule (model.schedule); build the plan "
-                             "with SamplingPlan.build(schedule, ...) or load the model with dd.load_model")
+            raise ValueError(f"{type(model).__name__} carries no noise schedule (model.schedule): give a model loaded "
+                             "with dd.load_model, a diffusers pipeline, its scheduler or its folder, or build the plan "
+                             "with SamplingPlan.build(schedule, ...)")
         defaults = check_sampler_defaults(getattr(model, "sampler_defaults", None))
         origin = defaults.pop("from", None)
         if "spacing" in overrides and overrides["spacing"] != "leading" and "steps_offset" not in overrides:
@@ -372,6 +379,16 @@ class SamplingPlan:
         d = self.describe()
         d["timesteps"] = f"[{d['timesteps'][0]}..{d['timesteps'][-1]}]"
         return "SamplingPlan(" + ", ".join(f"{k}={v}" for k, v in d.items() if v is not None) + ")"
+
+
+def _plan_source(model):
+    """What for_model reads (schedule, prediction, sampler_defaults): a model as it is, or the settings of
+    a diffusers pipeline, scheduler, scheduler config or folder (scheduler_config.plan_source)."""
+    if isinstance(getattr(model, "schedule", None), NoiseSchedule):
+        return model
+    from .scheduler_config import plan_source
+
+    return plan_source(model)
 
 
 SAMPLER_DEFAULT_KEYS = ("spacing", "steps_offset", "clip_x0", "threshold", "threshold_max", "final_alpha")

@@ -128,6 +128,9 @@ def load(args):
     if info.get("run"):
         print(f"{args.model} is a training run: loading its latest checkpoint {info['path']} "
               f"({'EMA' if info.get('ema') else 'raw'} weights)")
+    if info.get("as_is"):  # a diffusers UNet that does not convert into ddim-fast's UNet (models/convert.py)
+        print(f"loaded {args.model} as a diffusers {info['as_is']}: {info['why']}; the fused GroupNorm/attention "
+              "kernels do not apply")
     own = {k: v for k, v in (getattr(model, "sampler_defaults", None) or {}).items() if k != "from"}
     if own:
         shown = ", ".join(f"{k}={v}" for k, v in own.items() if v is not None and not (k == "steps_offset" and v == 0))
@@ -140,7 +143,7 @@ def plan_for(args, model, *, steps=None, **sampler):
     """The plan of a command: the model's own sampler settings (SamplingPlan.for_model), overridden by
     the options given on the command line (--spacing, --clip-x0, --threshold) and `sampler` (eta,
     variance). steps: default args.steps."""
-    if model.schedule is None:
+    if getattr(model, "schedule", None) is None:
         raise ValueError(f"{args.model} carries no noise schedule; convert it with `ddim-fast convert`")
     if model.prediction not in PREDICTIONS:
         raise ValueError(f"{args.model} has an unknown prediction type {model.prediction!r}")
@@ -247,15 +250,27 @@ def export_log(args):
 
 def describe(args, eng, model) -> dict:
     """What made an output: recorded in .npz metadata and manifests."""
-    c = model.config
+    c = getattr(model, "config", None)
     return {
         "model": str(args.model),
-        "config": c.to_dict() if hasattr(c, "to_dict") else None,
+        "config": c.to_dict() if hasattr(c, "to_dict") else _plain_config(c),
         "plan": eng.plan.describe(),
         "backend": eng.backend,
         "dtype": args.dtype,
         **({"class": args.class_labels, "guidance": args.guidance} if getattr(args, "class_labels", None) else {}),
     }
+
+
+def _plain_config(c):
+    """A diffusers model's config (a dict) as JSON-able values, None for anything else."""
+    import json
+
+    if not isinstance(c, dict):
+        return None
+    try:
+        return json.loads(json.dumps(dict(c)))
+    except (TypeError, ValueError):
+        return None
 
 
 def progress(total, enabled, desc):

@@ -17,6 +17,7 @@ import torch
 
 from .. import distributed, images, rng
 from ..checkpoint import load_model
+from ..checks import sample_shape
 from ..files import atomic_write_bytes
 from ..sampling import slerp
 from .common import (
@@ -241,12 +242,11 @@ class Encode:
             raise ValueError(f"encode writes latents to an .npz file, not {args.out}")
         images.check_output(args.out, args.overwrite)
         model = load(args)
-        c = model.config
+        shape = sample_shape(model)  # (C, H, W): this project's UNet or a diffusers one
         changes = []
-        x0, names = images.load_images(args.input, c.in_channels, c.resolution, changes=changes)
+        x0, names = images.load_images(args.input, shape[0], shape[1], changes=changes)
         if changes:  # say what was done to fit the model, which changes what the latents encode
-            size = f"{c.in_channels}x{c.resolution}x{c.resolution}"
-            print(f"{len(changes)} image(s) adapted to the model's {size} input:")
+            print(f"{len(changes)} image(s) adapted to the model's {'x'.join(map(str, shape))} input:")
             for line in changes[:5]:
                 print(f"  {line}")
             if len(changes) > 5:
