@@ -186,6 +186,35 @@ def _check_path_or_name(path_or_name) -> None:
                          f"got {path_or_name!r}")
 
 
+def model_facts(path_or_name) -> dict | None:
+    """What a model's config files say, without loading its weights: {"shape": (C, H, W) or None,
+    "num_classes": N or None, "T": training timesteps, "kind": the model's class}, for checking a
+    command's arguments before the weights load. None where the format keeps no config (an official
+    ckpt.pth) or the config cannot be read (load_model then says what is wrong)."""
+    try:
+        _check_path_or_name(path_or_name)
+        path = _resolve(path_or_name)
+        if path.is_file() and path.name in (MODEL_FILE, EMA_FILE, *(f"diffusion_pytorch_model.{e}" for e in
+                                                                  ("safetensors", "bin"))):
+            path = path.parent
+        kind = detect_format(path)
+        if kind == "run":
+            path = find_latest_checkpoint(path)
+            kind = FORMAT if path is not None else None
+        if kind == FORMAT:
+            cfg = _read_own_config(path)
+            config = UNetConfig.from_dict(cfg["model"])
+            return {"shape": (config.in_channels, config.resolution, config.resolution),
+                    "num_classes": config.num_classes, "T": NoiseSchedule.from_dict(cfg["schedule"]).T, "kind": "UNet"}
+        if kind == "diffusers":
+            from .models.convert import diffusers_facts
+
+            return diffusers_facts(path)
+    except (ValueError, OSError, KeyError, TypeError):
+        return None
+    return None
+
+
 def detect_format(path) -> str:
     """"ddim-fast", "run" (a training run folder), "official" or "diffusers" for an existing path;
     ValueError otherwise."""

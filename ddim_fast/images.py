@@ -154,21 +154,29 @@ def load_images(path, channels: int, resolution: int, *, changes: list | None = 
     changes: a list that receives one line per image that had to be converted (colour mode),
     centre-cropped to a square or resized to fit the model."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no images at {path}: check the path")
     if path.suffix.lower() == ".npz":
         x, names = load_npz(path, "images"), None
         names = [f"{i:06d}" for i in range(len(x))]
     else:
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
-        if not files:
-            raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        files = image_files(path)
         x = torch.stack([_read_image(f, channels, resolution, changes) for f in files])
         names = [f.stem for f in files]
     if x.ndim != 4 or x.shape[1:] != (channels, resolution, resolution):
         raise ValueError(f"{path} holds images of shape {tuple(x.shape[1:])}; the model wants "
                          f"({channels}, {resolution}, {resolution})")
     return x, names
+
+
+def image_files(path) -> list[Path]:
+    """The image files at `path` (one file, or a folder's files with an image suffix, sorted); one clear
+    error when there are none."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no images at {path}: check the path")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
 
 
 def load_npz(path, key: str) -> torch.Tensor:

@@ -194,15 +194,7 @@ class SamplingPlan:
                 raise ValueError(f"steps={steps} but the explicit timestep list has {len(ts)} entries")
         else:
             ts = timesteps(schedule.T, steps, spacing, steps_offset)
-        eta = _check_eta(eta)
-        if variance not in VARIANCES:
-            raise ValueError(f"unknown variance {variance!r}; expected one of {VARIANCES}")
-        if variance == "large":
-            if eta not in (0.0, 1.0):
-                raise ValueError(
-                    "variance='large' (sigma-hat) fixes its own noise; leave eta at 0 or 1"
-                )
-            eta = 1.0
+        eta = _check_variance(variance, _check_eta(eta))
         _check_prediction(prediction)
         clip_x0 = _check_clip(clip_x0)
         threshold, threshold_max = _check_threshold(threshold, threshold_max, clip_x0)
@@ -454,6 +446,32 @@ def _warn_far_start(ac: torch.Tensor, ts: torch.Tensor, spacing) -> None:
         UserWarning,
         stacklevel=3,
     )
+
+
+def check_options(steps=None, *, eta=0.0, variance: str = "ddim", prediction: str = "eps", clip_x0=None,
+                  threshold=None, threshold_max=math.inf, sampler: str = "ddim", order=None,
+                  plms_start: str = "heun") -> None:
+    """The checks of `build` that need no schedule, raising the ValueError `build` would: for a caller
+    that checks its arguments before it loads a model (the command line). steps: the number of steps
+    when known (an order above it is refused); the range [1, T] needs the schedule."""
+    eta = _check_variance(variance, _check_eta(eta))
+    _check_prediction(prediction)
+    clip_x0 = _check_clip(clip_x0)
+    threshold, _ = _check_threshold(threshold, threshold_max, clip_x0)
+    known = isinstance(steps, numbers.Integral) and not isinstance(steps, bool) and steps >= 1
+    _check_sampler(sampler, order, int(steps) if known else MAX_ORDER.get(sampler, 1), eta, variance, clip_x0,
+                   threshold, plms_start)
+
+
+def _check_variance(variance, eta: float) -> float:
+    """eta as the plan stores it: variance="large" fixes its own noise (eta 1)."""
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; expected one of {VARIANCES}")
+    if variance == "large":
+        if eta not in (0.0, 1.0):
+            raise ValueError("variance='large' (sigma-hat) fixes its own noise; leave eta at 0 or 1")
+        return 1.0
+    return eta
 
 
 def _check_eta(eta) -> float:

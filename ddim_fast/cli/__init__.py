@@ -8,7 +8,8 @@ convert.py; bench.py; metrics.py: eval-digits, train-digits-classifier; aot.py),
 Options several commands share (the model, the plan from arguments, device and dtype) are in
 common.py, the torchrun setup in ddim_fast.distributed. Errors a user can fix (ValueError,
 FileNotFoundError, ...; an OSError from the file system, e.g. a full disk; a mistyped or unknown
-option) are printed as one line, without a traceback, and exit with status 2.
+option) are printed as one line, without a traceback, and exit with status 2. Each sub-command checks
+every argument it can before it loads a model, exports or samples (its `check(args)`; cli/checks.py).
 
     ddim-fast ...                    the console script (ddim_fast.cli:main)
     python -m ddim_fast.cli ...      the same (torchrun: -m ddim_fast.cli)

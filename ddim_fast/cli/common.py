@@ -104,11 +104,6 @@ def add_grid_options(p):
     p.add_argument("--scale", type=int, default=1, help="grid outputs: enlarge every pixel N x N")
 
 
-def check_scale(args):
-    if not 1 <= args.scale <= 64:
-        raise ValueError(f"--scale must be in [1, 64], got {args.scale}")
-
-
 def parse_device(arg) -> torch.device:
     """--device: auto (CUDA when available), cpu, cuda or cuda:N."""
     if arg == "auto":

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from ..onnx.export import EXPORT_DTYPES, check_onnx_path, export_onnx, onnx_metadata
+from ..onnx.export import EXPORT_DTYPES, check_onnx_path, check_opset, export_onnx, onnx_metadata
 from ..onnx.runtime import import_onnx, import_ort
 from ..plan import VARIANCES
 from ..precision import DTYPES
+from . import checks
+from .checks import ModelFacts, check_with_model
 from .common import MULTISTEP_OPTIONS, add_clip_option, add_multistep_options, add_spacing_option, load, plan_for
 
 SAMPLER_OPTIONS = ("steps", "eta", "spacing", "variance", "clip_x0", "threshold",
@@ -44,7 +47,9 @@ class Export:
         p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
     @staticmethod
-    def run(args) -> int:
+    def check(args):
+        """Every argument before the model loads (cli/checks.py): the output, the options and the extras;
+        then, from the model's config files, the number of steps."""
         out = check_onnx_path(args.out)  # an .onnx file in an existing, writable folder (export_onnx's rule)
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
@@ -54,17 +59,35 @@ class Export:
         if not args.whole_sampler and given:
             raise ValueError(f"--{given[0].replace('_', '-')} only applies to --whole-sampler; add --whole-sampler "
                              "or drop it")
-        import_onnx()  # the extras, before any work
-        import_ort()
-        model = load(args)
-        plan = None
-        if args.whole_sampler:
-            plan = plan_for(args, model, steps=20 if args.steps is None else args.steps,
-                            eta=0.0 if args.eta is None else args.eta, variance=args.variance or "ddim")
-            if args.invert:
-                plan = plan.inverse()
         if args.graph == "table" and not args.whole_sampler:
             raise ValueError("--graph table only applies to --whole-sampler; add --whole-sampler or drop it")
+        check_opset(args.opset)
+        steps = None
+        if args.whole_sampler:
+            steps = 20 if args.steps is None else args.steps
+            checks.steps(steps)
+            eta, variance = 0.0 if args.eta is None else args.eta, args.variance or "ddim"
+            checks.sampler_options(args, steps=steps, eta=eta, variance=variance)
+            if args.invert and ((args.sampler or "ddim") != "ddim" or eta != 0.0 or variance != "ddim"):
+                raise ValueError("--invert exports the DDIM encoder (the deterministic ODE): drop --sampler, --eta "
+                                 "and --variance")
+        import_onnx()  # the extras, before any work
+        import_ort()
+        check_with_model(args, ModelFacts.of_config(args.model), steps=steps, sampling=False)
+        return steps
+
+    @staticmethod
+    def run(args) -> int:
+        steps = Export.check(args)
+        out = Path(args.out)
+        model = load(args)
+        check_with_model(args, ModelFacts.of_model(model), steps=steps, sampling=False)
+        plan = None
+        if args.whole_sampler:
+            plan = plan_for(args, model, steps=steps, eta=0.0 if args.eta is None else args.eta,
+                            variance=args.variance or "ddim")
+            if args.invert:
+                plan = plan.inverse()
         unroll = {"auto": None, "unrolled": True, "loop": False, "table": False}[args.graph]
         t0 = time.perf_counter()
 

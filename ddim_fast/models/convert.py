@@ -442,6 +442,24 @@ def diffusers_route(cfg: dict) -> tuple[str, str | None]:
     return "convert", None
 
 
+def diffusers_facts(folder) -> dict:
+    """What a diffusers folder's config.json files say without loading weights: sample shape (C, H, W)
+    or None, num_classes (None: no class labels), T, and its kind; for checking arguments early."""
+    model_dir, sched_path = _diffusers_folders(Path(folder))
+    cfg = _read_json(model_dir / "config.json")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{model_dir / 'config.json'} is not a model config (a JSON object)")
+    size = cfg.get("sample_size")
+    h, w = (size, size) if is_int(size) else (tuple(size) if isinstance(size, (list, tuple)) and len(size) == 2
+                                               else (None, None))
+    shape = (int(cfg.get("in_channels", 3)), int(h), int(w)) if h is not None else None
+    n = cfg.get("num_class_embeds")
+    labels = is_int(n) and n >= 2 and cfg.get("class_embed_type") is None
+    T = _diffusers_scheduler(sched_path)[0].T
+    return {"shape": shape, "num_classes": int(n) - 1 if labels else None, "T": T,
+            "kind": cfg.get("_class_name", "UNet2DModel")}
+
+
 def load_diffusers(folder):
     """A model (eval mode) from a diffusers UNet2DModel / UNet2DConditionModel folder, or a pipeline
     folder (unet/ + scheduler/). A UNet2DModel that converts exactly (diffusers_config) becomes this

@@ -270,8 +270,7 @@ def _check_args(model, plan, dtype, opset, shape, unroll, table=False):
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"ONNX export supports dtype torch.float32 or torch.float16, got {dtype}; "
                          "for bfloat16 use the reference, triton or cuda_graph backend")
-    if opset is not None and (not is_int(opset) or not 18 <= opset <= 23):
-        raise ValueError(f"opset must be an int in [18, 23] (torch.onnx writes opset 18 or newer), got {opset!r}")
+    check_opset(opset)
     if plan is not None and not isinstance(plan, SamplingPlan):
         raise ValueError(f"plan must be a SamplingPlan or None (eps-model only), got {type(plan).__name__}")
     if plan is not None:
@@ -286,6 +285,11 @@ def _check_args(model, plan, dtype, opset, shape, unroll, table=False):
     if table and plan is None:
         raise ValueError("table_inputs=True needs a plan: the table belongs to a sampler graph, not the eps-model")
     return sample_shape(model, shape)
+
+
+def check_opset(opset) -> None:
+    if opset is not None and (not is_int(opset) or not 18 <= opset <= 23):
+        raise ValueError(f"opset must be an int in [18, 23] (torch.onnx writes opset 18 or newer), got {opset!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -703,7 +703,7 @@ def test_an_as_is_folder_without_diffusers_names_the_extra(as_is_pipeline, tmp_p
     assert err.count("\n") == 1 and "pip install 'ddim-fast[diffusers]'" in err
 
 
-def test_a_unet2dconditionmodel_folder_loads_as_it_is(tmp_path):
+def test_a_unet2dconditionmodel_folder_loads_as_it_is(tmp_path, capsys):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     text = diffusers.UNet2DConditionModel(
@@ -719,6 +719,11 @@ def test_a_unet2dconditionmodel_folder_loads_as_it_is(tmp_path):
     h = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
     x = dd.sample(m, torch.randn(1, 4, 8, 8), plan, cond={"encoder_hidden_states": h})
     assert x.shape == (1, 4, 8, 8) and torch.isfinite(x).all()
+    # the command line cannot give encoder_hidden_states: one line, before the weights load
+    assert cli.main(["sample", "--model", str(tmp_path / "unet"), "--no-progress", "--out",
+                     str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs encoder_hidden_states (a text-conditioned UNet)" in err
 
 
 def test_for_model_says_what_it_takes(as_is_pipeline, tmp_path):
