@@ -243,6 +243,28 @@ def export_log(args):
     return log
 
 
+def plan_summary(plan) -> str:
+    """The sampler of a plan in a few words, from plan.describe(): "20 steps ddim eta=0, uniform spacing",
+    "10 steps unipc (order 2), trailing spacing", "50 steps ddim eta=1 [variance large], ...", plus the
+    clipping or thresholding of x0 when there is one."""
+    d = plan.describe()
+    steps = len(set(d["timesteps"]))  # plms' Heun start visits its second timestep twice: one more network call
+    text = f"{steps} steps {d['sampler']}"
+    if d["sampler"] == "ddim":
+        text += f" eta={d['eta']:g}" + (f" [variance {d['variance']}]" if d["variance"] != "ddim" else "")
+    else:
+        opts = [f"order {d['order']}"] + ([f"{d['plms_start']} start"] if d.get("plms_start") else []) \
+            + (["no lower order final"] if d.get("lower_order_final") is False else []) \
+            + ([f"{d['steps']} network calls"] if d["steps"] != steps else [])
+        text += f" ({', '.join(opts)})"
+    text += f", {d['spacing']} spacing"
+    if d["clip_x0"]:
+        text += f", x0 clipped to [{d['clip_x0'][0]:g}, {d['clip_x0'][1]:g}]"
+    if d["threshold"] is not None:
+        text += f", x0 thresholded (p={d['threshold']:g})"
+    return text
+
+
 def describe(args, eng, model) -> dict:
     """What made an output: recorded in .npz metadata and manifests."""
     c = getattr(model, "config", None)

@@ -34,6 +34,7 @@ from .common import (
     params,
     parse_device,
     plan_for,
+    plan_summary,
     progress,
 )
 
@@ -81,8 +82,8 @@ class Sample:
             return _sample_folder(args)
         model = _load_checked(args, steps=args.steps)
         eng, model = engine(args, eta=args.eta, variance=args.variance, model=model, images=args.num)
-        print(f"model {args.model} ({params(model)}), {eng.plan.steps} steps eta={eng.plan.eta} "
-              f"[{eng.plan.variance}], backend {eng.backend} ({eng.backend_reason}), device {eng.device}")
+        print(f"model {args.model} ({params(model)}), {plan_summary(eng.plan)}, backend {eng.backend} "
+              f"({eng.backend_reason}), device {eng.device}")
         t0, out = time.perf_counter(), []
         try:
             with progress(args.num, args.progress, "sample") as bar:
@@ -208,7 +209,7 @@ def _sample_folder(args):
                                                for i in range(lo, min(lo + args.batch_size, args.num)))]
         skipped = len(batches) - len(todo)
         if rank == 0:
-            print(f"model {args.model}, {eng.plan.steps} steps eta={eng.plan.eta}, backend {eng.backend}, "
+            print(f"model {args.model}, {plan_summary(eng.plan)}, backend {eng.backend}, "
                   f"{world} process(es), {args.num} images into {out}")
         print(f"[rank {rank}] {len(todo)} batch(es) to sample, {skipped} already complete")
         t0, done = time.perf_counter(), 0

@@ -286,6 +286,23 @@ def test_ctrl_c_in_sample_says_how_to_resume(model_dir, tmp_path, monkeypatch, c
     assert "sample into a folder (--out DIR)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options, header", [
+    ([], "4 steps ddim eta=0, uniform spacing"),
+    (["--sampler", "unipc", "--spacing", "trailing"], "4 steps unipc (order 2), trailing spacing"),
+    (["--sampler", "plms", "--order", "2"], "4 steps plms (order 2, heun start, 5 network calls), uniform spacing"),
+    (["--variance", "large", "--clip-x0", "1"], "4 steps ddim eta=1 [variance large], uniform spacing, x0 clipped to "
+                                                "[-1, 1]"),
+])
+def test_the_header_names_the_sampler(model_dir, tmp_path, capsys, options, header):
+    """The line before sampling says which sampler runs with which settings (plan.describe()); it used to print
+    the variance in the sampler's place ("[ddim]" for --sampler unipc)."""
+    assert _run("sample", *_common(model_dir), "--num", 1, *options, "--out", tmp_path / "x.npz") == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith(f"model {model_dir} (") and f"M params), {header}, backend reference" in line, line
+    assert _run("sample", *_common(model_dir), "--num", 1, *options, "--out", tmp_path / "run") == 0
+    assert f"model {model_dir}, {header}, backend reference" in capsys.readouterr().out
+
+
 def test_sample_with_a_multistep_sampler(model_dir, tmp_path, capsys):
     """--sampler: the npz equals the API's plan with the same options; a bad order is one line."""
     c = _common(model_dir)
