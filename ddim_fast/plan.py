@@ -75,6 +75,32 @@ HISTORY_COLUMNS = HISTORY_WEIGHTS + PUSH_COLUMNS
 MAX_HISTORY = len(HISTORY_WEIGHTS)
 ALL_COLUMNS = COEF_COLUMNS + HISTORY_COLUMNS
 COL = {name: j for j, name in enumerate(ALL_COLUMNS)}  # a column's index in a row (a DDIM row is the first six)
+# What each column is, in words, for a reader without this code (the metadata of a table-input ONNX graph,
+# docs/onnx.md). a, a': alpha_bar of the state entering / leaving the step (alphas_cumprod at this timestep
+# and at the next one of the plan; 1 after the last step unless final_alpha); m: the model output.
+UPDATE_RULE = ("x' = d0 * clip(x0) + dx * x + de * m + h1 * H1 + h2 * H2 + h3 * H3 + sigma * z with x0 = cx * x + "
+               "ce * m, z standard normal noise (the `noise` input's row), H1..H3 = 0 at the start; then, if push "
+               "= 1: H3 <- H2, H2 <- H1, H1 <- pu * clip(x0) + pv * x + pw * m. a, a' = alphas_cumprod at this "
+               "step's timestep and at the next one (1 after the last step); a DDIM table has only the first six "
+               "columns (no history)")
+COLUMN_MEANINGS = {
+    "cx": "weight of x in the x0 estimate x0 = cx x + ce m: 1/sqrt(a) (eps model), 0 (x0 model), sqrt(a) (v model)",
+    "ce": "weight of m in the x0 estimate: -sqrt(1-a)/sqrt(a) (eps), 1 (x0), -sqrt(1-a) (v)",
+    "d0": "weight of clip(x0) in x': sqrt(a') (DDIM); sqrt(a') (1 - a/a') / (1-a) (variance large); the solver's "
+          "x0 weight (multistep samplers)",
+    "dx": "weight of x in x': c ex with c = sqrt(1 - a' - sigma^2) and eps = ex x + ee m (ex: 0 eps, 1/sqrt(1-a) "
+          "x0, sqrt(1-a) v) (DDIM); sqrt(a/a') (1-a') / (1-a) (variance large); the solver's x weight (multistep)",
+    "de": "weight of m in x': c ee (ee: 1 eps, -sqrt(a)/sqrt(1-a) x0, sqrt(a) v) (DDIM); 0 (variance large)",
+    "sigma": "standard deviation of the noise z: eta sqrt((1-a')/(1-a)) sqrt(1 - a/a') (DDIM); sqrt(1 - a/a'), 0 "
+             "on the last step (variance large)",
+    "h1": "weight of H1, the estimate pushed last (0 without history)",
+    "h2": "weight of H2, the estimate pushed before H1",
+    "h3": "weight of H3, the estimate pushed before H2",
+    "pu": "weight of clip(x0) in the pushed estimate P = pu clip(x0) + pv x + pw m",
+    "pv": "weight of x in the pushed estimate P",
+    "pw": "weight of m in the pushed estimate P",
+    "push": "1: after the step H3 <- H2, H2 <- H1, H1 <- P; 0: the history is kept",
+}
 SAMPLERS = ("ddim", "plms", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
 MAX_ORDER = {"ddim": 1, "plms": 4, "dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2, "unipc": 3}
 DEFAULT_ORDER = {"ddim": 1, "plms": 4, "dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2, "unipc": 2}

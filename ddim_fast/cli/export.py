@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..onnx.export import EXPORT_DTYPES, check_onnx_path, check_opset, export_onnx, onnx_metadata
+from ..onnx.export import EXPORT_DTYPES, check_onnx_path, check_opset, export_onnx, onnx_metadata, table_path
 from ..onnx.runtime import import_onnx, import_ort
 from ..plan import VARIANCES
 from ..precision import DTYPES
@@ -53,6 +53,9 @@ class Export:
         out = check_onnx_path(args.out)  # an .onnx file in an existing, writable folder (export_onnx's rule)
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+        if args.graph == "table" and table_path(out).exists() and not args.overwrite:
+            raise FileExistsError(f"{table_path(out)} (the table written beside a table-input graph) already exists; "
+                                  "pass --overwrite to replace it")
         given = [k for k in SAMPLER_OPTIONS
                  if getattr(args, k, None) is not None or (k == "clip_x0" and hasattr(args, k))]
         given += ["invert"] if args.invert else []
@@ -105,4 +108,7 @@ class Export:
               f"{'; validated against the reference' if args.validate else ''}) in {time.perf_counter() - t0:.1f} s")
         inputs = sorted(meta["inputs"].items(), key=lambda kv: kv[0] not in ("x_T", "x0"))  # the state first
         print("inputs: " + "; ".join(f"{k} {v}" for k, v in inputs))
+        if meta.get("table_inputs"):
+            print(f"wrote {table_path(out)}: this plan's coef and timesteps, to feed the graph without ddim-fast "
+                  "(the metadata's `columns` say what each column is)")
         return 0

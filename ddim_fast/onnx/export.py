@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import time
 import warnings
@@ -25,7 +26,7 @@ from ..checks import is_int, sample_shape
 from ..conditioning import cond_spec, example_cond, resolve
 from ..files import atomic_write_bytes, check_creatable
 from ..models.diffusers_unet import adapt
-from ..plan import SamplingPlan
+from ..plan import COLUMN_MEANINGS, UPDATE_RULE, SamplingPlan
 from ..precision import NAMES
 from .cache import (  # noqa: F401  (cache_dir, the fingerprints and the limit are part of this module's API)
     CACHE_MAX_MB,
@@ -40,7 +41,7 @@ from .cache import (  # noqa: F401  (cache_dir, the fingerprints and the limit a
     record_export_time,
     store,
 )
-from .graph import layout_key, sampler_proto, structure
+from .graph import layout_key, sampler_proto, structure, table_feeds
 from .network import opset_of, torch_export
 from .runtime import damaged, existing, import_onnx
 from .validate import check_loop_tables, head, validate_export
@@ -157,10 +158,14 @@ def _metadata(model, plan, dtype, shape, key, unroll, opset, table=False, cond_e
             # any plan with this structure (and, unrolled, these steps) runs here; `plan`: the one validated
             meta["structure"] = structure(plan)
             S = f"S = {plan.steps}" if unroll else "S = their number, any"
+            columns = meta["structure"]["columns"]
             meta["inputs"]["coef"] = (f"(S, {plan.coef.shape[1]}) float32: the plan's coefficient table, columns "
-                                      f"{' '.join(meta['structure']['columns'])} "
-                                      "(ddim_fast.onnx.graph.table_feeds(plan))")
+                                      f"{' '.join(columns)} (what each is: `columns`, `update`; "
+                                      "ddim_fast.onnx.graph.table_feeds(plan) computes it, and export_onnx writes "
+                                      "the exported plan's table beside the file as <name>.table.npz)")
             meta["inputs"]["timesteps"] = f"(S,) int64: the plan's timesteps; {S}"
+            meta["update"] = UPDATE_RULE
+            meta["columns"] = [f"{name}: {COLUMN_MEANINGS[name]}" for name in columns]  # in the table's order
         for k, c in cond_meta.items():
             meta["inputs"][k] = f"{c['shape']} {c['dtype']}: {c['about']}"
         if guided:
@@ -216,7 +221,9 @@ def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float
     table_inputs: the table and timesteps are inputs `coef` (S, 6) float32 and `timesteps` (S,)
                 int64 (graph.table_feeds(plan)): one file for every plan of the same structure
                 (graph.structure: direction, clipping, thresholding, noise), of any S as a Loop,
-                of this S unrolled.
+                of this S unrolled. The metadata says what each column is (`columns`, `update`), and
+                `plan`'s own table is written beside the file as <name>.table.npz (write_table), so
+                onnxruntime alone can run it.
     validate:   run the graph in ONNX Runtime (CPU) and check it against the float64 reference.
     log:        a function called with one line at each stage (export, graph, validation), for progress.
     model:      this project's UNet, any nn.Module model(x, t, **cond), or a diffusers UNet2DModel /
@@ -232,7 +239,10 @@ def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float
     """
     path = check_onnx_path(path)  # before any work
     job = _prepare(model, plan, dtype, opset, shape, unroll, table_inputs, guided, cond)
-    return _write(path, _build(job, validate, log))
+    written = _write(path, _build(job, validate, log))
+    if job.table:
+        write_table(table_path(path), job.plan)
+    return written
 
 
 def check_onnx_path(path) -> Path:
@@ -245,6 +255,26 @@ def check_onnx_path(path) -> Path:
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.onnx'}")
     return check_creatable(path)
+
+
+def table_path(path) -> Path:
+    """Where export_onnx writes the table of a table-input graph's plan: <name>.table.npz beside <name>.onnx."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.table.npz")
+
+
+def write_table(path, plan: SamplingPlan) -> Path:
+    """The feeds of a table-input graph for `plan` as an .npz that plain numpy reads (atomically): `coef`
+    (S, columns) float32, `timesteps` (S,) int64, `columns` (their names) and `plan` (plan.describe() as
+    JSON). With them, onnxruntime runs the graph without ddim_fast (docs/onnx.md)."""
+    import numpy as np
+
+    feeds = table_feeds(plan)
+    columns = structure(plan)["columns"]
+    buf = io.BytesIO()
+    np.savez(buf, coef=feeds["coef"].numpy().astype(np.float32), timesteps=feeds["timesteps"].numpy().astype(np.int64),
+             columns=np.array(columns), plan=np.array(json.dumps(plan.describe())))
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def cond_example(model, cond=None) -> dict:
