@@ -126,6 +126,9 @@ def load(args):
     if info.get("as_is"):  # a diffusers UNet that does not convert into ddim-fast's UNet (models/convert.py)
         print(f"loaded {args.model} as a diffusers {info['as_is']}: {info['why']}; the fused GroupNorm/attention "
               "kernels do not apply")
+    elif info.get("format") == "diffusers":
+        print(f"loaded {args.model}: a diffusers UNet2DModel that is the DDPM UNet, converted exactly into ddim-fast's "
+              "UNet (the fused GroupNorm/attention kernels apply)")
     own = {k: v for k, v in (getattr(model, "sampler_defaults", None) or {}).items() if k != "from"}
     if own:
         shown = ", ".join(f"{k}={v}" for k, v in own.items() if v is not None and not (k == "steps_offset" and v == 0))

@@ -686,6 +686,20 @@ def test_the_command_line_samples_an_as_is_folder(as_is_pipeline, tmp_path, monk
     assert json.loads(str(got["meta"]))["config"]["flip_sin_to_cos"] is True  # a diffusers config, recorded
     assert cli.main(["encode", *common, "--input", str(tmp_path / "x.npz"), "--out", str(tmp_path / "z.npz")]) == 0
     assert np.load(tmp_path / "z.npz")["latents"].shape == (2, 3, 8, 8)
+    from ddim_fast.sample_grid import write_sample_grid  # eval-digits' and the trainer's grids: shape from the model
+
+    write_sample_grid(tmp_path / "grid.png", model, n=4, steps=2)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size == (2 * 9 + 1, 2 * 9 + 1)  # 2 x 2 images of 8 x 8, 1 px apart
+
+
+def test_the_command_line_says_a_diffusers_folder_was_converted(small_diffusers, tmp_path, capsys):
+    _, folder = small_diffusers
+    assert cli.main(["sample", "--model", str(folder), "--backend", "reference", "--steps", "2", "--num", "1",
+                     "--no-progress", "--out", str(tmp_path / "x.npz")]) == 0
+    assert (f"loaded {folder}: a diffusers UNet2DModel that is the DDPM UNet, converted exactly into ddim-fast's "
+            "UNet (the fused GroupNorm/attention kernels apply)") in capsys.readouterr().out
 
 
 def test_an_as_is_folder_without_diffusers_names_the_extra(as_is_pipeline, tmp_path, monkeypatch, capsys):
