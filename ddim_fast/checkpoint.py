@@ -15,7 +15,9 @@ never leaves a half-written checkpoint at the destination and never destroys a g
     a training run folder               (`ddim-fast train --out`: its latest complete checkpoint)
     a bundled name                      (a folder ddim_fast/assets/<name>/, e.g. "digits")
     an official DDIM `ckpt.pth`         (see models/convert.py; read with weights_only=True)
-    a diffusers UNet2DModel folder      (or a pipeline folder with unet/ and scheduler/)
+    a diffusers UNet2DModel folder      (or a pipeline folder with unet/ and scheduler/): converted into
+                                        this project's UNet when it is the DDPM UNet, else a
+                                        UNet2DModel / UNet2DConditionModel loaded as it is with diffusers
 Every load checks keys and shapes first; a mismatch names the missing, unexpected and mis-shaped
 keys and the configuration the weights would fit.
 """
@@ -33,6 +35,7 @@ import torch
 from .files import (
     atomic_save_safetensors,
     atomic_write_json,
+    check_creatable,
     fsync_dir,
     move_into_place,
     read_safetensors,
@@ -75,7 +78,7 @@ def save_model(path, model: UNet, *, ema_state_dict: dict | None = None, extra: 
     clash = sorted(set(extra) & set(RESERVED_KEYS))
     if clash:
         raise ValueError(f"extra must not set the reserved key(s) {clash}; put them under another name")
-    _check_destination(path, overwrite)
+    check_destination(path, overwrite)
 
     state = model.state_dict()
     if ema_state_dict is not None:
@@ -111,8 +114,11 @@ def _unwrap(model):
     return model
 
 
-def _check_destination(path: Path, overwrite: bool) -> None:
+def check_destination(path: Path, overwrite: bool) -> None:
+    """A checkpoint may be written at `path`: a new folder in an existing, writable folder, or (overwrite)
+    a checkpoint folder or an empty one, never anything else."""
     if not path.exists() and not path.is_symlink():
+        check_creatable(path)  # its folder exists: a checkpoint folder is created, the folders above it are not
         return
     if not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
@@ -129,6 +135,9 @@ def load_model(path_or_name, *, ema: bool | None = None, device="cpu", map_locat
     """A ready UNet (eval mode, `.config`, `.schedule` and `.prediction` set) from a ddim-fast folder,
     a training run folder (its latest complete checkpoint; `checkpoint_info["run"]` names the run and
     ["path"] the checkpoint), a bundled model name, an official DDIM ckpt.pth or a diffusers folder.
+    A diffusers UNet that does not convert exactly into this project's UNet comes back as the diffusers
+    model itself (`.schedule`, `.prediction`, `.sampler_defaults` set the same way; `checkpoint_info`
+    "as_is" and "why" say so), which every sampler and backend takes.
 
     ema: None = the EMA weights if the checkpoint has them; True = require them; False = the raw
     weights. (Official files: EMA preferred as well; diffusers folders hold one set of weights.)
@@ -140,6 +149,7 @@ def load_model(path_or_name, *, ema: bool | None = None, device="cpu", map_locat
         device = map_location
     if ema not in (None, True, False):
         raise ValueError(f"ema must be None (EMA if present), True or False, got {ema!r}")
+    _check_path_or_name(path_or_name)
     path = _resolve(path_or_name)
     if path.is_file() and path.name in (MODEL_FILE, EMA_FILE) and _read_own_config(path.parent):
         if ema is None:  # naming one of the two weight files picks it
@@ -165,6 +175,44 @@ def load_model(path_or_name, *, ema: bool | None = None, device="cpu", map_locat
     else:
         model = convert.load_diffusers(path)
     return model.to(device).eval()
+
+
+def _check_path_or_name(path_or_name) -> None:
+    if isinstance(path_or_name, bytes) or not isinstance(path_or_name, (str, os.PathLike)) \
+            or not str(path_or_name).strip():
+        names = ", ".join(bundled_names()) or "none are installed"
+        raise ValueError(f"load_model takes a path (a str or pathlib.Path) to a checkpoint folder, a training run "
+                         f"folder, an official ckpt.pth or a diffusers folder, or a bundled model name ({names}); "
+                         f"got {path_or_name!r}")
+
+
+def model_facts(path_or_name) -> dict | None:
+    """What a model's config files say, without loading its weights: {"shape": (C, H, W) or None,
+    "num_classes": N or None, "T": training timesteps, "kind": the model's class}, for checking a
+    command's arguments before the weights load. None where the format keeps no config (an official
+    ckpt.pth) or the config cannot be read (load_model then says what is wrong)."""
+    try:
+        _check_path_or_name(path_or_name)
+        path = _resolve(path_or_name)
+        if path.is_file() and path.name in (MODEL_FILE, EMA_FILE, *(f"diffusion_pytorch_model.{e}" for e in
+                                                                  ("safetensors", "bin"))):
+            path = path.parent
+        kind = detect_format(path)
+        if kind == "run":
+            path = find_latest_checkpoint(path)
+            kind = FORMAT if path is not None else None
+        if kind == FORMAT:
+            cfg = _read_own_config(path)
+            config = UNetConfig.from_dict(cfg["model"])
+            return {"shape": (config.in_channels, config.resolution, config.resolution),
+                    "num_classes": config.num_classes, "T": NoiseSchedule.from_dict(cfg["schedule"]).T, "kind": "UNet"}
+        if kind == "diffusers":
+            from .models.convert import diffusers_facts
+
+            return diffusers_facts(path)
+    except (ValueError, OSError, KeyError, TypeError):
+        return None
+    return None
 
 
 def detect_format(path) -> str:
@@ -302,7 +350,7 @@ def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False,
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise FileNotFoundError(f"no checkpoint at {src}: check the path")
-    _check_destination(dst, overwrite)  # before any reading: the output is checked first
+    check_destination(dst, overwrite)  # before any reading: the output is checked first
     kind = detect_format(src)
     if kind == FORMAT:
         raise ValueError(f"{src} is already a ddim-fast checkpoint; nothing to convert (copy the folder)")
@@ -324,6 +372,13 @@ def convert(src, dst, *, ema: bool = True, config=None, overwrite: bool = False,
         if config is not None or resolution is not None:
             raise ValueError(f"{'config' if config is not None else 'resolution'}= applies to official checkpoints "
                              "only; a diffusers folder has its own config.json")
+        model_dir, _ = importers._diffusers_folders(src)
+        route, why = importers.diffusers_route(importers._read_json(model_dir / CONFIG_FILE))
+        if route == "as_is":  # before any weights are read
+            raise ValueError(f"{src} holds a diffusers UNet that does not convert into ddim-fast's UNet: {why}. "
+                             f"Use the folder as it is instead (dd.load_model({str(src)!r}), --model {src}): it loads "
+                             "with diffusers and samples on every backend, without the fused GroupNorm/attention "
+                             "kernels")
         model, keep_ema = importers.load_diffusers(src), None
         info = model.checkpoint_info
     source = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool)) or v is None}

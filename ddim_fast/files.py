@@ -4,7 +4,9 @@ Every file ddim-fast writes (checkpoints, images, .npz, ONNX graphs, manifests, 
 through here: the data is written to a hidden temporary sibling, fsynced and renamed over the
 destination, so a crash never leaves a half-written file under the final name and never
 damages the file it replaces. A folder (a checkpoint) is assembled under a temporary name and
-moved into place the same way (`move_into_place`).
+moved into place the same way (`move_into_place`). Every output is checked before any work
+(`check_creatable`): like `mkdir` without `-p`, ddim-fast creates an output (a file, or an output
+folder itself) but never the folders above it.
 
 This module sits below everything else in ddim_fast and imports nothing of it.
 """
@@ -87,11 +89,50 @@ def atomic_save_safetensors(path, tensors: dict, metadata: dict | None = None) -
 
 
 def temporary_folder(path: Path) -> Path:
-    """A new empty hidden sibling folder of `path` (mode as mkdir gives) to assemble it in."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A new empty hidden sibling folder of `path` (mode as mkdir gives) to assemble it in; the folder
+    holding `path` must exist (check_creatable)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, umask_mode(0o777))
     return tmp
+
+
+def writable(folder) -> bool:
+    """Whether files can be created in the existing `folder`: os.access, then a real try (a probe file
+    created and removed at once), since os.access says yes to root everywhere, /proc included, and knows
+    nothing of read-only mounts."""
+    if not os.access(folder, os.W_OK):
+        return False
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ddim-fast-probe-", suffix=".tmp", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def check_creatable(path) -> Path:
+    """That the output `path` (a file, or a folder ddim-fast creates) can be created: the folder that will
+    hold it exists and is writable. ddim-fast creates the output itself, never the folders above it
+    (like mkdir without -p). One line naming the folder and the fix: NotADirectoryError (a file is in
+    the way), FileNotFoundError (the folder is missing) or PermissionError (it cannot be written)."""
+    path = Path(path)
+    parent = path.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {existing} is a file, not a folder; choose another output path")
+    if existing != parent:
+        raise FileNotFoundError(f"the folder {parent} does not exist; create it first (ddim-fast creates only the "
+                                "output folder itself)")
+    check_writable_folder(parent)
+    return path
+
+
+def check_writable_folder(folder) -> None:
+    """PermissionError, one line naming `folder` and the fix, unless files can be created in it (writable)."""
+    if not writable(folder):
+        raise PermissionError(f"cannot write under {folder}: the folder is not writable; choose an output path in a "
+                              "writable folder")
 
 
 def move_into_place(tmp: Path, path: Path) -> None:

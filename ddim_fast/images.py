@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, check_creatable, check_writable_folder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # read as inputs
 # Written as a grid: the format its suffix names. JPEG and WebP are written at high quality / lossless.
@@ -90,7 +90,8 @@ def output_kind(out) -> str:
 
 
 def check_output(out, overwrite: bool) -> Path:
-    """Refuse to replace what a user wrote unless asked to; check the parent is writable."""
+    """Refuse to replace what a user wrote unless asked to; check the output can be written: its folder
+    exists (only an output folder itself is created, never the folders above it) and is writable."""
     out = Path(out)
     kind = output_kind(out)
     if out.exists() and (kind == "folder") != out.is_dir():
@@ -99,19 +100,18 @@ def check_output(out, overwrite: bool) -> Path:
     if out.exists() and not overwrite:
         if kind != "folder" or any(out.iterdir()):
             raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
-    parent = out if kind == "folder" else out.parent
-    probe = parent if parent.exists() else next((p for p in parent.parents if p.exists()), Path("."))
-    if not probe.is_dir():
-        raise NotADirectoryError(f"cannot write {out}: {probe} is a file, not a folder; choose another output path")
-    if not _writable(probe):
-        raise PermissionError(f"cannot write under {probe}: choose an output path in a writable folder")
+    if kind == "folder" and out.is_dir():
+        check_writable_folder(out)
+    else:
+        check_creatable(out)
     return out
 
 
 def save_images(images: torch.Tensor, out, *, overwrite: bool = False, indices=None, meta: dict | None = None,
                 nrow: int | None = None, scale: int = 1, names=None) -> Path:
     """Write images (N, C, H, W) in [-1, 1] as a grid image (the format its suffix names), a folder
-    of PNGs or an .npz archive. Missing parent folders are created.
+    of PNGs or an .npz archive. An output folder is created, but not the folders above an output (like
+    mkdir without -p: a missing one is refused, see check_output).
 
     indices: the global sample index of each image (folder file names, npz 'indices').
     meta: JSON-able facts (model, plan, seed) stored in the npz / a folder's manifest.json.
@@ -122,7 +122,8 @@ def save_images(images: torch.Tensor, out, *, overwrite: bool = False, indices=N
     out = check_output(out, overwrite)
     kind = output_kind(out)
     idx = list(range(len(images))) if indices is None else [int(i) for i in indices]
-    (out if kind == "folder" else out.parent).mkdir(parents=True, exist_ok=True)
+    if kind == "folder":
+        out.mkdir(exist_ok=True)
     if kind == "grid":
         atomic_write_bytes(out, image_bytes(image_grid(images, nrow=nrow, scale=scale), out.suffix))
     elif kind == "npz":
@@ -153,21 +154,29 @@ def load_images(path, channels: int, resolution: int, *, changes: list | None = 
     changes: a list that receives one line per image that had to be converted (colour mode),
     centre-cropped to a square or resized to fit the model."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no images at {path}: check the path")
     if path.suffix.lower() == ".npz":
         x, names = load_npz(path, "images"), None
         names = [f"{i:06d}" for i in range(len(x))]
     else:
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
-        if not files:
-            raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        files = image_files(path)
         x = torch.stack([_read_image(f, channels, resolution, changes) for f in files])
         names = [f.stem for f in files]
     if x.ndim != 4 or x.shape[1:] != (channels, resolution, resolution):
         raise ValueError(f"{path} holds images of shape {tuple(x.shape[1:])}; the model wants "
                          f"({channels}, {resolution}, {resolution})")
     return x, names
+
+
+def image_files(path) -> list[Path]:
+    """The image files at `path` (one file, or a folder's files with an image suffix, sorted); one clear
+    error when there are none."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no images at {path}: check the path")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
 
 
 def load_npz(path, key: str) -> torch.Tensor:
@@ -249,9 +258,3 @@ def _read_image(path: Path, channels: int, resolution: int, changes: list | None
         raise ValueError(f"{path} is refused: {e} Give an image of ordinary size") from None
     t = torch.from_numpy(arr / 127.5 - 1.0)
     return t[None] if channels == 1 else t.permute(2, 0, 1)
-
-
-def _writable(path: Path) -> bool:
-    import os
-
-    return os.access(path, os.W_OK)

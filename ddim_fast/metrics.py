@@ -292,10 +292,12 @@ def train_digits_classifier(resolution: int = 16, *, epochs: int = 40, batch_siz
 
 def save_digits_classifier(model: DigitsClassifier, folder, report: dict | None = None) -> None:
     """config.json (config + how it was trained + accuracy) and model.safetensors, each atomically."""
-    from .files import atomic_save_safetensors, atomic_write_json
+    from .files import atomic_save_safetensors, atomic_write_json, check_creatable
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():
+        check_creatable(folder)  # the folder itself is created, never the folders above it
+        folder.mkdir()
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_save_safetensors(folder / "model.safetensors", state)
     atomic_write_json(folder / "config.json", {"config": asdict(model.config), **(report or {})})

@@ -64,7 +64,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .schedule import NoiseSchedule, timesteps
+from .schedule import NoiseSchedule, timestep_list_as_spacing, timesteps
 
 COEF_COLUMNS = ("cx", "ce", "d0", "dx", "de", "sigma")
 # A multistep plan's table is wider: the history terms h1..h3 (coefficients of the last three pushed
@@ -75,6 +75,32 @@ HISTORY_COLUMNS = HISTORY_WEIGHTS + PUSH_COLUMNS
 MAX_HISTORY = len(HISTORY_WEIGHTS)
 ALL_COLUMNS = COEF_COLUMNS + HISTORY_COLUMNS
 COL = {name: j for j, name in enumerate(ALL_COLUMNS)}  # a column's index in a row (a DDIM row is the first six)
+# What each column is, in words, for a reader without this code (the metadata of a table-input ONNX graph,
+# docs/onnx.md). a, a': alpha_bar of the state entering / leaving the step (alphas_cumprod at this timestep
+# and at the next one of the plan; 1 after the last step unless final_alpha); m: the model output.
+UPDATE_RULE = ("x' = d0 * clip(x0) + dx * x + de * m + h1 * H1 + h2 * H2 + h3 * H3 + sigma * z with x0 = cx * x + "
+               "ce * m, z standard normal noise (the `noise` input's row), H1..H3 = 0 at the start; then, if push "
+               "= 1: H3 <- H2, H2 <- H1, H1 <- pu * clip(x0) + pv * x + pw * m. a, a' = alphas_cumprod at this "
+               "step's timestep and at the next one (1 after the last step); a DDIM table has only the first six "
+               "columns (no history)")
+COLUMN_MEANINGS = {
+    "cx": "weight of x in the x0 estimate x0 = cx x + ce m: 1/sqrt(a) (eps model), 0 (x0 model), sqrt(a) (v model)",
+    "ce": "weight of m in the x0 estimate: -sqrt(1-a)/sqrt(a) (eps), 1 (x0), -sqrt(1-a) (v)",
+    "d0": "weight of clip(x0) in x': sqrt(a') (DDIM); sqrt(a') (1 - a/a') / (1-a) (variance large); the solver's "
+          "x0 weight (multistep samplers)",
+    "dx": "weight of x in x': c ex with c = sqrt(1 - a' - sigma^2) and eps = ex x + ee m (ex: 0 eps, 1/sqrt(1-a) "
+          "x0, sqrt(1-a) v) (DDIM); sqrt(a/a') (1-a') / (1-a) (variance large); the solver's x weight (multistep)",
+    "de": "weight of m in x': c ee (ee: 1 eps, -sqrt(a)/sqrt(1-a) x0, sqrt(a) v) (DDIM); 0 (variance large)",
+    "sigma": "standard deviation of the noise z: eta sqrt((1-a')/(1-a)) sqrt(1 - a/a') (DDIM); sqrt(1 - a/a'), 0 "
+             "on the last step (variance large)",
+    "h1": "weight of H1, the estimate pushed last (0 without history)",
+    "h2": "weight of H2, the estimate pushed before H1",
+    "h3": "weight of H3, the estimate pushed before H2",
+    "pu": "weight of clip(x0) in the pushed estimate P = pu clip(x0) + pv x + pw m",
+    "pv": "weight of x in the pushed estimate P",
+    "pw": "weight of m in the pushed estimate P",
+    "push": "1: after the step H3 <- H2, H2 <- H1, H1 <- P; 0: the history is kept",
+}
 SAMPLERS = ("ddim", "plms", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
 MAX_ORDER = {"ddim": 1, "plms": 4, "dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2, "unipc": 3}
 DEFAULT_ORDER = {"ddim": 1, "plms": 4, "dpmpp_2m": 2, "dpmpp_3m": 3, "dpmpp_2m_sde": 2, "unipc": 2}
@@ -152,6 +178,7 @@ class SamplingPlan:
     ) -> SamplingPlan:
         """A sampler over `steps` timesteps of `schedule`.
 
+        steps:      the number of steps; or the timestep list itself (as spacing=[...]).
         eta:        0 = DDIM (deterministic), 1 = DDPM (the posterior's "fixed small" variance).
         spacing:    see `ddim_fast.timesteps`; or an explicit list (then `steps` may be None).
         variance:   "ddim" (sigma from eta) or "large" (the paper's sigma-hat column: the eta=1 mean
@@ -186,21 +213,14 @@ class SamplingPlan:
         """
         if not isinstance(schedule, NoiseSchedule):
             raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        steps, spacing = timestep_list_as_spacing(steps, spacing)
         if not isinstance(spacing, str):
             ts = timesteps(schedule.T, None, spacing)
             if steps is not None and steps != len(ts):
                 raise ValueError(f"steps={steps} but the explicit timestep list has {len(ts)} entries")
         else:
             ts = timesteps(schedule.T, steps, spacing, steps_offset)
-        eta = _check_eta(eta)
-        if variance not in VARIANCES:
-            raise ValueError(f"unknown variance {variance!r}; expected one of {VARIANCES}")
-        if variance == "large":
-            if eta not in (0.0, 1.0):
-                raise ValueError(
-                    "variance='large' (sigma-hat) fixes its own noise; leave eta at 0 or 1"
-                )
-            eta = 1.0
+        eta = _check_variance(variance, _check_eta(eta))
         _check_prediction(prediction)
         clip_x0 = _check_clip(clip_x0)
         threshold, threshold_max = _check_threshold(threshold, threshold_max, clip_x0)
@@ -243,11 +263,18 @@ class SamplingPlan:
         (any keyword of `build`, None included). Overriding spacing drops a default steps_offset
         that only "leading" takes; overriding clip_x0 drops a default threshold and vice versa.
         Defaults that came from diffusers warn when this plan's step targets differ from
-        DDIMScheduler's (it steps from t to t - T // S, this plan to the next timestep of its list)."""
+        DDIMScheduler's (it steps from t to t - T // S, this plan to the next timestep of its list).
+
+        model: a model loaded with dd.load_model (or any object with .schedule, .prediction and
+        .sampler_defaults), or a diffusers pipeline, scheduler, scheduler config dict, pipeline folder,
+        its scheduler/ folder or a scheduler_config.json: their settings are DDIMPipeline's
+        (scheduler_config.py), so DDIM-S of the plan is the pipeline's DDIM-S."""
+        model = _plan_source(model)
         schedule = getattr(model, "schedule", None)
         if not isinstance(schedule, NoiseSchedule):
-            raise ValueError(f"{type(model).__name__} carries no noise schedule (model.schedule); build the plan "
-                             "with SamplingPlan.build(schedule, ...) or load the model with dd.load_model")
+            raise ValueError(f"{type(model).__name__} carries no noise schedule (model.schedule): give a model loaded "
+                             "with dd.load_model, a diffusers pipeline, its scheduler or its folder, or build the plan "
+                             "with SamplingPlan.build(schedule, ...)")
         defaults = check_sampler_defaults(getattr(model, "sampler_defaults", None))
         origin = defaults.pop("from", None)
         if "spacing" in overrides and overrides["spacing"] != "leading" and "steps_offset" not in overrides:
@@ -372,6 +399,16 @@ class SamplingPlan:
         return "SamplingPlan(" + ", ".join(f"{k}={v}" for k, v in d.items() if v is not None) + ")"
 
 
+def _plan_source(model):
+    """What for_model reads (schedule, prediction, sampler_defaults): a model as it is, or the settings of
+    a diffusers pipeline, scheduler, scheduler config or folder (scheduler_config.plan_source)."""
+    if isinstance(getattr(model, "schedule", None), NoiseSchedule):
+        return model
+    from .scheduler_config import plan_source
+
+    return plan_source(model)
+
+
 SAMPLER_DEFAULT_KEYS = ("spacing", "steps_offset", "clip_x0", "threshold", "threshold_max", "final_alpha")
 
 
@@ -435,6 +472,32 @@ def _warn_far_start(ac: torch.Tensor, ts: torch.Tensor, spacing) -> None:
         UserWarning,
         stacklevel=3,
     )
+
+
+def check_options(steps=None, *, eta=0.0, variance: str = "ddim", prediction: str = "eps", clip_x0=None,
+                  threshold=None, threshold_max=math.inf, sampler: str = "ddim", order=None,
+                  plms_start: str = "heun") -> None:
+    """The checks of `build` that need no schedule, raising the ValueError `build` would: for a caller
+    that checks its arguments before it loads a model (the command line). steps: the number of steps
+    when known (an order above it is refused); the range [1, T] needs the schedule."""
+    eta = _check_variance(variance, _check_eta(eta))
+    _check_prediction(prediction)
+    clip_x0 = _check_clip(clip_x0)
+    threshold, _ = _check_threshold(threshold, threshold_max, clip_x0)
+    known = isinstance(steps, numbers.Integral) and not isinstance(steps, bool) and steps >= 1
+    _check_sampler(sampler, order, int(steps) if known else MAX_ORDER.get(sampler, 1), eta, variance, clip_x0,
+                   threshold, plms_start)
+
+
+def _check_variance(variance, eta: float) -> float:
+    """eta as the plan stores it: variance="large" fixes its own noise (eta 1)."""
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; expected one of {VARIANCES}")
+    if variance == "large":
+        if eta not in (0.0, 1.0):
+            raise ValueError("variance='large' (sigma-hat) fixes its own noise; leave eta at 0 or 1")
+        return 1.0
+    return eta
 
 
 def _check_eta(eta) -> float:

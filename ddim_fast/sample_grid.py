@@ -18,9 +18,12 @@ from .sampling import sample
 @torch.no_grad()
 def sample_images(model, n: int, *, steps: int = 20, seed: int = 0,
                   batch_size: int = 256, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """n DDIM (eta = 0) samples of `model` with `steps` uniform steps, in [-1, 1]: (n, C, R, R).
-    class_labels (n,): the label of each sample, for a class-conditional model (no guidance)."""
-    c = model.config
+    """n DDIM (eta = 0) samples of `model` with `steps` uniform steps, in [-1, 1]: (n, C, H, W).
+    class_labels (n,): the label of each sample, for a class-conditional model (no guidance). The model is
+    this project's UNet or a diffusers UNet as it is (its shape read by checks.sample_shape)."""
+    from .checks import sample_shape
+
+    size = sample_shape(model)  # (C, H, W)
     if class_labels is not None:
         class_labels = torch.as_tensor(class_labels)
         if class_labels.shape != (n,):
@@ -31,13 +34,9 @@ def sample_images(model, n: int, *, steps: int = 20, seed: int = 0,
     out = []
     for lo in range(0, n, batch_size):
         b = min(batch_size, n - lo)
-        shape = (b, c.in_channels, c.resolution, c.resolution)
-        x_T = rng.initial_noise(seed, shape, first_index=lo, device=dev)  # sample i keyed by (seed, i)
-        net = model
-        if class_labels is not None:
-            y = class_labels[lo:lo + b].to(dev)
-            net = lambda x, t, y=y: model(x, t, class_labels=y)
-        out.append(sample(net, x_T, plan).clamp(-1.0, 1.0).cpu())
+        x_T = rng.initial_noise(seed, (b, *size), first_index=lo, device=dev)  # sample i keyed by (seed, i)
+        cond = None if class_labels is None else {"class_labels": class_labels[lo:lo + b].to(dev)}
+        out.append(sample(model, x_T, plan, cond=cond).clamp(-1.0, 1.0).cpu())
     return torch.cat(out)
 
 
@@ -46,8 +45,11 @@ def write_sample_grid(path, model, n: int = 64, *, steps: int = 20, seed: int = 
     class-conditional model draws class i % num_classes for sample i (no guidance)."""
     from PIL import Image
 
-    k = model.config.num_classes
-    labels = None if k is None else torch.arange(n) % k
+    from .conditioning import cond_spec
+    from .models.diffusers_unet import adapt
+
+    spec = (cond_spec(adapt(model)) or {}).get("class_labels")
+    labels = None if spec is None else torch.arange(n) % spec["range"][1]  # labels 0..K-1 (K: the null label)
     im = image_grid(sample_images(model, n, steps=steps, seed=seed, class_labels=labels))
     if scale > 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)

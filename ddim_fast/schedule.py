@@ -125,9 +125,11 @@ def timesteps(T: int, steps: int, spacing="uniform", steps_offset: int = 0) -> t
       "trailing" diffusers "trailing": round(arange(T, 0, -T/S)) - 1 (numpy), which starts at T-1.
       "linspace" diffusers "linspace": round(linspace(0, T-1, S)) (numpy).
       a list     explicit training timesteps, strictly monotone, each in [0, T).
-    Every spacing but "quad" returns exactly `steps` values.
+    Every spacing but "quad" returns exactly `steps` values. A list given as `steps` (with the spacing
+    left at "uniform") is taken as that explicit list.
     """
     T = _check_T(T)
+    steps, spacing = timestep_list_as_spacing(steps, spacing)
     if not isinstance(spacing, str):
         return _explicit(T, spacing)
     if not is_int(steps) or not 1 <= steps <= T:
@@ -168,6 +170,19 @@ def timesteps(T: int, steps: int, spacing="uniform", steps_offset: int = 0) -> t
     return torch.tensor(sorted(ts, reverse=True), dtype=torch.long)
 
 
+def timestep_list_as_spacing(steps, spacing):
+    """(steps, spacing), with a timestep list given as `steps` moved to `spacing` (steps None): the list
+    is then checked as a list, so an entry outside [0, T) is named as such, not as a bad number of steps."""
+    is_list = isinstance(steps, (list, tuple, range)) or (getattr(steps, "ndim", None) == 1
+                                                          and not isinstance(steps, str))
+    if not is_list:
+        return steps, spacing
+    if not isinstance(spacing, str) or spacing != "uniform":
+        raise ValueError(f"steps is a timestep list and spacing is {spacing!r}: give the timesteps once, as "
+                         "spacing=[...] (steps=None) or as steps=[...] alone")
+    return None, steps
+
+
 def _explicit(T: int, seq) -> torch.Tensor:
     try:
         ts = [int(t) for t in (seq.tolist() if hasattr(seq, "tolist") else seq)]
@@ -175,10 +190,14 @@ def _explicit(T: int, seq) -> torch.Tensor:
         raise ValueError(f"spacing must be a name in {SPACINGS} or a list of ints, got {seq!r}") from None
     if not ts:
         raise ValueError("an explicit timestep list must not be empty")
+    outside = [t for t in ts if not 0 <= t < T]
+    if outside:
+        shown = str(ts) if len(ts) <= 12 else f"[{', '.join(map(str, ts[:12]))}, ...]"
+        bad = ", ".join(map(str, outside[:5])) + (f" and {len(outside) - 5} more" if len(outside) > 5 else "")
+        raise ValueError(f"timesteps {shown} has {bad} outside [0, T-1] = [0, {T - 1}]; every timestep must be a "
+                         f"training timestep of this schedule (T={T})")
     if len(set(ts)) != len(ts):
         raise ValueError(f"the timestep list has duplicates: {ts}; give each timestep once")
     if ts != sorted(ts) and ts != sorted(ts, reverse=True):
         raise ValueError(f"the timestep list must be sorted (ascending or descending), got {ts}")
-    if min(ts) < 0 or max(ts) >= T:
-        raise ValueError(f"every timestep must be in [0, T={T}), got min {min(ts)} and max {max(ts)}")
     return torch.tensor(sorted(ts, reverse=True), dtype=torch.long)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from . import distributed, rng, train_state
 from .checkpoint import find_latest_checkpoint
 from .data import TensorImages, load_dataset, num_workers_default
+from .files import check_creatable
 from .models.unet import PRESETS, UNet, UNetConfig
 from .models.weights import build_model
 from .plan import PREDICTIONS
@@ -226,6 +227,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, log=print):
         self.cfg = cfg
         self.log = log
+        check_run_folder(cfg.out)  # before any work: the run folder is created, never the folders above it
         auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dist, self.device = distributed.setup(auto if cfg.device == "auto" else torch.device(cfg.device))
         if cfg.precision == "fp16" and self.device.type != "cuda":
@@ -364,7 +366,7 @@ class Trainer:
         cfg, main = self.cfg, self.dist.main
         result = TrainResult(step=self.step, resumed_from=self.resumed_from)
         if main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            self.out.mkdir(exist_ok=True)  # the run folder itself (check_run_folder: its parent exists)
             train_state.trim_log(self.out, self.resumed_from)
             train_state.remove_debris(self.out)
             self.log(f"training {self.model_config} ({self.model.num_parameters():,} params) on "
@@ -459,6 +461,17 @@ class _StepBatches:
     def __iter__(self):
         for step in range(self.start, self.stop):
             yield self.trainer._step_indices(step).tolist()
+
+
+def check_run_folder(out) -> Path:
+    """The run folder `out`: an existing folder, or one that can be created in an existing, writable folder
+    (like mkdir without -p: the trainer creates the run folder, never the folders above it)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a run folder; choose another --out")
+    if not out.exists():
+        check_creatable(out)
+    return out
 
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:

@@ -8,7 +8,8 @@ convert.py; bench.py; metrics.py: eval-digits, train-digits-classifier; aot.py),
 Options several commands share (the model, the plan from arguments, device and dtype) are in
 common.py, the torchrun setup in ddim_fast.distributed. Errors a user can fix (ValueError,
 FileNotFoundError, ...; an OSError from the file system, e.g. a full disk; a mistyped or unknown
-option) are printed as one line, without a traceback, and exit with status 2.
+option) are printed as one line, without a traceback, and exit with status 2. Each sub-command checks
+every argument it can before it loads a model, exports or samples (its `check(args)`; cli/checks.py).
 
     ddim-fast ...                    the console script (ddim_fast.cli:main)
     python -m ddim_fast.cli ...      the same (torchrun: -m ddim_fast.cli)
@@ -132,6 +133,13 @@ def error_message(e: BaseException) -> str:
     return "; ".join(lines)
 
 
+def check_environment() -> None:
+    """The environment variables a command may read later, checked at start-up: DDIM_FAST_CACHE_MAX_MB."""
+    from ..onnx.cache import cache_limit_bytes
+
+    cache_limit_bytes()
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     try:
@@ -148,6 +156,7 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():  # warnings print as one line each: "ddim-fast CMD: warning: ..."
         warnings.showwarning = lambda message, *_a, **_k: print(f"{prog}: warning: {message}", file=sys.stderr)
         try:
+            check_environment()
             return int(command(args.command).run(args) or 0)
         except USER_ERRORS as e:
             print(f"{prog}: error: {error_message(e)}", file=sys.stderr)

@@ -63,7 +63,17 @@ class Aot:
         p.add_argument("--json", help="also write the rows to this JSON file")
 
     @staticmethod
+    def check(args) -> None:
+        if args.jobs is not None and args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+        if args.json is not None:
+            from ..files import check_creatable
+
+            check_creatable(args.json)
+
+    @staticmethod
     def run(args) -> int:
+        Aot.check(args)
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise ValueError("unset TRITON_INTERPRET: ahead-of-time compilation needs the real Triton compiler")
         require("triton", "gpu", "ahead-of-time compilation")

@@ -104,11 +104,6 @@ def add_grid_options(p):
     p.add_argument("--scale", type=int, default=1, help="grid outputs: enlarge every pixel N x N")
 
 
-def check_scale(args):
-    if not 1 <= args.scale <= 64:
-        raise ValueError(f"--scale must be in [1, 64], got {args.scale}")
-
-
 def parse_device(arg) -> torch.device:
     """--device: auto (CUDA when available), cpu, cuda or cuda:N."""
     if arg == "auto":
@@ -128,6 +123,12 @@ def load(args):
     if info.get("run"):
         print(f"{args.model} is a training run: loading its latest checkpoint {info['path']} "
               f"({'EMA' if info.get('ema') else 'raw'} weights)")
+    if info.get("as_is"):  # a diffusers UNet that does not convert into ddim-fast's UNet (models/convert.py)
+        print(f"loaded {args.model} as a diffusers {info['as_is']}: {info['why']}; the fused GroupNorm/attention "
+              "kernels do not apply")
+    elif info.get("format") == "diffusers":
+        print(f"loaded {args.model}: a diffusers UNet2DModel that is the DDPM UNet, converted exactly into ddim-fast's "
+              "UNet (the fused GroupNorm/attention kernels apply)")
     own = {k: v for k, v in (getattr(model, "sampler_defaults", None) or {}).items() if k != "from"}
     if own:
         shown = ", ".join(f"{k}={v}" for k, v in own.items() if v is not None and not (k == "steps_offset" and v == 0))
@@ -140,7 +141,7 @@ def plan_for(args, model, *, steps=None, **sampler):
     """The plan of a command: the model's own sampler settings (SamplingPlan.for_model), overridden by
     the options given on the command line (--spacing, --clip-x0, --threshold) and `sampler` (eta,
     variance). steps: default args.steps."""
-    if model.schedule is None:
+    if getattr(model, "schedule", None) is None:
         raise ValueError(f"{args.model} carries no noise schedule; convert it with `ddim-fast convert`")
     if model.prediction not in PREDICTIONS:
         raise ValueError(f"{args.model} has an unknown prediction type {model.prediction!r}")
@@ -245,17 +246,51 @@ def export_log(args):
     return log
 
 
+def plan_summary(plan) -> str:
+    """The sampler of a plan in a few words, from plan.describe(): "20 steps ddim eta=0, uniform spacing",
+    "10 steps unipc (order 2), trailing spacing", "50 steps ddim eta=1 [variance large], ...", plus the
+    clipping or thresholding of x0 when there is one."""
+    d = plan.describe()
+    steps = len(set(d["timesteps"]))  # plms' Heun start visits its second timestep twice: one more network call
+    text = f"{steps} steps {d['sampler']}"
+    if d["sampler"] == "ddim":
+        text += f" eta={d['eta']:g}" + (f" [variance {d['variance']}]" if d["variance"] != "ddim" else "")
+    else:
+        opts = [f"order {d['order']}"] + ([f"{d['plms_start']} start"] if d.get("plms_start") else []) \
+            + (["no lower order final"] if d.get("lower_order_final") is False else []) \
+            + ([f"{d['steps']} network calls"] if d["steps"] != steps else [])
+        text += f" ({', '.join(opts)})"
+    text += f", {d['spacing']} spacing"
+    if d["clip_x0"]:
+        text += f", x0 clipped to [{d['clip_x0'][0]:g}, {d['clip_x0'][1]:g}]"
+    if d["threshold"] is not None:
+        text += f", x0 thresholded (p={d['threshold']:g})"
+    return text
+
+
 def describe(args, eng, model) -> dict:
     """What made an output: recorded in .npz metadata and manifests."""
-    c = model.config
+    c = getattr(model, "config", None)
     return {
         "model": str(args.model),
-        "config": c.to_dict() if hasattr(c, "to_dict") else None,
+        "config": c.to_dict() if hasattr(c, "to_dict") else _plain_config(c),
         "plan": eng.plan.describe(),
         "backend": eng.backend,
         "dtype": args.dtype,
         **({"class": args.class_labels, "guidance": args.guidance} if getattr(args, "class_labels", None) else {}),
     }
+
+
+def _plain_config(c):
+    """A diffusers model's config (a dict) as JSON-able values, None for anything else."""
+    import json
+
+    if not isinstance(c, dict):
+        return None
+    try:
+        return json.loads(json.dumps(dict(c)))
+    except (TypeError, ValueError):
+        return None
 
 
 def progress(total, enabled, desc):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..checkpoint import convert
+from pathlib import Path
+
+from ..checkpoint import check_destination, convert
 
 
 class Convert:
@@ -25,7 +27,23 @@ class Convert:
                             help="replace an existing ddim-fast checkpoint at DST")
 
     @staticmethod
+    def check(args) -> None:
+        """The arguments, before anything is read: the source exists, the destination can be created (or
+        replaced with --overwrite), a given --resolution or --config is usable."""
+        if not Path(args.src).exists():
+            raise FileNotFoundError(f"no checkpoint at {args.src}: check the path")
+        if args.config is not None and args.resolution is not None:
+            raise ValueError("give the official config or a resolution, not both (the config has data.image_size)")
+        if args.resolution is not None and args.resolution < 1:
+            raise ValueError(f"--resolution must be >= 1 (the image size), got {args.resolution}")
+        if args.config is not None and not Path(args.config).is_file():
+            raise FileNotFoundError(f"no config file at {args.config}: give the official YAML, "
+                                    "e.g. configs/cifar10.yml")
+        check_destination(Path(args.dst), args.overwrite)
+
+    @staticmethod
     def run(args) -> int:
+        Convert.check(args)
         s = convert(args.src, args.dst, ema=not args.no_ema, config=args.config, overwrite=args.overwrite,
                     resolution=args.resolution)
         weights = "raw + EMA weights (EMA is loaded by default)" if s["ema"] else "one set of weights"

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
-from ..onnx.export import EXPORT_DTYPES, export_onnx, onnx_metadata
+from ..onnx.export import EXPORT_DTYPES, check_onnx_path, check_opset, export_onnx, onnx_metadata, table_path
 from ..onnx.runtime import import_onnx, import_ort
 from ..plan import VARIANCES
 from ..precision import DTYPES
+from . import checks
+from .checks import ModelFacts, check_with_model
 from .common import MULTISTEP_OPTIONS, add_clip_option, add_multistep_options, add_spacing_option, load, plan_for
 
 SAMPLER_OPTIONS = ("steps", "eta", "spacing", "variance", "clip_x0", "threshold",
@@ -46,32 +47,50 @@ class Export:
         p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
     @staticmethod
-    def run(args) -> int:
-        out = Path(args.out)
-        if out.suffix.lower() != ".onnx":
-            raise ValueError(f"--out must name an .onnx file, got {out}")
+    def check(args):
+        """Every argument before the model loads (cli/checks.py): the output, the options and the extras;
+        then, from the model's config files, the number of steps."""
+        out = check_onnx_path(args.out)  # an .onnx file in an existing, writable folder (export_onnx's rule)
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-        parent = next((p for p in out.parents if p.exists()), Path("."))
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise ValueError(f"cannot write {out}: {parent} is not a writable folder; choose another --out")
+        if args.graph == "table" and table_path(out).exists() and not args.overwrite:
+            raise FileExistsError(f"{table_path(out)} (the table written beside a table-input graph) already exists; "
+                                  "pass --overwrite to replace it")
         given = [k for k in SAMPLER_OPTIONS
                  if getattr(args, k, None) is not None or (k == "clip_x0" and hasattr(args, k))]
         given += ["invert"] if args.invert else []
         if not args.whole_sampler and given:
             raise ValueError(f"--{given[0].replace('_', '-')} only applies to --whole-sampler; add --whole-sampler "
                              "or drop it")
-        import_onnx()  # the extras, before any work
-        import_ort()
-        model = load(args)
-        plan = None
-        if args.whole_sampler:
-            plan = plan_for(args, model, steps=20 if args.steps is None else args.steps,
-                            eta=0.0 if args.eta is None else args.eta, variance=args.variance or "ddim")
-            if args.invert:
-                plan = plan.inverse()
         if args.graph == "table" and not args.whole_sampler:
             raise ValueError("--graph table only applies to --whole-sampler; add --whole-sampler or drop it")
+        check_opset(args.opset)
+        steps = None
+        if args.whole_sampler:
+            steps = 20 if args.steps is None else args.steps
+            checks.steps(steps)
+            eta, variance = 0.0 if args.eta is None else args.eta, args.variance or "ddim"
+            checks.sampler_options(args, steps=steps, eta=eta, variance=variance)
+            if args.invert and ((args.sampler or "ddim") != "ddim" or eta != 0.0 or variance != "ddim"):
+                raise ValueError("--invert exports the DDIM encoder (the deterministic ODE): drop --sampler, --eta "
+                                 "and --variance")
+        import_onnx()  # the extras, before any work
+        import_ort()
+        check_with_model(args, ModelFacts.of_config(args.model), steps=steps, sampling=False)
+        return steps
+
+    @staticmethod
+    def run(args) -> int:
+        steps = Export.check(args)
+        out = Path(args.out)
+        model = load(args)
+        check_with_model(args, ModelFacts.of_model(model), steps=steps, sampling=False)
+        plan = None
+        if args.whole_sampler:
+            plan = plan_for(args, model, steps=steps, eta=0.0 if args.eta is None else args.eta,
+                            variance=args.variance or "ddim")
+            if args.invert:
+                plan = plan.inverse()
         unroll = {"auto": None, "unrolled": True, "loop": False, "table": False}[args.graph]
         t0 = time.perf_counter()
 
@@ -89,4 +108,7 @@ class Export:
               f"{'; validated against the reference' if args.validate else ''}) in {time.perf_counter() - t0:.1f} s")
         inputs = sorted(meta["inputs"].items(), key=lambda kv: kv[0] not in ("x_T", "x0"))  # the state first
         print("inputs: " + "; ".join(f"{k} {v}" for k, v in inputs))
+        if meta.get("table_inputs"):
+            print(f"wrote {table_path(out)}: this plan's coef and timesteps, to feed the graph without ddim-fast "
+                  "(the metadata's `columns` say what each column is)")
         return 0

@@ -5,8 +5,12 @@ their report as JSON."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+from .. import images
+from ..files import check_creatable
 from ..metrics import evaluate_digits_model, save_digits_classifier, train_digits_classifier
+from . import checks
 
 
 class EvalDigits:
@@ -21,7 +25,21 @@ class EvalDigits:
         p.add_argument("--grid", default=None, help="also write the first 100 samples as a PNG grid here")
 
     @staticmethod
+    def check(args) -> None:
+        """The arguments before the model loads: counts, the seed, the grid's path, and the steps against
+        the model's T (its config.json)."""
+        checks.at_least(args.n, 1, "--n")
+        checks.steps(args.steps)
+        checks.seed(args.seed)
+        if args.grid is not None:
+            if images.output_kind(args.grid) != "grid":
+                raise ValueError(f"--grid writes an image ({', '.join(images.GRID_FORMATS)}), not {args.grid}")
+            check_creatable(args.grid)
+        checks.check_with_model(args, checks.ModelFacts.of_config(args.model), steps=args.steps)
+
+    @staticmethod
     def run(args) -> int:
+        EvalDigits.check(args)
         report = evaluate_digits_model(args.model, n=args.n, steps=args.steps, seed=args.seed, grid=args.grid)
         print(json.dumps(report, indent=2))
         return 0
@@ -38,7 +56,19 @@ class TrainDigitsClassifier:
         p.add_argument("--seed", type=int, default=0)
 
     @staticmethod
+    def check(args) -> None:
+        checks.at_least(args.resolution, 4, "--resolution")
+        checks.at_least(args.epochs, 1, "--epochs")
+        checks.seed(args.seed)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out} is a file, not a folder; choose another output folder")
+        if not out.exists():
+            check_creatable(out)
+
+    @staticmethod
     def run(args) -> int:
+        TrainDigitsClassifier.check(args)
         model, report = train_digits_classifier(args.resolution, epochs=args.epochs, seed=args.seed)
         save_digits_classifier(model, args.out, report)
         print(json.dumps(report, indent=2))

@@ -17,14 +17,16 @@ import torch
 
 from .. import distributed, images, rng
 from ..checkpoint import load_model
+from ..checks import sample_shape
 from ..files import atomic_write_bytes
 from ..sampling import slerp
+from . import checks
+from .checks import ModelFacts, check_with_model
 from .common import (
     add_grid_options,
     add_guidance_options,
     add_model_options,
     add_sampler_options,
-    check_scale,
     cond_for,
     describe,
     engine,
@@ -32,6 +34,7 @@ from .common import (
     params,
     parse_device,
     plan_for,
+    plan_summary,
     progress,
 )
 
@@ -55,17 +58,32 @@ class Sample:
         add_grid_options(p)
 
     @staticmethod
+    def check(args) -> ModelFacts | None:
+        """Every argument, before the model loads (cli/checks.py); the facts its config gave (or None)."""
+        checks.at_least(args.num, 1, "--num")
+        checks.seed(args.seed)
+        checks.sampling(args, eta=args.eta, variance=args.variance)
+        checks.conditioning(args)
+        folder = images.output_kind(args.out) == "folder"
+        if distributed.Dist.from_env().world > 1 and not folder:
+            raise ValueError(f"distributed sampling writes a folder of PNGs: give --out DIR, not {args.out}")
+        # a folder run may continue in the folder it finds (_check_folder_run decides, with the settings)
+        images.check_output(args.out, args.overwrite or folder)
+        checks.scale(args)
+        facts = ModelFacts.of_config(args.model)
+        check_with_model(args, facts, steps=args.steps)
+        return facts
+
+    @staticmethod
     def run(args):
-        if args.num < 1:
-            raise ValueError(f"--num must be >= 1, got {args.num}")
+        Sample.check(args)
         kind = images.output_kind(args.out)
         if distributed.Dist.from_env().world > 1 or kind == "folder":
             return _sample_folder(args)
-        images.check_output(args.out, args.overwrite)
-        check_scale(args)
-        eng, model = engine(args, eta=args.eta, variance=args.variance, images=args.num)
-        print(f"model {args.model} ({params(model)}), {eng.plan.steps} steps eta={eng.plan.eta} "
-              f"[{eng.plan.variance}], backend {eng.backend} ({eng.backend_reason}), device {eng.device}")
+        model = _load_checked(args, steps=args.steps)
+        eng, model = engine(args, eta=args.eta, variance=args.variance, model=model, images=args.num)
+        print(f"model {args.model} ({params(model)}), {plan_summary(eng.plan)}, backend {eng.backend} "
+              f"({eng.backend_reason}), device {eng.device}")
         t0, out = time.perf_counter(), []
         try:
             with progress(args.num, args.progress, "sample") as bar:
@@ -83,6 +101,14 @@ class Sample:
                                   meta=describe(args, eng, model) | {"seed": args.seed})
         print(f"sampled {args.num} images in {dt:.2f} s ({1000 * dt / args.num:.1f} ms/image) -> {path}")
         return 0
+
+
+def _load_checked(args, *, steps=None, arrays=(), loader=None):
+    """The model of --model, and the checks that need it run again on the loaded model (for formats
+    whose config files said nothing: an official ckpt.pth), before any plan or Engine is made."""
+    model = (loader or load)(args)
+    check_with_model(args, ModelFacts.of_model(model), steps=steps, arrays=arrays)
+    return model
 
 
 # Settings that decide a folder run's images: a resume must use the same ones (backend, batch size,
@@ -156,25 +182,21 @@ def _sample_folder(args):
     """Restartable (and, under torchrun, distributed) sampling into a folder of PNGs. The run's
     settings are recorded in manifest.json before the first image; a rerun continues only with the
     same settings, and the manifest is marked complete once every image exists."""
-    out = Path(args.out)
-    if images.output_kind(out) != "folder":
-        raise ValueError(f"distributed sampling writes a folder of PNGs: give --out DIR, not {out}")
+    out = Path(args.out)  # the arguments were checked (Sample.check)
     dist, dev = distributed.Dist.from_env(), parse_device(args.device)
     if dist.world > 1:
         dist, dev = distributed.setup(dev)
     rank, world = dist.rank, dist.world
     manifest = out / images.MANIFEST
     try:
-        images.check_output(out, overwrite=True)  # a writable folder (a restart fills the one it finds)
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        model = load(args) if rank == 0 else load_model(args.model)
+        model = _load_checked(args, steps=args.steps,
+                              loader=load if rank == 0 else (lambda a: load_model(a.model)))
         plan = plan_for(args, model, eta=args.eta, variance=args.variance)
         settings = _run_settings(args, model, plan)
         clear = _check_folder_run(out, settings, args.overwrite)  # every rank decides the same
         distributed.barrier(dist)  # nobody changes the folder before every rank has read it
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
+            out.mkdir(exist_ok=True)  # the output folder itself, never the folders above it (checked)
             if clear:
                 _clear_folder_run(out)
             if clear or not manifest.is_file():
@@ -187,7 +209,7 @@ def _sample_folder(args):
                                                for i in range(lo, min(lo + args.batch_size, args.num)))]
         skipped = len(batches) - len(todo)
         if rank == 0:
-            print(f"model {args.model}, {eng.plan.steps} steps eta={eng.plan.eta}, backend {eng.backend}, "
+            print(f"model {args.model}, {plan_summary(eng.plan)}, backend {eng.backend}, "
                   f"{world} process(es), {args.num} images into {out}")
         print(f"[rank {rank}] {len(todo)} batch(es) to sample, {skipped} already complete")
         t0, done = time.perf_counter(), 0
@@ -236,17 +258,35 @@ class Encode:
         p.add_argument("--out", default="latents.npz", help="an .npz with 'latents' (N, C, H, W)")
 
     @staticmethod
-    def run(args):
+    def check(args):
+        """Every argument before the model loads; returns (facts of its config or None, the images of an .npz
+        --input or None)."""
+        checks.sampling(args)
         if images.output_kind(args.out) != "npz":
             raise ValueError(f"encode writes latents to an .npz file, not {args.out}")
         images.check_output(args.out, args.overwrite)
-        model = load(args)
-        c = model.config
+        if Path(args.input).suffix.lower() == ".npz" and Path(args.input).exists():
+            x0 = images.load_npz(args.input, "images")
+        else:
+            x0 = None
+            images.image_files(args.input)  # present, and holding images
+        facts = ModelFacts.of_config(args.model)
+        check_with_model(args, facts, steps=args.steps, arrays=[] if x0 is None else [("images", args.input, x0)])
+        return facts, x0
+
+    @staticmethod
+    def run(args):
+        facts, x0 = Encode.check(args)
         changes = []
-        x0, names = images.load_images(args.input, c.in_channels, c.resolution, changes=changes)
+        names = None if x0 is None else [f"{i:06d}" for i in range(len(x0))]
+        if x0 is None and facts is not None and facts.shape is not None:  # read (and fit) the images before the weights
+            x0, names = images.load_images(args.input, facts.shape[0], facts.shape[1], changes=changes)
+        model = _load_checked(args, steps=args.steps, arrays=[] if x0 is None else [("images", args.input, x0)])
+        shape = sample_shape(model)
+        if x0 is None:
+            x0, names = images.load_images(args.input, shape[0], shape[1], changes=changes)
         if changes:  # say what was done to fit the model, which changes what the latents encode
-            size = f"{c.in_channels}x{c.resolution}x{c.resolution}"
-            print(f"{len(changes)} image(s) adapted to the model's {size} input:")
+            print(f"{len(changes)} image(s) adapted to the model's {'x'.join(map(str, shape))} input:")
             for line in changes[:5]:
                 print(f"  {line}")
             if len(changes) > 5:
@@ -278,12 +318,23 @@ class Decode:
         add_grid_options(p)
 
     @staticmethod
-    def run(args):
+    def check(args):
+        """Every argument before the model loads; returns the latents (read here: small next to a model)."""
+        checks.sampling(args)
+        checks.conditioning(args)
         images.check_output(args.out, args.overwrite)
-        check_scale(args)
+        checks.scale(args)
         lat = images.load_npz(args.input, "latents")
+        check_with_model(args, ModelFacts.of_config(args.model), steps=args.steps,
+                         arrays=[("latents", args.input, lat)])
+        return lat
+
+    @staticmethod
+    def run(args):
+        lat = Decode.check(args)
         names = images.load_npz_meta(args.input).get("names")
-        eng, model = engine(args, images=len(lat))
+        model = _load_checked(args, steps=args.steps, arrays=[("latents", args.input, lat)])
+        eng, model = engine(args, model=model, images=len(lat))
         t0, imgs = time.perf_counter(), []
         with progress(len(lat), args.progress, "decode") as bar:
             for lo in range(0, len(lat), args.batch_size):
@@ -315,16 +366,30 @@ class Interpolate:
         add_grid_options(p)
 
     @staticmethod
-    def run(args):
-        if args.num < 2:
-            raise ValueError(f"--num must be >= 2 (the two endpoints), got {args.num}")
+    def check(args):
+        """Every argument before the model loads; returns the --latents (read here) or None."""
+        checks.at_least(args.num, 2, "--num", " (the two endpoints)")
+        for value in args.seeds:
+            checks.seed(value, "--seeds")
+        checks.sampling(args)
+        checks.conditioning(args)
         images.check_output(args.out, args.overwrite)
-        check_scale(args)
-        eng, model = engine(args, images=args.num)
+        checks.scale(args)
+        lat = None
         if args.latents:
             lat = images.load_npz(args.latents, "latents")
             if len(lat) < 2:
                 raise ValueError(f"{args.latents} holds {len(lat)} latent(s); interpolation needs two")
+        check_with_model(args, ModelFacts.of_config(args.model), steps=args.steps,
+                         arrays=[] if lat is None else [("latents", args.latents, lat)])
+        return lat
+
+    @staticmethod
+    def run(args):
+        lat = Interpolate.check(args)
+        model = _load_checked(args, steps=args.steps, arrays=[] if lat is None else [("latents", args.latents, lat)])
+        eng, model = engine(args, model=model, images=args.num)
+        if lat is not None:
             z0, z1 = lat[0], lat[1]
         else:
             z0, z1 = (rng.initial_noise(s, (1, *eng.shape))[0] for s in args.seeds)
@@ -345,7 +410,6 @@ def _save_latents(out, latents, meta):
 
     import numpy as np
 
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, latents=latents.numpy(), meta=np.asarray(json.dumps(meta)))
     atomic_write_bytes(out, buf.getvalue())

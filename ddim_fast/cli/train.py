@@ -9,7 +9,16 @@ from .. import distributed
 from ..checks import require
 from ..models.unet import PRESETS
 from ..plan import PREDICTIONS
-from ..train import DEFAULT_CLASS_DROPOUT, LR_SCHEDULES, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig, train
+from ..train import (
+    DEFAULT_CLASS_DROPOUT,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    TrainConfig,
+    check_run_folder,
+    train,
+)
 from ..train_state import find_latest_checkpoint
 
 
@@ -58,11 +67,19 @@ class Train:
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
 
     @staticmethod
-    def run(args) -> int:
+    def check(args) -> TrainConfig:
+        """Every option (TrainConfig checks them all when it is made), the run folder and the extra, before
+        any data or model."""
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
-        if cfg.dataset == "digits":  # before any work: the data comes with scikit-learn
+        check_run_folder(cfg.out)
+        if cfg.dataset == "digits":  # the data comes with scikit-learn
             require("sklearn.datasets", "train", "the digits dataset (scikit-learn's)")
+        return cfg
+
+    @staticmethod
+    def run(args) -> int:
+        cfg = Train.check(args)
         dist_main = distributed.Dist.from_env().main
         say = print if dist_main else (lambda *a, **k: None)
         try:

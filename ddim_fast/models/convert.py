@@ -26,14 +26,20 @@ from pathlib import Path
 
 import torch
 
-from ..checks import is_int, positive_int
+from ..checks import is_int, positive_int, require
 from ..files import read_safetensors
 from ..schedule import NoiseSchedule
+from ..scheduler_config import (  # noqa: F401  (the scheduler-config readers live below plan.py; kept here too)
+    DDIM_SCHEDULER_DEFAULTS,
+    DIFFUSERS_PREDICTIONS,
+    diffusers_sampler,
+    diffusers_schedule,
+)
+from .diffusers_unet import KINDS as DIFFUSERS_KINDS
 from .unet import UNetConfig
 from .weights import build_model, infer_config
 
 OFFICIAL_SCHEDULE = {"kind": "linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
-DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 
 
 class UnsafeCheckpointError(ValueError):
@@ -224,18 +230,29 @@ DIFFUSERS_REQUIRED = (
 )
 
 
+class NotTheDDPMUNet(ValueError):
+    """A diffusers UNet whose settings have no exact equivalent in ddim-fast's UNet. `kind` is its class
+    (UNet2DModel, UNet2DConditionModel, ...), `settings` the differing settings as `name=value`, the
+    message says what each one means. load_diffusers loads such a UNet2DModel / UNet2DConditionModel
+    as it is, with diffusers."""
+
+    def __init__(self, message: str, kind: str, settings: list):
+        super().__init__(message)
+        self.kind, self.settings = kind, list(settings)
+
+
 def diffusers_config(cfg: dict) -> UNetConfig:
-    """The UNetConfig of a diffusers UNet2DModel config.json, or one ValueError listing every
-    setting that differs from the DDPM UNet."""
+    """The UNetConfig of a diffusers UNet2DModel config.json, or one NotTheDDPMUNet (a ValueError)
+    listing every setting that differs from the DDPM UNet."""
     name = cfg.get("_class_name", "UNet2DModel")
     if name != "UNet2DModel":
-        raise ValueError(f"expected a diffusers UNet2DModel, got {name!r}; "
-                         "only the DDPM UNet2DModel is supported")
+        raise NotTheDDPMUNet(f"expected a diffusers UNet2DModel, got {name!r}; "
+                             "only the DDPM UNet2DModel converts into ddim-fast's UNet", str(name), [])
     c = {**DIFFUSERS_DEFAULTS, **cfg}
-    problems = []  # every unsupported setting, so one attempt names them all
+    problems = []  # (setting, what it means): every unsupported setting, so one attempt names them all
     for key, want, meaning in DIFFUSERS_REQUIRED:
         if c[key] != want and not (key == "act_fn" and c[key] == "swish"):
-            problems.append(f"{key}={c[key]!r} ({meaning}; the DDPM UNet needs {key}={want!r})")
+            problems.append((f"{key}={c[key]!r}", f"{meaning}; the DDPM UNet needs {key}={want!r}"))
     widths = list(c["block_out_channels"])
     down, up = list(c["down_block_types"]), list(c["up_block_types"])
     L, ch = len(widths), widths[0]
@@ -243,39 +260,40 @@ def diffusers_config(cfg: dict) -> UNetConfig:
         raise ValueError(f"block_out_channels, down_block_types and up_block_types differ in length "
                          f"({widths}, {down}, {up}); the config is inconsistent")
     if any(w % ch for w in widths):
-        problems.append(f"block_out_channels={widths} (not multiples of the first)")
+        problems.append((f"block_out_channels={widths}", "not multiples of the first"))
     attn = []
     if any(t not in ("DownBlock2D", "AttnDownBlock2D") for t in down) or \
             any(t not in ("UpBlock2D", "AttnUpBlock2D") for t in up):
-        problems.append(f"unsupported block types {down} / {up} (expected (Attn)DownBlock2D / (Attn)UpBlock2D)")
+        problems.append((f"unsupported block types {down} / {up}", "expected (Attn)DownBlock2D / (Attn)UpBlock2D"))
     else:
         attn = [i for i, t in enumerate(down) if t == "AttnDownBlock2D"]
         if attn != [L - 1 - k for k, t in reversed(list(enumerate(up))) if t == "AttnUpBlock2D"]:
-            problems.append(f"attention in down blocks {down} and up blocks {up} is not mirrored")
+            problems.append((f"attention in down blocks {down} and up blocks {up} is not mirrored", None))
     head = c["attention_head_dim"]
     for i in sorted(set(attn + [L - 1])):
         if head is not None and head != widths[i]:
-            problems.append(f"attention_head_dim={head} (it splits attention into {widths[i] // head} heads at "
-                            f"width {widths[i]}; the DDPM UNet uses one head: attention_head_dim null)")
+            problems.append((f"attention_head_dim={head}", f"it splits attention into {widths[i] // head} heads at "
+                             f"width {widths[i]}; the DDPM UNet uses one head: attention_head_dim null"))
             break
     if c["time_embedding_dim"] not in (None, 4 * ch):
-        problems.append(f"time_embedding_dim={c['time_embedding_dim']} (the DDPM UNet uses 4 * {ch})")
+        problems.append((f"time_embedding_dim={c['time_embedding_dim']}", f"the DDPM UNet uses 4 * {ch}"))
     if c["attn_norm_num_groups"] not in (None, c["norm_num_groups"]):
-        problems.append(f"attn_norm_num_groups={c['attn_norm_num_groups']} (differs from norm_num_groups)")
+        problems.append((f"attn_norm_num_groups={c['attn_norm_num_groups']}", "differs from norm_num_groups"))
     size = c.get("sample_size")
     if isinstance(size, (list, tuple)):
         if len(size) != 2 or size[0] != size[1]:
-            problems.append(f"sample_size={list(size)} (not square; the DDPM UNet configs are square)")
+            problems.append((f"sample_size={list(size)}", "not square; the DDPM UNet configs are square"))
         size = size[0] if size else None
     if not is_int(size) or size < 1:
-        problems.append(f"sample_size={size!r} (the image size must be set: an int)")
+        problems.append((f"sample_size={size!r}", "the image size must be set: an int"))
     n_cls = c["num_class_embeds"]
     if n_cls is not None and (not is_int(n_cls) or n_cls < 2):
-        problems.append(f"num_class_embeds={n_cls!r} (a class-conditional model needs at least one label "
-                        "and the null row: num_class_embeds >= 2)")
+        problems.append((f"num_class_embeds={n_cls!r}", "a class-conditional model needs at least one label "
+                         "and the null row: num_class_embeds >= 2"))
     if problems:
-        raise ValueError(f"this UNet2DModel differs from the DDPM UNet in {len(problems)} setting(s), so ddim-fast "
-                         "cannot load it: " + "; ".join(problems))
+        raise NotTheDDPMUNet(f"this UNet2DModel differs from the DDPM UNet in {len(problems)} setting(s), so it does "
+                             "not convert into ddim-fast's UNet: "
+                             + "; ".join(f"{k} ({v})" if v else k for k, v in problems), name, [k for k, _ in problems])
     return UNetConfig(
         in_channels=c["in_channels"], out_channels=c["out_channels"], resolution=int(size), ch=ch,
         ch_mult=tuple(w // ch for w in widths), num_res_blocks=c["layers_per_block"],
@@ -391,79 +409,101 @@ def _diffusers_weights(model_dir: Path) -> dict:
     )
 
 
-def diffusers_schedule(sched_cfg: dict) -> tuple[NoiseSchedule, str]:
-    """(NoiseSchedule, prediction) from a diffusers scheduler_config.json dict."""
-    T = int(sched_cfg.get("num_train_timesteps", 1000))
-    b0, b1 = float(sched_cfg.get("beta_start", 1e-4)), float(sched_cfg.get("beta_end", 0.02))
-    kind = sched_cfg.get("beta_schedule", "linear")
-    if sched_cfg.get("rescale_betas_zero_snr"):
-        raise ValueError("rescale_betas_zero_snr=True is not supported; convert with that option off")
-    if sched_cfg.get("trained_betas") is not None:
-        schedule = NoiseSchedule.from_betas(sched_cfg["trained_betas"])
-    elif kind == "linear":
-        schedule = NoiseSchedule.linear(T, b0, b1)
-    elif kind == "scaled_linear":
-        schedule = NoiseSchedule.scaled_linear(T, b0, b1)
-    elif kind == "squaredcos_cap_v2":
-        schedule = NoiseSchedule.cosine(T)
-    else:
-        raise ValueError(f"unsupported diffusers beta_schedule {kind!r}; expected linear, scaled_linear or "
-                         "squaredcos_cap_v2 (or trained_betas)")
-    pred = sched_cfg.get("prediction_type", "epsilon")
-    if pred not in DIFFUSERS_PREDICTIONS:
-        raise ValueError(f"unknown prediction_type {pred!r}; expected one of {sorted(DIFFUSERS_PREDICTIONS)}")
-    return schedule, DIFFUSERS_PREDICTIONS[pred]
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the folder is damaged: save it again") from None
 
 
-# DDIMScheduler's defaults for the settings DDIMPipeline samples with (DDIMPipeline turns any
-# scheduler config into a DDIMScheduler, so a DDPMScheduler config missing a key gets these).
-DDIM_SCHEDULER_DEFAULTS = {"set_alpha_to_one": True, "clip_sample": True, "clip_sample_range": 1.0,
-                           "thresholding": False, "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0,
-                           "timestep_spacing": "leading", "steps_offset": 0}
+def _diffusers_scheduler(sched_path: Path | None) -> tuple[NoiseSchedule, str, dict | None]:
+    """(schedule, prediction, sampler defaults) of a pipeline's scheduler config; without one the
+    official DDPM schedule, eps, and no sampler defaults."""
+    if sched_path is None:
+        return NoiseSchedule.from_dict(OFFICIAL_SCHEDULE), "eps", None
+    sched_cfg = _read_json(sched_path)
+    schedule, prediction = diffusers_schedule(sched_cfg)
+    return schedule, prediction, {"from": "diffusers", **diffusers_sampler(sched_cfg, schedule)}
 
 
-def diffusers_sampler(sched_cfg: dict, schedule: NoiseSchedule) -> dict:
-    """The SamplingPlan.build settings with which DDIMPipeline samples, from a scheduler_config.json:
-    timestep_spacing + steps_offset -> spacing (+ steps_offset), clip_sample + clip_sample_range ->
-    clip_x0, thresholding + dynamic_thresholding_ratio + sample_max_value -> threshold (+ threshold_max),
-    set_alpha_to_one=False -> final_alpha = alphas_cumprod[0]. prediction_type is the model's
-    `prediction`. Every key is set, so a saved checkpoint records the whole choice."""
-    c = {**DDIM_SCHEDULER_DEFAULTS, **{k: v for k, v in sched_cfg.items() if k in DDIM_SCHEDULER_DEFAULTS}}
-    spacing = c["timestep_spacing"]
-    if spacing not in ("leading", "trailing", "linspace"):
-        raise ValueError(f"unknown diffusers timestep_spacing {spacing!r}; expected leading, trailing or linspace")
-    if not is_int(c["steps_offset"]) or c["steps_offset"] < 0:
-        raise ValueError(f"steps_offset must be an int >= 0, got {c['steps_offset']!r}")
-    out = {"spacing": spacing, "steps_offset": int(c["steps_offset"]) if spacing == "leading" else 0,
-           "clip_x0": None, "final_alpha": None if c["set_alpha_to_one"] else float(schedule.alphas_cumprod[0])}
-    if c["thresholding"]:  # diffusers thresholds first and clips only without it
-        out["threshold"] = float(c["dynamic_thresholding_ratio"])
-        out["threshold_max"] = float(c["sample_max_value"])
-    elif c["clip_sample"]:
-        out["clip_x0"] = float(c["clip_sample_range"])
-    return out
+def diffusers_route(cfg: dict) -> tuple[str, str | None]:
+    """How a diffusers model config loads: ("convert", None) when it converts exactly into ddim-fast's
+    UNet (the fused kernels apply), ("as_is", why) for another UNet2DModel / UNet2DConditionModel (loaded
+    with diffusers); ValueError for anything else."""
+    try:
+        diffusers_config(cfg)
+    except NotTheDDPMUNet as e:
+        if e.kind not in DIFFUSERS_KINDS:
+            raise ValueError(f"a diffusers {e.kind} is not a UNet ddim-fast can sample with; give a UNet2DModel or "
+                             "UNet2DConditionModel folder (or a pipeline folder holding one in unet/)") from None
+        if e.settings:
+            return "as_is", f"its settings ({', '.join(e.settings)}) have no exact equivalent in ddim-fast's UNet"
+        return "as_is", f"a {e.kind} has no equivalent in ddim-fast's UNet"
+    return "convert", None
+
+
+def diffusers_facts(folder) -> dict:
+    """What a diffusers folder's config.json files say without loading weights: sample shape (C, H, W)
+    or None, num_classes (None: no class labels), T, and its kind; for checking arguments early."""
+    model_dir, sched_path = _diffusers_folders(Path(folder))
+    cfg = _read_json(model_dir / "config.json")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{model_dir / 'config.json'} is not a model config (a JSON object)")
+    size = cfg.get("sample_size")
+    h, w = (size, size) if is_int(size) else (tuple(size) if isinstance(size, (list, tuple)) and len(size) == 2
+                                               else (None, None))
+    shape = (int(cfg.get("in_channels", 3)), int(h), int(w)) if h is not None else None
+    n = cfg.get("num_class_embeds")
+    labels = is_int(n) and n >= 2 and cfg.get("class_embed_type") is None
+    T = _diffusers_scheduler(sched_path)[0].T
+    return {"shape": shape, "num_classes": int(n) - 1 if labels else None, "T": T,
+            "kind": cfg.get("_class_name", "UNet2DModel")}
 
 
 def load_diffusers(folder):
-    """A UNet (eval mode) from a diffusers UNet2DModel folder, or a pipeline folder (unet/ +
-    scheduler/). The schedule and prediction type come from scheduler/scheduler_config.json when
-    there is one, else linear 1e-4..0.02 over T=1000 and eps. A scheduler config also sets
-    `model.sampler_defaults`: the settings DDIMPipeline samples with (see diffusers_sampler), which
-    SamplingPlan.for_model and the CLI use."""
+    """A model (eval mode) from a diffusers UNet2DModel / UNet2DConditionModel folder, or a pipeline
+    folder (unet/ + scheduler/). A UNet2DModel that converts exactly (diffusers_config) becomes this
+    project's UNet (the fused kernels apply); any other UNet2DModel or UNet2DConditionModel is loaded as
+    it is with diffusers (load_diffusers_as_is), used like a UNet object given directly. The schedule
+    and prediction type come from scheduler/scheduler_config.json when there is one, else linear
+    1e-4..0.02 over T=1000 and eps. A scheduler config also sets `model.sampler_defaults`: the settings
+    DDIMPipeline samples with (see diffusers_sampler), which SamplingPlan.for_model and the CLI use.
+    `model.checkpoint_info["as_is"]` says why a folder was loaded as it is."""
     model_dir, sched_path = _diffusers_folders(Path(folder))
-    cfg = json.loads((model_dir / "config.json").read_text())
-    config = diffusers_config(cfg)
-    ours = from_diffusers_state_dict(config, _diffusers_weights(model_dir),
-                                     what=f"the weights in {model_dir}")
-    sampler = None
-    if sched_path is not None:
-        sched_cfg = json.loads(sched_path.read_text())
-        schedule, prediction = diffusers_schedule(sched_cfg)
-        sampler = {"from": "diffusers", **diffusers_sampler(sched_cfg, schedule)}
+    cfg = _read_json(model_dir / "config.json")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{model_dir / 'config.json'} is not a model config (a JSON object); save the model again")
+    schedule, prediction, sampler = _diffusers_scheduler(sched_path)
+    route, why = diffusers_route(cfg)
+    if route == "as_is":
+        model = load_diffusers_as_is(model_dir, str(cfg.get("_class_name", "UNet2DModel")), why)
     else:
-        schedule, prediction = NoiseSchedule.from_dict(OFFICIAL_SCHEDULE), "eps"
-    model = build_model(config, ours, schedule=schedule, prediction=prediction)
+        config = diffusers_config(cfg)
+        ours = from_diffusers_state_dict(config, _diffusers_weights(model_dir),
+                                         what=f"the weights in {model_dir}")
+        model = build_model(config, ours, schedule=schedule, prediction=prediction)
+    model.schedule, model.prediction = schedule, prediction
     model.sampler_defaults = sampler
     model.checkpoint_info = {"format": "diffusers", "path": str(model_dir), "ema": None,
-                             "scheduler": str(sched_path) if sched_path else None}
+                             "scheduler": str(sched_path) if sched_path else None,
+                             **({"as_is": type(model).__name__, "why": why} if route == "as_is" else {})}
     return model
+
+
+def load_diffusers_as_is(model_dir: Path, kind: str, why: str):
+    """diffusers' own `kind`.from_pretrained of a local folder (no network: local_files_only), eval mode."""
+    require("diffusers", "diffusers", f"{model_dir} is a diffusers {kind} that ddim-fast loads as it is ({why}); "
+                                      "that")
+    import importlib.util
+
+    import diffusers
+
+    # without accelerate diffusers would say at length that it falls back to this: ask for it directly
+    quiet = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+    try:
+        model = getattr(diffusers, kind).from_pretrained(str(model_dir), local_files_only=True, **quiet)
+    except Exception as e:  # diffusers' own errors (OSError, ValueError, RuntimeError, ...): one line, the folder
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"diffusers could not load the {kind} in {model_dir} ({type(e).__name__}: {first}); "
+                         "check that the folder is complete, or save the model again") from None
+    return model.eval()

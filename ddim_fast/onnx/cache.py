@@ -40,14 +40,17 @@ def cache_dir() -> Path:
 
 
 def cache_limit_bytes() -> int:
-    """The cache's size limit: $DDIM_FAST_CACHE_MAX_MB megabytes, default CACHE_MAX_MB."""
+    """The cache's size limit: $DDIM_FAST_CACHE_MAX_MB megabytes, default CACHE_MAX_MB. Checked whenever the
+    cache is used (lookup, store) and by the command line at start-up: a value that is not a number >= 0 is
+    one ValueError naming the variable and the fix, before any export."""
     raw = os.environ.get("DDIM_FAST_CACHE_MAX_MB")
+    fix = f"set it to a number of megabytes >= 0 (e.g. {CACHE_MAX_MB}, the default) or unset it"
     try:
-        mb = float(raw) if raw else CACHE_MAX_MB
+        mb = float(raw) if raw is not None and raw.strip() else CACHE_MAX_MB
     except ValueError:
-        raise ValueError(f"DDIM_FAST_CACHE_MAX_MB must be a number of megabytes, got {raw!r}") from None
-    if not mb >= 0:
-        raise ValueError(f"DDIM_FAST_CACHE_MAX_MB must be >= 0, got {raw!r}")
+        raise ValueError(f"DDIM_FAST_CACHE_MAX_MB must be a number of megabytes, got {raw!r}; {fix}") from None
+    if not (mb >= 0 and mb != float("inf")):
+        raise ValueError(f"DDIM_FAST_CACHE_MAX_MB must be a number of megabytes >= 0, got {raw!r}; {fix}")
     return int(mb * 2**20)
 
 
@@ -83,6 +86,7 @@ _fallback = {}  # "dir": this process's temporary folder once the cache proved u
 def store(path: Path, data: bytes) -> Path:
     """Write a cache entry atomically and prune the cache; where the cache cannot be written, say so
     once and keep the entry in a temporary folder for this process."""
+    cache_limit_bytes()  # a bad limit is refused before anything is written
     if "dir" not in _fallback:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +105,7 @@ def store(path: Path, data: bytes) -> Path:
 
 def lookup(path: Path) -> Path | None:
     """The cached file for `path` (in the cache, or this process's fallback folder), marked as used."""
+    cache_limit_bytes()  # the first use of the cache in a process (every export looks up first): a bad limit stops it
     for candidate in (path, _fallback["dir"] / path.name if "dir" in _fallback else None):
         if candidate is not None and candidate.is_file():
             try:

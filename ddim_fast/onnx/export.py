@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import time
 import warnings
@@ -23,9 +24,9 @@ import torch
 from .. import __version__
 from ..checks import is_int, sample_shape
 from ..conditioning import cond_spec, example_cond, resolve
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, check_creatable
 from ..models.diffusers_unet import adapt
-from ..plan import SamplingPlan
+from ..plan import COLUMN_MEANINGS, UPDATE_RULE, SamplingPlan
 from ..precision import NAMES
 from .cache import (  # noqa: F401  (cache_dir, the fingerprints and the limit are part of this module's API)
     CACHE_MAX_MB,
@@ -40,7 +41,7 @@ from .cache import (  # noqa: F401  (cache_dir, the fingerprints and the limit a
     record_export_time,
     store,
 )
-from .graph import layout_key, sampler_proto, structure
+from .graph import layout_key, sampler_proto, structure, table_feeds
 from .network import opset_of, torch_export
 from .runtime import damaged, existing, import_onnx
 from .validate import check_loop_tables, head, validate_export
@@ -157,10 +158,14 @@ def _metadata(model, plan, dtype, shape, key, unroll, opset, table=False, cond_e
             # any plan with this structure (and, unrolled, these steps) runs here; `plan`: the one validated
             meta["structure"] = structure(plan)
             S = f"S = {plan.steps}" if unroll else "S = their number, any"
+            columns = meta["structure"]["columns"]
             meta["inputs"]["coef"] = (f"(S, {plan.coef.shape[1]}) float32: the plan's coefficient table, columns "
-                                      f"{' '.join(meta['structure']['columns'])} "
-                                      "(ddim_fast.onnx.graph.table_feeds(plan))")
+                                      f"{' '.join(columns)} (what each is: `columns`, `update`; "
+                                      "ddim_fast.onnx.graph.table_feeds(plan) computes it, and export_onnx writes "
+                                      "the exported plan's table beside the file as <name>.table.npz)")
             meta["inputs"]["timesteps"] = f"(S,) int64: the plan's timesteps; {S}"
+            meta["update"] = UPDATE_RULE
+            meta["columns"] = [f"{name}: {COLUMN_MEANINGS[name]}" for name in columns]  # in the table's order
         for k, c in cond_meta.items():
             meta["inputs"][k] = f"{c['shape']} {c['dtype']}: {c['about']}"
         if guided:
@@ -216,7 +221,9 @@ def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float
     table_inputs: the table and timesteps are inputs `coef` (S, 6) float32 and `timesteps` (S,)
                 int64 (graph.table_feeds(plan)): one file for every plan of the same structure
                 (graph.structure: direction, clipping, thresholding, noise), of any S as a Loop,
-                of this S unrolled.
+                of this S unrolled. The metadata says what each column is (`columns`, `update`), and
+                `plan`'s own table is written beside the file as <name>.table.npz (write_table), so
+                onnxruntime alone can run it.
     validate:   run the graph in ONNX Runtime (CPU) and check it against the float64 reference.
     log:        a function called with one line at each stage (export, graph, validation), for progress.
     model:      this project's UNet, any nn.Module model(x, t, **cond), or a diffusers UNet2DModel /
@@ -226,11 +233,48 @@ def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float
     (needed for a length other than 77 of encoder_hidden_states; its batch is ignored).
     guided:     (sampler) classifier-free guidance in the graph: inputs uncond_<name> per conditioning
                 input and `guidance` (a float32 scalar); each step runs the network on [uncond; cond].
+    path:       must end in .onnx, in an existing writable folder (checked before any work).
     Returns the path. The file carries its config, schedule, plan, version and its conditioning
     inputs (names, shapes, dtypes, what null means) in metadata_props (read them with onnx_metadata).
     """
+    path = check_onnx_path(path)  # before any work
     job = _prepare(model, plan, dtype, opset, shape, unroll, table_inputs, guided, cond)
-    return _write(path, _build(job, validate, log))
+    written = _write(path, _build(job, validate, log))
+    if job.table:
+        write_table(table_path(path), job.plan)
+    return written
+
+
+def check_onnx_path(path) -> Path:
+    """The output of an export: a file name ending in .onnx whose folder exists and is writable (the rules
+    and words of export_onnx and of `ddim-fast export --out` alike)."""
+    path = Path(path)
+    if path.suffix.lower() != ".onnx":
+        raise ValueError(f"the output must name an .onnx file, got {path}: give a path ending in .onnx, "
+                         f"e.g. {path.with_suffix('.onnx').name if path.stem else 'model.onnx'}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.onnx'}")
+    return check_creatable(path)
+
+
+def table_path(path) -> Path:
+    """Where export_onnx writes the table of a table-input graph's plan: <name>.table.npz beside <name>.onnx."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.table.npz")
+
+
+def write_table(path, plan: SamplingPlan) -> Path:
+    """The feeds of a table-input graph for `plan` as an .npz that plain numpy reads (atomically): `coef`
+    (S, columns) float32, `timesteps` (S,) int64, `columns` (their names) and `plan` (plan.describe() as
+    JSON). With them, onnxruntime runs the graph without ddim_fast (docs/onnx.md)."""
+    import numpy as np
+
+    feeds = table_feeds(plan)
+    columns = structure(plan)["columns"]
+    buf = io.BytesIO()
+    np.savez(buf, coef=feeds["coef"].numpy().astype(np.float32), timesteps=feeds["timesteps"].numpy().astype(np.int64),
+             columns=np.array(columns), plan=np.array(json.dumps(plan.describe())))
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def cond_example(model, cond=None) -> dict:
@@ -256,8 +300,7 @@ def _check_args(model, plan, dtype, opset, shape, unroll, table=False):
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"ONNX export supports dtype torch.float32 or torch.float16, got {dtype}; "
                          "for bfloat16 use the reference, triton or cuda_graph backend")
-    if opset is not None and (not is_int(opset) or not 18 <= opset <= 23):
-        raise ValueError(f"opset must be an int in [18, 23] (torch.onnx writes opset 18 or newer), got {opset!r}")
+    check_opset(opset)
     if plan is not None and not isinstance(plan, SamplingPlan):
         raise ValueError(f"plan must be a SamplingPlan or None (eps-model only), got {type(plan).__name__}")
     if plan is not None:
@@ -272,6 +315,11 @@ def _check_args(model, plan, dtype, opset, shape, unroll, table=False):
     if table and plan is None:
         raise ValueError("table_inputs=True needs a plan: the table belongs to a sampler graph, not the eps-model")
     return sample_shape(model, shape)
+
+
+def check_opset(opset) -> None:
+    if opset is not None and (not is_int(opset) or not 18 <= opset <= 23):
+        raise ValueError(f"opset must be an int in [18, 23] (torch.onnx writes opset 18 or newer), got {opset!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,12 +454,8 @@ def _serialized(proto) -> bytes:
 
 
 def _write(path, proto) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'model.onnx'}")
-    data = _serialized(proto)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_bytes(path, data)
+    path = check_onnx_path(path)  # again: the folder may have gone while the graph was built
+    return atomic_write_bytes(path, _serialized(proto))
 
 
 def export_cached(model, plan: SamplingPlan | None = None, dtype=torch.float32, opset: int | None = None, *,

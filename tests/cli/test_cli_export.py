@@ -45,7 +45,22 @@ def test_cli_export_table_graph(onnx_tiny, tmp_path, capsys):
                                          "--steps", "3", "--graph", "table"])) == 0
     meta = dox.onnx_metadata(out)
     assert meta["graph"] == "loop" and meta["table_inputs"] and {"coef", "timesteps"} <= set(meta["inputs"])
-    assert "any steps" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "any steps" in printed and f"wrote {tmp_path / 'table.table.npz'}: this plan's coef and timesteps" in printed
+    import numpy as np  # the table of the exported plan, beside the graph, for a deployment without ddim-fast
+
+    table = np.load(tmp_path / "table.table.npz", allow_pickle=False)
+    assert table["coef"].shape == (3, 6) and table["timesteps"].tolist() == [666, 333, 0]
+    assert table["columns"].tolist() == meta["structure"]["columns"]
+    assert [c.split(":")[0] for c in meta["columns"]] == table["columns"].tolist()
+    with pytest.raises(FileExistsError, match="table.onnx already exists"):  # both refused before any work
+        Export.run(parser.parse_args(["--model", str(tmp_path / "ckpt"), "--out", str(out), "--whole-sampler",
+                                      "--graph", "table"]))
+    out.unlink()
+    with pytest.raises(FileExistsError, match=r"table.table.npz \(the table written beside a table-input graph\) "
+                                              "already exists; pass --overwrite"):
+        Export.run(parser.parse_args(["--model", str(tmp_path / "ckpt"), "--out", str(out), "--whole-sampler",
+                                      "--graph", "table"]))
     with pytest.raises(ValueError, match="--whole-sampler"):
         Export.run(parser.parse_args(["--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "e.onnx"),
                                       "--graph", "table"]))

@@ -126,6 +126,7 @@ def _fake_run(root, steps=(2, 4)):
     """A training run folder as `ddim-fast train` leaves it: checkpoints/step-N (weights, EMA, trainer.json)
     and `latest`. Each checkpoint's weights differ, so the test sees which one was loaded."""
     emas = {}
+    (root / "checkpoints").mkdir(parents=True)  # the trainer makes it; save_model makes only the checkpoint folder
     for step in steps:
         torch.manual_seed(step)
         m = dd.UNet(dd.UNetConfig.tiny())
@@ -191,19 +192,34 @@ def test_folder_images_without_a_manifest_are_not_adopted(model_dir, tmp_path, c
     assert "holds 1 image(s) but no manifest.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["x.npz", "x.png", "x.jpg"])
-def test_outputs_in_missing_folders_are_created(model_dir, tmp_path, name):
+@pytest.mark.parametrize("name", ["x.npz", "x.png", "x.jpg", "folder"])
+def test_an_output_in_a_missing_folder_is_refused_before_any_work(model_dir, tmp_path, monkeypatch, capsys, name):
+    """Like mkdir without -p: a missing parent is one line naming it, before the model loads; nothing is
+    created (the old behaviour created every missing folder, /nonexistent_dir at the root included)."""
+    monkeypatch.setattr(dd.Engine, "__init__", lambda *a, **k: pytest.fail("built an Engine"))
     out = tmp_path / "new" / "deeper" / name
-    assert _run("sample", *_common(model_dir), "--num", 2, "--out", out) == 0
-    assert out.is_file()
+    assert _run("sample", *_common(model_dir), "--num", 2, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert err == (f"ddim-fast sample: error: the folder {tmp_path / 'new' / 'deeper'} does not exist; create it "
+                   "first (ddim-fast creates only the output folder itself)\n")
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_encode_and_decode_create_missing_folders(model_dir, tmp_path):
+def test_an_output_folder_itself_is_created(model_dir, tmp_path):
+    assert _run("sample", *_common(model_dir), "--num", 2, "--out", tmp_path / "run") == 0
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["000000.png", "000001.png", "manifest.json"]
+
+
+def test_encode_and_decode_refuse_missing_folders(model_dir, tmp_path, capsys):
     assert _run("sample", *_common(model_dir), "--num", 2, "--out", tmp_path / "x.npz") == 0
-    assert _run("encode", *_common(model_dir), "--input", tmp_path / "x.npz", "--out", tmp_path / "a" / "z.npz") == 0
-    assert _run("decode", *_common(model_dir), "--input", tmp_path / "a" / "z.npz", "--out",
-                tmp_path / "b" / "c" / "d.png") == 0
-    assert (tmp_path / "a" / "z.npz").is_file() and (tmp_path / "b" / "c" / "d.png").is_file()
+    assert _run("encode", *_common(model_dir), "--input", tmp_path / "x.npz", "--out", tmp_path / "a" / "z.npz") == 2
+    assert f"the folder {tmp_path / 'a'} does not exist; create it first" in capsys.readouterr().err
+    assert _run("encode", *_common(model_dir), "--input", tmp_path / "x.npz", "--out", tmp_path / "z.npz") == 0
+    assert _run("decode", *_common(model_dir), "--input", tmp_path / "z.npz", "--out", tmp_path / "b" / "d.png") == 2
+    assert f"the folder {tmp_path / 'b'} does not exist; create it first" in capsys.readouterr().err
+    assert _run("decode", *_common(model_dir), "--input", tmp_path / "z.npz", "--out", tmp_path / "dec") == 0
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["000000.png", "000001.png", "manifest.json"]
 
 
 def test_an_unwritable_output_fails_before_any_sampling(model_dir, tmp_path, monkeypatch, capsys):
@@ -268,6 +284,23 @@ def test_ctrl_c_in_sample_says_how_to_resume(model_dir, tmp_path, monkeypatch, c
     assert err.startswith("ddim-fast sample: interrupted; ") and "rerun the same command to continue" in err
     assert _run("sample", *_common(model_dir), "--num", 2, "--out", tmp_path / "g.png") == 130
     assert "sample into a folder (--out DIR)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, header", [
+    ([], "4 steps ddim eta=0, uniform spacing"),
+    (["--sampler", "unipc", "--spacing", "trailing"], "4 steps unipc (order 2), trailing spacing"),
+    (["--sampler", "plms", "--order", "2"], "4 steps plms (order 2, heun start, 5 network calls), uniform spacing"),
+    (["--variance", "large", "--clip-x0", "1"], "4 steps ddim eta=1 [variance large], uniform spacing, x0 clipped to "
+                                                "[-1, 1]"),
+])
+def test_the_header_names_the_sampler(model_dir, tmp_path, capsys, options, header):
+    """The line before sampling says which sampler runs with which settings (plan.describe()); it used to print
+    the variance in the sampler's place ("[ddim]" for --sampler unipc)."""
+    assert _run("sample", *_common(model_dir), "--num", 1, *options, "--out", tmp_path / "x.npz") == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith(f"model {model_dir} (") and f"M params), {header}, backend reference" in line, line
+    assert _run("sample", *_common(model_dir), "--num", 1, *options, "--out", tmp_path / "run") == 0
+    assert f"model {model_dir}, {header}, backend reference" in capsys.readouterr().out
 
 
 def test_sample_with_a_multistep_sampler(model_dir, tmp_path, capsys):

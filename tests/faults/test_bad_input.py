@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import ddim_fast as dd
-from ddim_fast import images
+from ddim_fast import files, images
 from ddim_fast.checkpoint import save_model
 from ddim_fast.cli import error_message, main
 from ddim_fast.models.analytic import GaussianEps
@@ -152,7 +152,7 @@ CASES = {
     # -- values out of range (steps 0 and eta < 0 are in cli/test_cli_sample.py)
     "steps above T": (["sample", *M[:-3], "--steps", "101", "--out", "x.png"],
                       ["steps must be an int in [1, T=100], got 101", "steps=T for the full"]),
-    "encode steps 0": (["encode", *M[:-3], "--steps", "0", "--input", "{ok}"], ["steps must be an int in [1, T=100]"]),
+    "encode steps 0": (["encode", *M[:-3], "--steps", "0", "--input", "{ok}"], ["steps must be an int in [1, T]"]),
     "nan eta": (["sample", *M, "--eta", "nan", "--out", "x.png"], ["eta must be finite and >= 0"]),
     "batch size 0": (["sample", *M, "--batch-size", "0", "--out", "x.png"], ["--batch-size must be >= 1, got 0"]),
     "negative seed": (["sample", *M, "--seed", "-1", "--out", "x.png"], ["seed must be an int in [0, 2**63)"]),
@@ -212,7 +212,7 @@ CASES = {
     "no latents array": (["decode", *M, "--input", "{nan}"], ["has no 'latents' array (it has ['images'])"]),
     "missing npz": (["decode", *M, "--input", "no-such.npz"], ["no .npz file at no-such.npz: check the path"]),
     "latents of another shape": (["interpolate", *M, "--latents", "{small}"],
-                                 ["must have shape (B, 3, 16, 16), got (9, 3, 8, 8)"]),
+                                 ["small.npz holds latents of shape (3, 8, 8); the model wants (3, 16, 16)"]),
     "a single latent": (["interpolate", *M, "--latents", "{one}"], ["holds 1 latent(s); interpolation needs two"]),
     "unreadable training image": (["train", "--out", "run", "--config", "tiny", "--dataset", "folder:{bad_folder}",
                                    "--steps", "1", "--batch-size", "4", "--workers", "1", "--grid-size", "0",
@@ -225,7 +225,7 @@ CASES = {
     "folder output is a file": (["sample", *M, "--out", "{a_file}"], ["a-file is a file, not a folder; remove it"]),
     "train under a file": (["train", "--out", "{a_file}/run", "--config", "tiny", "--dataset", "synthetic:8",
                             "--steps", "1", "--batch-size", "4", "--grid-size", "0", "--no-progress"],
-                           ["Not a directory", "a part of the path is a file, not a folder"]),
+                           ["a-file is a file, not a folder", "choose another output path"]),
 }
 
 
@@ -239,6 +239,112 @@ def test_cli_bad_input_is_one_line(name, f, tmp_path, monkeypatch, capsys):
     assert_one_line_error(rc, err, command, *fragments)
     assert list(tmp_path.iterdir()) in ([], [tmp_path / "run"]), list(tmp_path.iterdir())  # nothing written
     assert not os.path.exists(f["marker"]), "a pickle was executed"
+
+
+# -- every argument is checked before the model loads ----------------------------------------------------
+# (argv, the fragments of the one-line error). Each would otherwise surface only after the work: a seed after
+# an ONNX export, a latents shape after the graph, an unwritable output after sampling, a label after the
+# backend's timing probe. The model's config.json is read (no weights) for T, the labels and the shape.
+EARLY = {
+    "seed after an export": (["sample", *M[:-5], "--backend", "onnxruntime", "--seed", "-1"],
+                             ["--seed: a seed must be an int in [0, 2**63), got -1"]),
+    "latents shape after a graph": (["interpolate", *M, "--latents", "{small}"],
+                                    ["small.npz holds latents of shape (3, 8, 8); the model wants (3, 16, 16)"]),
+    "/proc after sampling": (["sample", *M, "--out", "/proc/x.png"],
+                             ["cannot write under /proc: the folder is not writable"]),
+    "nan guidance": (["sample", *M[2:], "--model", "digits-cond", "--class", "1", "--guidance", "nan"],
+                     ["--guidance must be a finite number (e.g. 2), got nan"]),
+    "class above the labels": (["sample", *M[2:], "--model", "digits-cond", "--class", "3", "12"],
+                               ["--class 12 is not a label of digits-cond: it takes 0..9, and 10 (the null label"]),
+    "class of an unconditional model": (["decode", *M, "--input", "{ok}", "--class", "1"],
+                                        ["--class applies to a class-conditional model", "takes no class labels"]),
+    "negative class": (["sample", *M, "--class", "-1"], ["--class takes labels >= 0, got -1"]),
+    "guidance without class": (["sample", *M, "--guidance", "2"], ["--guidance needs --class"]),
+    "num 0": (["sample", *M, "--num", "0"], ["--num must be >= 1, got 0"]),
+    "batch size 0": (["sample", *M, "--batch-size", "0"], ["--batch-size must be >= 1, got 0"]),
+    "steps 0": (["sample", *M[:-3], "--steps", "0"], ["steps must be an int in [1, T]"]),
+    "steps above T": (["sample", *M[:-3], "--steps", "101"], ["steps must be an int in [1, T=100], got 101"]),
+    "nan eta": (["sample", *M, "--eta", "nan"], ["eta must be finite and >= 0"]),
+    "sigma-hat with eta": (["sample", *M, "--variance", "large", "--eta", "0.5"], ["variance='large' (sigma-hat)"]),
+    "order": (["sample", *M, "--sampler", "dpmpp_2m", "--order", "3"], ["sampler 'dpmpp_2m' takes order 1..2"]),
+    "plms clip": (["sample", *M, "--sampler", "plms", "--clip-x0", "1"], ["plms combines model outputs"]),
+    "device": (["sample", *M, "--device", "tpu9"], ["unknown --device 'tpu9'"]),
+    "scale": (["sample", *M, "--scale", "0"], ["--scale must be in [1, 64], got 0"]),
+    "output kind": (["sample", *M, "--out", "x.txt"], ["cannot write x.txt: use a grid image"]),
+    "missing output folder": (["sample", *M, "--out", "no/such/x.png"],
+                              ["the folder no/such does not exist; create it first"]),
+    "cache limit": (["sample", *M, "--env", "DDIM_FAST_CACHE_MAX_MB=abc"],
+                    ["DDIM_FAST_CACHE_MAX_MB must be a number of megabytes, got 'abc'", "or unset it"]),
+    "encode input": (["encode", *M, "--input", "missing.npz"], ["no images at missing.npz"]),
+    "encode images shape": (["encode", *M, "--input", "{small}"],
+                            ["small.npz holds images of shape (3, 8, 8); the model wants (3, 16, 16)"]),
+    "encode output kind": (["encode", *M, "--input", "{ok}", "--out", "z.png"], ["encode writes latents to an .npz"]),
+    "decode integer latents": (["decode", *M, "--input", "{ints}"], ["'latents' must be a float array"]),
+    "decode latents shape": (["decode", *M, "--input", "{small}"], ["holds latents of shape (3, 8, 8)"]),
+    "interpolation seed": (["interpolate", *M, "--seeds", "-1", "2"], ["--seeds: a seed must be an int"]),
+    "one frame": (["interpolate", *M, "--num", "1"], ["--num must be >= 2 (the two endpoints), got 1"]),
+    "one latent": (["interpolate", *M, "--latents", "{one}"], ["holds 1 latent(s); interpolation needs two"]),
+    "export suffix": (["export", "--model", "{tiny}", "--out", "x.txt"], ["the output must name an .onnx file"]),
+    "export folder": (["export", "--model", "{tiny}", "--out", "no/x.onnx"], ["the folder no does not exist"]),
+    "export opset": (["export", "--model", "{tiny}", "--out", "x.onnx", "--opset", "5"], ["opset must be an int"]),
+    "export table alone": (["export", "--model", "{tiny}", "--out", "x.onnx", "--graph", "table"],
+                           ["--graph table only applies to --whole-sampler"]),
+    "export steps above T": (["export", "--model", "{tiny}", "--out", "x.onnx", "--whole-sampler", "--steps", "101"],
+                             ["steps must be an int in [1, T=100], got 101"]),
+    "export threshold": (["export", "--model", "{tiny}", "--out", "x.onnx", "--whole-sampler", "--threshold", "2"],
+                         ["threshold is a quantile in (0, 1]"]),
+    "export inverted multistep": (["export", "--model", "{tiny}", "--out", "x.onnx", "--whole-sampler", "--invert",
+                                   "--sampler", "unipc"], ["--invert exports the DDIM encoder"]),
+    "train folder": (["train", "--out", "no/run", "--config", "tiny", "--dataset", "synthetic:8"],
+                     ["the folder no does not exist; create it first"]),
+    "train seed": (["train", "--out", "run", "--seed", "-1"], ["seed must be in [0, 2**63)"]),
+    "eval steps above T": (["eval-digits", "--steps", "2000"], ["steps must be an int in [1, T=1000], got 2000"]),
+    "eval grid folder": (["eval-digits", "--grid", "no/grid.png"], ["the folder no does not exist"]),
+    "eval n": (["eval-digits", "--n", "0"], ["--n must be >= 1, got 0"]),
+    "convert destination": (["convert", "{tiny}", "no/out"], ["the folder no does not exist"]),
+    "convert resolution": (["convert", "{tiny}", "out", "--resolution", "0"], ["--resolution must be >= 1"]),
+    "classifier folder": (["train-digits-classifier", "no/out"], ["the folder no does not exist"]),
+}
+
+
+def _loud(what):
+    def refuse(*a, **k):
+        raise AssertionError(what)
+    return refuse
+
+
+@pytest.mark.parametrize("name", list(EARLY))
+def test_every_argument_is_checked_before_the_model_loads(name, f, tmp_path, monkeypatch, capsys):
+    """The model loader, the Engine (an export, a graph), the backend's probe, the exporter and the trainers
+    fail loudly here: each bad argument must be refused, as one line, before any of them runs."""
+    from ddim_fast import checkpoint, engine
+    from ddim_fast.cli import common
+    from ddim_fast.cli import convert as cli_convert
+    from ddim_fast.cli import export as cli_export
+    from ddim_fast.cli import metrics as cli_metrics
+    from ddim_fast.cli import sample as cli_sample
+    from ddim_fast.cli import train as cli_train
+
+    if name.startswith("/proc") and not os.path.isdir("/proc"):
+        pytest.skip("no /proc here")
+    for module in (checkpoint, common, cli_sample):
+        monkeypatch.setattr(module, "load_model", _loud("loaded the model"))
+    monkeypatch.setattr(engine.Engine, "__init__", _loud("built an Engine"))
+    monkeypatch.setattr(common, "_probe_s", _loud("ran the backend's probe"))
+    monkeypatch.setattr(cli_export, "export_onnx", _loud("exported"))
+    monkeypatch.setattr(cli_train, "train", _loud("trained"))
+    monkeypatch.setattr(cli_convert, "convert", _loud("converted"))
+    monkeypatch.setattr(cli_metrics, "evaluate_digits_model", _loud("sampled"))
+    monkeypatch.setattr(cli_metrics, "train_digits_classifier", _loud("trained"))
+    monkeypatch.chdir(tmp_path)
+    argv, fragments = EARLY[name]
+    if "--env" in argv:
+        k = argv.index("--env")
+        monkeypatch.setenv(*argv[k + 1].split("=", 1))
+        argv = argv[:k] + argv[k + 2:]
+    rc, err = _cli(capsys, argv, f)
+    assert_one_line_error(rc, err, argv[0], *fragments)
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a folder
 
 
 # -- an output that already exists: every command refuses (or asks for --overwrite) -------------------
@@ -285,7 +391,7 @@ def test_resume_from_a_damaged_checkpoint_names_the_fix(tmp_path, monkeypatch, c
 # -- the file system says no ---------------------------------------------------------------------------
 def test_unwritable_output_folder(f, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(images, "_writable", lambda path: False)  # as a read-only folder looks (we run as root)
+    monkeypatch.setattr(files, "writable", lambda path: False)  # as a read-only folder looks (we run as root)
     rc, err = _cli(capsys, ["sample", *M, "--out", "x.png"], f)
     assert_one_line_error(rc, err, "sample", "cannot write under", "choose an output path in a writable folder")
     assert list(tmp_path.iterdir()) == []
@@ -336,6 +442,57 @@ def test_console_script_prints_no_traceback(f, tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.count("\n") == 1 and fragment in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []
+
+
+# -- the API and the command line agree -----------------------------------------------------------------
+def test_the_api_refuses_what_the_command_line_refuses(f, tmp_path, monkeypatch, capsys):
+    """The same rule and the same words on both sides: an export path that is not .onnx, an output in a
+    missing folder (export_onnx, save_images, save_model alike); load_model of something that is not a path."""
+    from ddim_fast.onnx import export as ex
+
+    monkeypatch.setattr(ex, "_prepare", lambda *a, **k: pytest.fail("started the export"))
+    monkeypatch.chdir(tmp_path)
+    cases = [(lambda: dd.export_onnx(GaussianEps(SCHED), "x.txt"), ["export", "--model", "{tiny}", "--out", "x.txt"]),
+             (lambda: dd.export_onnx(GaussianEps(SCHED), "no/x.onnx"), ["export", "--model", "{tiny}", "--out",
+                                                                           "no/x.onnx"]),
+             (lambda: images.save_images(torch.zeros(1, 3, 4, 4), "no/x.png"), ["sample", *M, "--out", "no/x.png"]),
+             (lambda: save_model("no/ck", dd.load_model(f["tiny"])), ["convert", "{tiny}/../whole.pth", "no/ck"])]
+    messages = []
+    for api, argv in cases:
+        with pytest.raises((ValueError, OSError)) as e:
+            api()
+        rc, err = _cli(capsys, argv, f)
+        assert_one_line_error(rc, err, argv[0])
+        assert err == f"ddim-fast {argv[0]}: error: {e.value}\n"
+        messages.append(str(e.value))
+    assert messages[0] == "the output must name an .onnx file, got x.txt: give a path ending in .onnx, e.g. x.onnx"
+    assert messages[1:] == ["the folder no does not exist; create it first (ddim-fast creates only the output folder "
+                            "itself)"] * 3
+    assert list(tmp_path.iterdir()) == []
+    for bad in (None, 3, b"digits", "", ["digits"]):
+        with pytest.raises(ValueError, match=r"^load_model takes a path \(a str or pathlib.Path\) to a checkpoint "
+                                             r"folder, .* or a bundled model name \(digits, digits-cond\); got "):
+            dd.load_model(bad)
+
+
+def test_a_bad_cache_limit_is_refused_at_the_first_use_of_the_cache(tmp_path, monkeypatch, capsys):
+    """DDIM_FAST_CACHE_MAX_MB=abc used to pass unnoticed until a write pruned the cache, and for ever when the
+    export was cached: now the first look-up refuses it, before any export (the CLI: at start-up)."""
+    from ddim_fast.onnx import cache as oc
+    from ddim_fast.onnx import export as ex
+
+    monkeypatch.setenv("DDIM_FAST_CACHE", str(tmp_path))
+    monkeypatch.setenv("DDIM_FAST_CACHE_MAX_MB", "abc")
+    monkeypatch.setattr(ex, "torch_export", lambda *a, **k: pytest.fail("exported"))
+    message = (r"^DDIM_FAST_CACHE_MAX_MB must be a number of megabytes, got 'abc'; set it to a number of megabytes "
+               r">= 0 \(e.g. 2048, the default\) or unset it$")
+    for use in (lambda: oc.lookup(tmp_path / "onnx" / "x.onnx"), lambda: oc.store(tmp_path / "onnx" / "x.onnx", b"x"),
+                lambda: ex.export_cached(GaussianEps(SCHED), shape=(1, 4, 4))):
+        with pytest.raises(ValueError, match=message):
+            use()
+    assert main(["sample", "--no-progress", "--out", str(tmp_path / "x.png")]) == 2  # the command line: at start-up
+    assert capsys.readouterr().err == f"ddim-fast sample: error: {message[1:-1]}\n".replace("\\", "")
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- API entry points the module tests leave out -------------------------------------------------------
@@ -502,7 +659,7 @@ def test_export_checks_its_output_before_exporting(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_bytes(b"x")
     assert main(["export", "--out", str(blocker / "x.onnx")]) == 2
-    assert "not a writable folder" in capsys.readouterr().err
+    assert "a-file is a file, not a folder" in capsys.readouterr().err
     assert main(["export", "--out", str(tmp_path / "x.txt")]) == 2
     assert "must name an .onnx file" in capsys.readouterr().err
     assert main(["export", "--whole-sampler", "--steps", "0", "--out", str(tmp_path / "x.onnx")]) == 2

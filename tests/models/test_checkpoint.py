@@ -207,6 +207,7 @@ def test_load_model_names(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="'digits' is neither a path nor a bundled model.*none are installed"):
         dd.load_model("digits")
     m = make_model()
+    (tmp_path / "assets").mkdir()  # save_model creates the checkpoint folder, not the folders above it
     ck.save_model(tmp_path / "assets" / "mini", m)
     (tmp_path / "assets" / "classifier").mkdir()  # other assets (not ddim-fast models) are not listed
     (tmp_path / "assets" / "classifier" / "config.json").write_text('{"kind": "mlp"}')

@@ -579,3 +579,179 @@ def test_convert_without_config_says_the_image_size_is_a_guess(tmp_path, monkeyp
     assert run_cli(["convert", str(path), str(tmp_path / "both"), "--resolution", "8", "--config", "c.yml"],
                    monkeypatch) == 2
     assert "not both" in capsys.readouterr().err
+
+
+# -- a diffusers folder that does not convert: loaded as it is ---------------------------------------------
+# diffusers' defaults: flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, attention_head_dim=8, four
+# settings with no exact equivalent in this project's UNet. Tiny: widths 16/32, 8x8 samples.
+AS_IS_UNET = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                  norm_num_groups=8, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, attention_head_dim=8)
+AS_IS_SETTINGS = ("flip_sin_to_cos=True", "freq_shift=0", "downsample_padding=1", "attention_head_dim=8")
+AS_IS_STEPS = 10  # divides T: DDIMScheduler's t - T // S is the plan's next timestep
+
+
+@pytest.fixture(scope="module")
+def as_is_pipeline(tmp_path_factory):
+    """DDIMPipeline(unet, DDIMScheduler(...)).save_pretrained(folder): what a diffusers user has. The scheduler
+    ends on alpha_bar[0] and clips x0 (its defaults but set_alpha_to_one), so the folder brings settings."""
+    diffusers = pytest.importorskip("diffusers")
+    m = make_diffusers(AS_IS_UNET, seed=5)
+    pipe = diffusers.DDIMPipeline(unet=m, scheduler=diffusers.DDIMScheduler(set_alpha_to_one=False))
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path_factory.mktemp("as-is") / "pipe"
+    pipe.save_pretrained(folder)
+    return pipe, folder
+
+
+def test_a_diffusers_folder_that_does_not_convert_loads_as_it_is(as_is_pipeline):
+    pipe, folder = as_is_pipeline
+    for path in (folder, folder / "unet"):
+        m = dd.load_model(path)
+        assert type(m).__name__ == "UNet2DModel" and not m.training
+        info = m.checkpoint_info
+        assert info["as_is"] == "UNet2DModel" and all(s in info["why"] for s in AS_IS_SETTINGS)
+        assert same_weights(m.state_dict(), pipe.unet.state_dict())
+        # the scheduler's settings, read exactly as the converting path reads them
+        cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        schedule, prediction = cv.diffusers_schedule(cfg)
+        assert m.schedule.spec == schedule.spec and m.prediction == prediction == "eps"
+        assert m.sampler_defaults == {"from": "diffusers", **cv.diffusers_sampler(cfg, schedule)}
+        assert m.sampler_defaults["clip_x0"] == 1.0 and m.sampler_defaults["final_alpha"] == schedule.alphas_cumprod[0]
+    with pytest.raises(ValueError, match="does not convert into ddim-fast's UNet: its settings .*flip_sin_to_cos=True"
+                                         r".*Use the folder as it is instead \(dd.load_model"):
+        ck.convert(folder, folder.parent / "converted")
+    assert not (folder.parent / "converted").exists()
+
+
+def _ddim_pipeline_loop(unet, scheduler, x, steps):
+    """DDIMPipeline's loop from x_T (eta 0), in the dtype of x and the UNet."""
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+    return x
+
+
+def test_for_model_of_a_pipeline_folder_or_scheduler_is_ddim_pipeline(as_is_pipeline):
+    """SamplingPlan.for_model of the pipeline, its folder, its scheduler (object, config dict, folder, file) or
+    the loaded model is one plan, and DDIM-S with it is DDIMPipeline's DDIM-S: the float64 reference equals
+    diffusers' loop in float64 to 1e-9 relative (as tests/models/test_diffusers_cfg.py checks the CFG loop), and
+    float32 meets the tolerance rule against it, with diffusers' float32 run as the reference."""
+    import numpy as np
+
+    pipe, folder = as_is_pipeline
+    model = dd.load_model(folder)
+    plan = dd.SamplingPlan.for_model(model, AS_IS_STEPS)
+    assert plan.clip_x0 == (-1.0, 1.0) and plan.final_alpha == model.schedule.alphas_cumprod[0].item()
+    sched_dir = folder / "scheduler"
+    for source in (pipe, folder, str(folder), sched_dir, sched_dir / "scheduler_config.json", pipe.scheduler,
+                   dict(pipe.scheduler.config)):
+        other = dd.SamplingPlan.for_model(source, AS_IS_STEPS)
+        assert torch.equal(other.timesteps, plan.timesteps) and torch.equal(other.coef, plan.coef), source
+        assert other.describe() == plan.describe()
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=AS_IS_STEPS,
+                  output_type="np").images  # (2, 8, 8, 3) in [0, 1]
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # the pipeline's draw
+    theirs = _ddim_pipeline_loop(pipe.unet, copy.deepcopy(pipe.scheduler), x_T, AS_IS_STEPS)
+    assert np.array_equal((theirs / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy(), images)  # the pipeline's loop
+    exact = copy.deepcopy(pipe.scheduler)  # diffusers keeps float32 tables: the float64 truth needs the exact ones
+    exact.alphas_cumprod = model.schedule.alphas_cumprod.clone()
+    exact.final_alpha_cumprod = model.schedule.alphas_cumprod[0].clone()
+    truth = _ddim_pipeline_loop(copy.deepcopy(pipe.unet).double(), exact, x_T.double(), AS_IS_STEPS)
+    ours64 = dd.sample(copy.deepcopy(model).double(), x_T.double(), plan)
+    assert ours64.dtype == torch.float64 and relative_error(ours64, truth) <= 1e-9
+    ours = dd.sample(model, x_T, plan)
+    assert_close_to_reference(ours, theirs, truth, torch.float32, "an as-is UNet2DModel folder, DDIM-10")
+    plain = dd.sample(pipe.unet, x_T, dd.SamplingPlan.for_model(pipe, AS_IS_STEPS))  # the pipeline's own UNet
+    assert torch.equal(plain, ours)
+    paper = dd.sample(model, x_T, dd.SamplingPlan.build(model.schedule, AS_IS_STEPS))  # without the folder's settings
+    assert (paper - truth).abs().max() > 100 * (theirs - truth).abs().max() + 1e-3
+
+
+def test_the_command_line_samples_an_as_is_folder(as_is_pipeline, tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    _, folder = as_is_pipeline
+    common = ["--model", str(folder), "--backend", "reference", "--steps", "4", "--no-progress"]
+    assert cli.main(["sample", *common, "--num", "2", "--out", str(tmp_path / "x.npz")]) == 0
+    out = capsys.readouterr().out
+    assert (f"loaded {folder} as a diffusers UNet2DModel: its settings (flip_sin_to_cos=True, freq_shift=0, "
+            "downsample_padding=1, attention_head_dim=8) have no exact equivalent in ddim-fast's UNet; the fused "
+            "GroupNorm/attention kernels do not apply") in out
+    model = dd.load_model(folder)
+    want = dd.Engine(model, dd.SamplingPlan.for_model(model, 4), backend="reference", device="cpu").sample(2, seed=0)
+    got = np.load(tmp_path / "x.npz")
+    np.testing.assert_allclose(got["images"], want.numpy(), rtol=0, atol=1e-6)
+    assert json.loads(str(got["meta"]))["config"]["flip_sin_to_cos"] is True  # a diffusers config, recorded
+    assert cli.main(["encode", *common, "--input", str(tmp_path / "x.npz"), "--out", str(tmp_path / "z.npz")]) == 0
+    assert np.load(tmp_path / "z.npz")["latents"].shape == (2, 3, 8, 8)
+    from ddim_fast.sample_grid import write_sample_grid  # eval-digits' and the trainer's grids: shape from the model
+
+    write_sample_grid(tmp_path / "grid.png", model, n=4, steps=2)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size == (2 * 9 + 1, 2 * 9 + 1)  # 2 x 2 images of 8 x 8, 1 px apart
+
+
+def test_the_command_line_says_a_diffusers_folder_was_converted(small_diffusers, tmp_path, capsys):
+    _, folder = small_diffusers
+    assert cli.main(["sample", "--model", str(folder), "--backend", "reference", "--steps", "2", "--num", "1",
+                     "--no-progress", "--out", str(tmp_path / "x.npz")]) == 0
+    assert (f"loaded {folder}: a diffusers UNet2DModel that is the DDPM UNet, converted exactly into ddim-fast's "
+            "UNet (the fused GroupNorm/attention kernels apply)") in capsys.readouterr().out
+
+
+def test_an_as_is_folder_without_diffusers_names_the_extra(as_is_pipeline, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from ddim_fast.checks import MissingExtra
+
+    _, folder = as_is_pipeline
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
+    with pytest.raises(MissingExtra, match=r"UNet2DModel that ddim-fast loads as it is .* needs diffusers, which "
+                                           r"is not installed: pip install 'ddim-fast\[diffusers\]'"):
+        dd.load_model(folder)
+    assert cli.main(["sample", "--model", str(folder), "--no-progress", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'ddim-fast[diffusers]'" in err
+
+
+def test_a_unet2dconditionmodel_folder_loads_as_it_is(tmp_path, capsys):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    text = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32).eval()
+    text.save_pretrained(tmp_path / "unet")
+    m = dd.load_model(tmp_path / "unet")
+    assert type(m).__name__ == "UNet2DConditionModel" and same_weights(m.state_dict(), text.state_dict())
+    assert m.checkpoint_info["why"] == "a UNet2DConditionModel has no equivalent in ddim-fast's UNet"
+    plan = dd.SamplingPlan.for_model(m, 2)  # no scheduler config: the DDPM schedule, eps, no sampler settings
+    assert m.sampler_defaults is None and plan.timesteps.tolist() == [500, 0]
+    h = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
+    x = dd.sample(m, torch.randn(1, 4, 8, 8), plan, cond={"encoder_hidden_states": h})
+    assert x.shape == (1, 4, 8, 8) and torch.isfinite(x).all()
+    # the command line cannot give encoder_hidden_states: one line, before the weights load
+    assert cli.main(["sample", "--model", str(tmp_path / "unet"), "--no-progress", "--out",
+                     str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs encoder_hidden_states (a text-conditioned UNet)" in err
+
+
+def test_for_model_says_what_it_takes(as_is_pipeline, tmp_path):
+    _, folder = as_is_pipeline
+    with pytest.raises(ValueError, match="holds no diffusers scheduler config .* load the model with dd.load_model"):
+        dd.SamplingPlan.for_model(folder / "unet", 10)
+    with pytest.raises(ValueError, match="is the config of a UNet2DModel, not of a scheduler"):
+        dd.SamplingPlan.for_model(folder / "unet" / "config.json", 10)
+    with pytest.raises(FileNotFoundError, match="no folder or file at"):
+        dd.SamplingPlan.for_model(tmp_path / "nothing", 10)
+    with pytest.raises(ValueError, match="carries no noise schedule .* a diffusers pipeline, its scheduler or its "
+                                         "folder"):
+        dd.SamplingPlan.for_model(as_is_pipeline[0].unet, 10)
+    with pytest.raises(ValueError, match="the scheduler config's num_train_timesteps must be a number, got '1000'"):
+        dd.SamplingPlan.for_model({"num_train_timesteps": "1000"}, 10)
+    with pytest.raises(ValueError, match="num_train_timesteps must be a positive int, got 10.5"):
+        dd.SamplingPlan.for_model({"num_train_timesteps": 10.5}, 10)

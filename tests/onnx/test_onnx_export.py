@@ -256,3 +256,60 @@ def test_a_validation_head_keeps_the_noise_input_of_its_plan():
     others = [j for j in range(6) if j != COL["sigma"]]
     assert torch.equal(first.coef[:, others], coef[:2, others])
     assert torch.equal(head(plan, 4).coef, coef[:4])  # noise in the head already: the table as it is
+
+
+# -- a table-input graph fed without ddim_fast ------------------------------------------------------------
+def _docs_block(heading):
+    """The first ```python block under `heading` in docs/onnx.md."""
+    from tests.helpers import ROOT
+
+    text = (ROOT / "docs" / "onnx.md").read_text()
+    section = text[text.index(f"## {heading}\n"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("\n```\n")]
+
+
+def test_the_table_graph_runs_without_ddim_fast(gauss, tmp_path):
+    """export_onnx(table_inputs=True) writes <name>.table.npz beside the graph and names every column's formula
+    in the metadata; docs/onnx.md's recipe, run in a process that cannot import ddim_fast or torch (numpy and
+    onnxruntime only), feeds the graph from the .npz and from the documented DDIM formulas, and both runs meet
+    the tolerance rule against dd.sample."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    exported = dd.SamplingPlan.build(SCHED, 10, eta=0.3)
+    path = dd.export_onnx(gauss, tmp_path / "ddim-any.onnx", plan=exported, shape=GSHAPE, unroll=False,
+                          table_inputs=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddim-any.onnx", "ddim-any.table.npz"]
+    table = np.load(tmp_path / "ddim-any.table.npz", allow_pickle=False)
+    assert table["coef"].dtype == np.float32 and table["coef"].shape == (10, 6)
+    assert np.array_equal(table["coef"], exported.coef.float().numpy())
+    assert table["timesteps"].dtype == np.int64 and table["timesteps"].tolist() == exported.timesteps.tolist()
+    assert table["columns"].tolist() == ["cx", "ce", "d0", "dx", "de", "sigma"]
+    assert json.loads(str(table["plan"])) == exported.describe()
+    meta = dox.onnx_metadata(path)
+    columns = dict(c.split(": ", 1) for c in meta["columns"])
+    assert list(columns) == ["cx", "ce", "d0", "dx", "de", "sigma"]  # in the table's order
+    assert columns["d0"].startswith("weight of clip(x0) in x': sqrt(a') (DDIM)")
+    assert "eta sqrt((1-a')/(1-a)) sqrt(1 - a/a') (DDIM)" in columns["sigma"]
+    assert meta["update"].startswith("x' = d0 * clip(x0) + dx * x + de * m")
+
+    script = ("import sys\nsys.modules.update(ddim_fast=None, torch=None)  # neither may be imported\n"
+              + _docs_block("Feeding the table graph without ddim_fast")
+              + "\nnp.savez('result.npz', x_T=x_T, timesteps=timesteps, x0=x0, noise=noise, x0_exported=x0_exported,"
+                " noise_exported=noise_exported)\n"
+                "assert not [m for m, v in sys.modules.items() if m.split('.')[0] in ('ddim_fast', 'torch') and v]\n")
+    proc = subprocess.run([sys.executable, "-I", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = np.load(tmp_path / "result.npz")
+    x_T = torch.from_numpy(got["x_T"])
+    for x0, plan, noise in ((got["x0_exported"], exported, got["noise_exported"]),
+                            (got["x0"], dd.SamplingPlan.build(SCHED, 25, eta=0.5), got["noise"])):
+        assert got["timesteps"].tolist() == dd.SamplingPlan.build(SCHED, 25).timesteps.tolist()
+        z = torch.from_numpy(noise)
+        reference = dd.sample(gauss, x_T, plan, noise=z)
+        truth = dd.sample(_float64(gauss), x_T.double(), plan, noise=z.double())
+        assert_close_to_reference(torch.from_numpy(x0), reference, truth, torch.float32, f"{plan.steps} steps")

@@ -170,6 +170,22 @@ def test_schedule_type_checked():
         SamplingPlan.build(SCHED.alphas_cumprod, 10)
 
 
+def test_a_timestep_list_names_its_entry_outside_the_schedule():
+    """A list given as steps is the timestep list: an entry outside [0, T-1] is named with T (not "steps
+    must be an int in [1, T]"), and a valid list builds the plan spacing=[...] builds."""
+    for kwargs in (dict(steps=[1200, 500, 0]), dict(steps=None, spacing=[1200, 500, 0])):
+        with pytest.raises(ValueError, match=r"^timesteps \[1200, 500, 0\] has 1200 outside \[0, T-1\] = \[0, 999\]"):
+            SamplingPlan.build(SCHED, **kwargs)
+    with pytest.raises(ValueError, match=r"has 1000, -3 outside \[0, T-1\] = \[0, 999\]"):
+        dd.timesteps(1000, [1000, 500, -3])
+    as_steps = SamplingPlan.build(SCHED, [900, 500, 0])
+    as_spacing = SamplingPlan.build(SCHED, None, spacing=[900, 500, 0])
+    assert as_steps.timesteps.tolist() == [900, 500, 0] and as_steps.spacing == "explicit"
+    assert torch.equal(as_steps.coef, as_spacing.coef)
+    with pytest.raises(ValueError, match="give the timesteps once"):
+        SamplingPlan.build(SCHED, [900, 500, 0], spacing="trailing")
+
+
 # -- the official ddpm_noisy, far starts, final_alpha, clip bounds, numpy integers ----------------------
 def _official_ddpm_noisy_step(x, e, z, a, a_next):
     """One step of the official code's ddpm_steps (ermongroup/ddim, functions/denoising.py), written

@@ -125,7 +125,7 @@ def test_explicit_list():
         timesteps(100, None, [0, 50, 10])
     with pytest.raises(ValueError, match="duplicates"):
         timesteps(100, None, [0, 10, 10])
-    with pytest.raises(ValueError, match=r"\[0, T=100\)"):
+    with pytest.raises(ValueError, match=r"timesteps \[0, 100\] has 100 outside \[0, T-1\] = \[0, 99\]"):
         timesteps(100, None, [0, 100])
     with pytest.raises(ValueError, match="empty"):
         timesteps(100, None, [])
