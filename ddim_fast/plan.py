@@ -267,7 +267,12 @@ class SamplingPlan:
         (any keyword of `build`, None included). Overriding spacing drops a default steps_offset
         that only "leading" takes; overriding clip_x0 drops a default threshold and vice versa.
         Defaults that came from diffusers warn when this plan's step targets differ from
-        DDIMScheduler's (it steps from t to t - T // S, this plan to the next timestep of its list)."""
+        DDIMScheduler's (it steps from t to t - T // S, this plan to the next timestep of its list).
+        tuned=True (with guidance=w for a guided one): the tuned plan bundled with the model (plan_files.py)."""
+        if "tuned" in overrides or "guidance" in overrides:
+            from . import plan_files
+
+            return plan_files.for_model(cls, model, steps, rules=_file_rules(), **overrides)
         schedule = getattr(model, "schedule", None)
         if not isinstance(schedule, NoiseSchedule):
             raise ValueError(f"{type(model).__name__} carries no noise schedule (model.schedule); build the plan "
@@ -387,12 +392,29 @@ class SamplingPlan:
             **({} if self.sampler == "ddim" else {"order": self.order, "history": self.history}),
             **({"lower_order_final": self.lower_order_final} if self.sampler not in ("ddim", "plms") else {}),
             **({"plms_start": self.plms_start} if self.sampler == "plms" else {}),
+            **({"tuned": self.meta["tuned"]} if "tuned" in self.meta else {}),  # ddim_fast/tune.py's record
         }
 
     def __repr__(self) -> str:
         d = self.describe()
         d["timesteps"] = f"[{d['timesteps'][0]}..{d['timesteps'][-1]}]"
         return "SamplingPlan(" + ", ".join(f"{k}={v}" for k, v in d.items() if v is not None) + ")"
+
+    # -- files (ddim_fast/plan_files.py: the format, its checks, the bundled tuned plans) ------------------------
+    def save(self, path, *, model=None):
+        """Write this plan to `path` as JSON: every field, the float64 table exactly, a format version, and the
+        fingerprint of `model` (or of the model a tuned plan was made for). Atomic. Returns the path."""
+        from . import plan_files
+
+        return plan_files.save(self, path, model=model, columns=ALL_COLUMNS[: self.coef.shape[1]])
+
+    @classmethod
+    def load(cls, path, model=None, *, force: bool = False) -> SamplingPlan:
+        """The plan saved in `path`. A damaged, cut-short or edited file is refused in one line (ValueError); with
+        `model`, so is a file made for another model (by fingerprint), unless force=True."""
+        from . import plan_files
+
+        return plan_files.load(cls, path, model=model, force=force, rules=_file_rules())
 
 
 SAMPLER_DEFAULT_KEYS = ("spacing", "steps_offset", "clip_x0", "threshold", "threshold_max", "final_alpha")
@@ -696,3 +718,10 @@ def _plms_rows(ts, a, a_next, prediction, order, start):
         a_out.append(a_next[i])
     history = max((j for j in range(1, MAX_HISTORY + 1) if any(r[5 + j] != 0 for r in rows)), default=0)
     return torch.tensor(t_out, dtype=torch.int64), a_in, a_out, rows, history
+
+
+def _file_rules() -> dict:
+    """What a plan file is checked against (ddim_fast/plan_files.py imports nothing from this module)."""
+    return {"samplers": SAMPLERS, "max_order": MAX_ORDER, "columns": ALL_COLUMNS, "coef_columns": COEF_COLUMNS,
+            "max_history": MAX_HISTORY, "variances": VARIANCES, "predictions": PREDICTIONS, "eps_at": EPS_AT,
+            "plms_starts": PLMS_STARTS}
