@@ -87,9 +87,10 @@ LADDER_STEPS = (3, 4, 5, 6, 8)
 QUICK_TUNE = dict(samples=4, held_out=4, teacher_steps=12, grid=6, iterations=2, check_every=1)
 
 
-def draw(model, plan, n, batch, backend, seed):
+def draw(model, plan, n, batch, backend, seed, threads=None):
     """(images (n, C, H, W) in [-1, 1], seconds per sample) on one warmed-up Engine."""
-    eng = dd.Engine(model, plan, backend=backend)
+    eng = dd.Engine(model, plan, backend=backend,
+                    onnx_options={"threads": threads} if threads and backend == "onnxruntime" else None)
     eng.sample(min(batch, 4), seed=seed)  # warm-up: export or cached graph, session, first call
     t0 = time.perf_counter()
     imgs = torch.cat([eng.sample(min(batch, n - lo), seed=seed, first_index=lo).cpu() for lo in range(0, n, batch)])
@@ -164,13 +165,13 @@ def ladder(args, info, quick):
 
     teacher_plan = dd.SamplingPlan.for_model(model, teacher_steps, sampler="unipc", spacing="trailing")
     for seed in seeds:
-        teachers[seed], sec = draw(model, teacher_plan, args.n, args.batch, args.backend, seed)
+        teachers[seed], sec = draw(model, teacher_plan, args.n, args.batch, args.backend, seed, args.threads)
         print(f"  teacher ({teacher_steps} steps) seed {seed}: {sec * 1e3:.1f} ms/sample", flush=True)
     plans = [(f"{s}-{S}", S, dd.SamplingPlan.for_model(model, S, sampler=s, spacing="trailing"), None, None)
              for s, S in refs] + ladder_plans(model, steps, quick)
     for name, S, plan, tuning, rec in plans:
         for seed in seeds:
-            imgs, sec = draw(model, plan, args.n, args.batch, args.backend, seed)
+            imgs, sec = draw(model, plan, args.n, args.batch, args.backend, seed, args.threads)
             mse = float(((imgs - teachers[seed]) ** 2).mean())
             fd = fd_of(imgs)
             rows.append(dict(plan=name, sampler=plan.sampler, steps=S, evaluations=plan.steps, seed=seed, n=args.n,
@@ -245,8 +246,11 @@ def main(argv=None):
     ap.add_argument("--model", default="digits")
     ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/quality_per_step-<machine>)")
     ap.add_argument("--ladder", action="store_true", help="the tuned plans' ladder (issue 23) instead of the frontier")
+    ap.add_argument("--threads", type=int, default=None, help="--ladder: torch and ONNX Runtime threads")
     args = ap.parse_args(argv)
     args.argv = argv
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.ladder:
         warnings.simplefilter("ignore", UserWarning)
         if args.quick:

@@ -38,7 +38,8 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", default=None, metavar="MODEL:S[:W]",
                     help="just these plans, e.g. digits:5 digits-cond:5:2")
     ap.add_argument("--out", default=None, help="write here instead of ddim_fast/assets/<model>/plans/")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the project's 2-core machine is shared, "
+                    "and two threads under other jobs' load ran the digits UNet 2.6x slower than one)")
     ap.add_argument("--quick", action="store_true", help="tiny settings (a smoke run: the plans mean nothing)")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
@@ -54,7 +55,7 @@ def main(argv=None):
         print(f"{name}{'' if w is None else f' at guidance {w:g}'}: the teacher ({kw['teacher_steps']} UniPC steps, "
               f"{kw['samples'] + kw['held_out']} noise samples)...", flush=True)
         teacher = tune.make_teacher(model, guidance=w, **kw)
-        print(f"  teacher: {teacher.seconds:.0f} s", flush=True)
+        print(f"  teacher: {teacher.seconds:.0f} s ({teacher.cpu_seconds:.0f} s of CPU)", flush=True)
         for S in steps:
             t0 = time.perf_counter()
             plan = dd.tune_plan(model, S, guidance=w, teacher=teacher, progress=args.progress, name=name,
@@ -67,7 +68,7 @@ def main(argv=None):
             print(f"  S={S}: held-out MSE untuned {mse['untuned']:.4g}, timesteps {mse['timesteps']:.4g}, table "
                   f"{mse.get('table', float('nan')):.4g}; kept {rec['kept'] or 'nothing'}; timesteps "
                   f"{plan.timesteps.tolist()}; {time.perf_counter() - t0:.0f} s (+ the teacher's "
-                  f"{teacher.seconds:.0f} s) -> {path}", flush=True)
+                  f"{teacher.seconds:.0f} s; {rec['seconds']['cpu']:.0f} s of CPU in all) -> {path}", flush=True)
             written.append(path)
     return written
 
