@@ -78,6 +78,25 @@ def test_search_finds_the_best_path_of_a_small_grid():
     assert final(found) == min(final(p) for p in paths)
 
 
+def test_refinement_scores_whole_runs_and_never_ends_worse_than_its_best_start():
+    """The polish after the search starts from the better of its starts by the training error of whole runs,
+    reports that error, and only ever lowers it."""
+    model = GaussianEps(SCHED, mu=0.2, std=0.7)
+    x_T = dd.rng.initial_noise(3, (6, *GSHAPE))
+    teacher = tune.run_teacher(model, x_T, SCHED, 40)
+    base = dd.SamplingPlan.build(SCHED, 4, sampler="unipc", spacing="trailing")
+    bad = [999, 990, 980, 970]  # all four evaluations at the noise end
+
+    def final(ts):
+        return float(((dd.sample(model, x_T, tune.build_like(base, SCHED, ts)) - teacher.states[-1]) ** 2).mean())
+
+    ts, info = tune.refine_timesteps(model, base, SCHED, teacher, [bad, base.timesteps.tolist()], slice(0, 6),
+                                     stride=25)
+    assert info["start"] == "untuned" and info["moves"] >= 1 and ts[0] == 999 and ts == sorted(ts, reverse=True)
+    assert final(ts) == pytest.approx(info["train_mse"], rel=1e-4) and final(ts) < final(base.timesteps.tolist())
+    assert len(set(ts)) == 4
+
+
 def test_table_calibration_fixes_what_timesteps_cannot_and_touches_only_its_entries():
     """DDIM in 3 steps on the exact Gaussian denoiser: every step is linear in (x, m), so per-step corrections of
     the x0 estimate's and the update's weights can all but remove the error the timesteps leave; they change

@@ -32,7 +32,7 @@ class Tune:
         p.add_argument("--teacher-steps", type=int, default=TEACHER_STEPS, help="the teacher's UniPC steps")
         p.add_argument("--grid", type=int, default=40, help="candidate timesteps of the search")
         p.add_argument("--stages", type=int, default=2, choices=(1, 2), help="1: timesteps only; 2: and the table")
-        p.add_argument("--iterations", type=int, default=150, help="the most iterations of the table fit")
+        p.add_argument("--iterations", type=int, default=60, help="the most iterations of the table fit")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing file")
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
