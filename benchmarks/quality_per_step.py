@@ -209,10 +209,11 @@ def plot_ladder(rows, path):
                               [max(pts[x]) - sum(pts[x]) / len(pts[x]) for x in xs]],
                         fmt=style, capsize=3, label={"untuned": "UniPC, trailing", "timesteps": "searched timesteps",
                                                      "tuned": "tuned (both stages)"}[name])
-        for r0, color in zip(dict.fromkeys(r["plan"] for r in rows if r["tuning_s"] is None and r["plan"] != "untuned"),
-                             ("grey", "black")):
+        refs = dict.fromkeys(r["plan"] for r in rows if r["tuning_s"] is None and r["plan"] != "untuned")
+        for r0, (color, hatch) in zip(refs, (("tab:purple", "//"), ("tab:grey", "\\\\"))):
             vals = [r[key] for r in rows if r["plan"] == r0]
-            ax.axhspan(min(vals), max(vals), color=color, alpha=0.25, label=f"{r0} (two seed sets)")
+            ax.axhspan(min(vals), max(vals), facecolor="none", edgecolor=color, hatch=hatch, alpha=0.8,
+                       label=f"{r0}: the two seed sets' range")
         ax.set_xlabel("network evaluations S")
         ax.set_ylabel(label)
         ax.set_yscale("log")
