@@ -9,6 +9,6 @@ setup(
     packages=["ddim_fast", "ddim_fast.backends", "ddim_fast.cli", "ddim_fast.models", "ddim_fast.models.ops",
               "ddim_fast.onnx", "ddim_fast.kernels", "ddim_fast.assets"],
     package_dir={"ddim_fast": "ddim_fast", "ddim_fast.kernels": "kernels"},
-    package_data={"ddim_fast.assets": ["*/*.json", "*/*.safetensors"]},
+    package_data={"ddim_fast.assets": ["*/*.json", "*/*.safetensors", "*/plans/*.json"]},  # plans: tuned, bundled
     include_package_data=True,
 )

@@ -27,6 +27,7 @@ _EXPORTS = {
     "save_model": "checkpoint",
     "Engine": "engine",
     "export_onnx": "onnx",
+    "tune_plan": "tune",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -268,7 +268,12 @@ class SamplingPlan:
         model: a model loaded with dd.load_model (or any object with .schedule, .prediction and
         .sampler_defaults), or a diffusers pipeline, scheduler, scheduler config dict, pipeline folder,
         its scheduler/ folder or a scheduler_config.json: their settings are DDIMPipeline's
-        (scheduler_config.py), so DDIM-S of the plan is the pipeline's DDIM-S."""
+        (scheduler_config.py), so DDIM-S of the plan is the pipeline's DDIM-S.
+        tuned=True (with guidance=w for a guided one): the tuned plan bundled with the model (plan_files.py)."""
+        if "tuned" in overrides or "guidance" in overrides:
+            from . import plan_files
+
+            return plan_files.for_model(cls, model, steps, rules=_file_rules(), **overrides)
         model = _plan_source(model)
         schedule = getattr(model, "schedule", None)
         if not isinstance(schedule, NoiseSchedule):
@@ -391,12 +396,29 @@ class SamplingPlan:
             **({} if self.sampler == "ddim" else {"order": self.order, "history": self.history}),
             **({"lower_order_final": self.lower_order_final} if self.sampler not in ("ddim", "plms") else {}),
             **({"plms_start": self.plms_start} if self.sampler == "plms" else {}),
+            **({"tuned": self.meta["tuned"]} if "tuned" in self.meta else {}),  # ddim_fast/tune.py's record
         }
 
     def __repr__(self) -> str:
         d = self.describe()
         d["timesteps"] = f"[{d['timesteps'][0]}..{d['timesteps'][-1]}]"
         return "SamplingPlan(" + ", ".join(f"{k}={v}" for k, v in d.items() if v is not None) + ")"
+
+    # -- files (ddim_fast/plan_files.py: the format, its checks, the bundled tuned plans) ------------------------
+    def save(self, path, *, model=None):
+        """Write this plan to `path` as JSON: every field, the float64 table exactly, a format version, and the
+        fingerprint of `model` (or of the model a tuned plan was made for). Atomic. Returns the path."""
+        from . import plan_files
+
+        return plan_files.save(self, path, model=model, columns=ALL_COLUMNS[: self.coef.shape[1]])
+
+    @classmethod
+    def load(cls, path, model=None, *, force: bool = False) -> SamplingPlan:
+        """The plan saved in `path`. A damaged, cut-short or edited file is refused in one line (ValueError); with
+        `model`, so is a file made for another model (by fingerprint), unless force=True."""
+        from . import plan_files
+
+        return plan_files.load(cls, path, model=model, force=force, rules=_file_rules())
 
 
 def _plan_source(model):
@@ -822,3 +844,10 @@ def _unipc_step(lam, a, a_next, i, k):
 def _solve(A, y):
     """A x = y for a small dense system, in float64 (torch.linalg.solve)."""
     return torch.linalg.solve(torch.tensor(A, dtype=torch.float64), torch.tensor(y, dtype=torch.float64)).tolist()
+
+
+def _file_rules() -> dict:
+    """What a plan file is checked against (ddim_fast/plan_files.py imports nothing from this module)."""
+    return {"samplers": SAMPLERS, "max_order": MAX_ORDER, "columns": ALL_COLUMNS, "coef_columns": COEF_COLUMNS,
+            "max_history": MAX_HISTORY, "variances": VARIANCES, "predictions": PREDICTIONS, "eps_at": EPS_AT,
+            "plms_starts": PLMS_STARTS}

@@ -3,7 +3,7 @@
 A sub-command is a class with two static methods,
     add_arguments(parser)   fill in its argparse sub-parser
     run(args) -> int        run it (returns the exit code)
-in the file of its family (sample.py: sample, encode, decode, interpolate; export.py; train.py;
+in the file of its family (sample.py: sample, encode, decode, interpolate; export.py; tune.py; train.py;
 convert.py; bench.py; metrics.py: eval-digits, train-digits-classifier; aot.py), listed in COMMANDS.
 Options several commands share (the model, the plan from arguments, device and dtype) are in
 common.py, the torchrun setup in ddim_fast.distributed. Errors a user can fix (ValueError,
@@ -30,6 +30,7 @@ COMMANDS = {
     "decode": ("sample", "Decode", "x_T latents (.npz) -> images"),
     "interpolate": ("sample", "Interpolate", "slerp between two seeds or latents, decoded to a strip PNG"),
     "export": ("export", "Export", "export the eps-model or the whole sampler to ONNX (checked in ONNX Runtime)"),
+    "tune": ("tune", "Tune", "fit a plan's timesteps and table to a model (a plan file for sample --plan)"),
     "train": ("train", "Train", "train a UNet with the DDPM objective"),
     "convert": ("convert", "Convert", "import an official ckpt.pth or a diffusers folder"),
     "bench": ("bench", "Bench", "run a benchmark script from a source checkout (benchmarks/)"),
@@ -53,6 +54,8 @@ EPILOG = """examples:
   ddim-fast encode --input samples.npz --out latents.npz
   ddim-fast interpolate --seeds 1 2 --num 9 --out strip.png
   ddim-fast export --whole-sampler --steps 10 --out ddim10.onnx
+  ddim-fast tune --steps 5 --out digits-5.json && ddim-fast sample --plan digits-5.json
+  ddim-fast sample --plan tuned --steps 5 --out grid.png  # the tuned plan bundled with the model
   ddim-fast train --dataset digits --config digits --out runs/digits --steps 2000
   ddim-fast convert ckpt.pth my-model/
   ddim-fast bench speedup_vs_ddpm --quick

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from .. import images, rng
 from ..checks import is_int
 from ..plan import check_options
-from .common import MULTISTEP_OPTIONS, parse_device
+from .common import MULTISTEP_OPTIONS, check_plan_file, parse_device
 
 
 # -- arguments that need no model ------------------------------------------------------------------
@@ -57,7 +57,10 @@ def sampling(args, *, eta=0.0, variance="ddim") -> None:
 def sampler_options(args, *, steps, eta=0.0, variance="ddim") -> None:
     """--sampler, --order, --plms-start, --clip-x0, --threshold with eta and variance, as SamplingPlan.build
     would check them (plan.check_options); the model's own defaults (a diffusers scheduler's clipping) are
-    checked with the plan, right after the model loads."""
+    checked with the plan, right after the model loads. With --plan the plan fixes these: a plan file is read
+    and the options given are checked against it instead (common.check_plan_file)."""
+    if getattr(args, "plan", None) is not None:
+        return check_plan_file(args, steps=steps, eta=eta, variance=variance)
     given = {k: getattr(args, k) for k in MULTISTEP_OPTIONS if getattr(args, k, None) is not None}
     given.pop("lower_order_final", None)  # a flag: nothing to check
     if hasattr(args, "clip_x0"):  # absent unless given (argparse.SUPPRESS)

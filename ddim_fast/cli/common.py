@@ -17,10 +17,26 @@ from ..schedule import SPACINGS
 
 
 # -- options ---------------------------------------------------------------------------------------
+class Default(int):
+    """An option's default int, told apart from the same number typed by the user (--plan refuses a --steps
+    that contradicts the plan, but not the default it never asked for)."""
+
+
+class DefaultFloat(float):
+    """An option's default float (--eta), told apart from a typed one as Default is."""
+
+
+class DefaultStr(str):
+    """An option's default choice (--variance), told apart from a typed one as Default is."""
+
+
+DEFAULTS = (Default, DefaultFloat, DefaultStr)
+
+
 def add_model_options(p, *, steps=20):
     p.add_argument("--model", default="digits", help="checkpoint folder, training run folder (its latest "
                    "checkpoint), official ckpt.pth, diffusers folder or bundled name")
-    p.add_argument("--steps", type=int, default=steps, help="sampling steps S")
+    p.add_argument("--steps", type=int, default=Default(steps), help="sampling steps S")
     add_spacing_option(p)
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="auto: cuda_graph on CUDA, onnxruntime on a CPU when installed, else reference")
@@ -37,8 +53,8 @@ def add_spacing_option(p):
 
 
 def add_sampler_options(p):
-    p.add_argument("--eta", type=float, default=0.0, help="0 = DDIM (deterministic), 1 = DDPM")
-    p.add_argument("--variance", default="ddim", choices=VARIANCES,
+    p.add_argument("--eta", type=float, default=DefaultFloat(0.0), help="0 = DDIM (deterministic), 1 = DDPM")
+    p.add_argument("--variance", default=DefaultStr("ddim"), choices=VARIANCES,
                    help="'large' = the paper's sigma-hat (with --clip-x0 1: the official code's ddpm_noisy)")
     add_clip_option(p, "clip the x0 estimate to [-C, C], or 'none' (default: the model's own setting, e.g. a "
                        "diffusers scheduler's clip_sample, else none)")
@@ -140,7 +156,10 @@ def load(args):
 def plan_for(args, model, *, steps=None, **sampler):
     """The plan of a command: the model's own sampler settings (SamplingPlan.for_model), overridden by
     the options given on the command line (--spacing, --clip-x0, --threshold) and `sampler` (eta,
-    variance). steps: default args.steps."""
+    variance). steps: default args.steps. With --plan: that plan (plan_option)."""
+    chosen = plan_option(args, model, steps=steps, **sampler)
+    if chosen is not None:
+        return chosen
     if getattr(model, "schedule", None) is None:
         raise ValueError(f"{args.model} carries no noise schedule; convert it with `ddim-fast convert`")
     if model.prediction not in PREDICTIONS:
@@ -154,6 +173,84 @@ def plan_for(args, model, *, steps=None, **sampler):
         given["threshold"] = args.threshold
     given.update({k: getattr(args, k) for k in MULTISTEP_OPTIONS if getattr(args, k, None) is not None})
     return SamplingPlan.for_model(model, args.steps if steps is None else steps, **given, **sampler)
+
+
+# -- --plan FILE | tuned ----------------------------------------------------------------------------------------
+def add_plan_option(p):
+    """--plan FILE|tuned and --force-plan (sample, decode, interpolate, export)."""
+    p.add_argument("--plan", default=None, metavar="FILE|tuned",
+                   help="sample with a saved plan (a .json from `ddim-fast tune` or plan.save), or 'tuned': the tuned "
+                        "plan bundled with the model for --steps (and --guidance). Options that contradict the plan "
+                        "(another --steps, --sampler, --eta, --spacing, ...) are refused")
+    p.add_argument("--force-plan", action="store_true",
+                   help="with --plan FILE: use a plan made for another model (by fingerprint) or edited by hand")
+
+
+def plan_option(args, model, *, steps=None, **sampler):
+    """The plan --plan names, or None without --plan; an option that contradicts it is refused in one line."""
+    source = getattr(args, "plan", None)
+    if source is None:
+        return None
+    want = args.steps if steps is None else steps
+    given_steps = None if want is None or isinstance(want, Default) else int(want)
+    if source == "tuned":
+        guidance = getattr(args, "guidance", None)
+        if given_steps is None:
+            raise ValueError("--plan tuned picks the bundled tuned plan by --steps: add --steps S")
+        plan = SamplingPlan.for_model(model, given_steps, tuned=True, guidance=guidance)
+    else:
+        plan = SamplingPlan.load(source, model=model, force=getattr(args, "force_plan", False))
+    refuse_conflicts(args, plan, given_steps, sampler)
+    return plan
+
+
+def check_plan_file(args, *, steps=None, **sampler) -> None:
+    """Before the model loads: a --plan FILE is read (its own checks: format, checksum, values) and every option
+    that contradicts it is refused; the model's fingerprint is checked once the model is loaded (plan_option).
+    --plan tuned needs the model to find its plan, so only its --steps is checked here."""
+    source = getattr(args, "plan", None)
+    if source is None:
+        return
+    want = args.steps if steps is None else steps
+    given_steps = None if want is None or isinstance(want, Default) else int(want)
+    if source == "tuned":
+        if given_steps is None:
+            raise ValueError("--plan tuned picks the bundled tuned plan by --steps: add --steps S")
+        return
+    plan = SamplingPlan.load(source, force=getattr(args, "force_plan", False))
+    refuse_conflicts(args, plan, given_steps, sampler)
+
+
+def refuse_conflicts(args, plan, steps, sampler) -> None:
+    """One line naming every option given that contradicts the plan --plan names."""
+    clash = plan_conflicts(args, plan, steps, sampler)
+    if clash:
+        raise ValueError(f"--plan {args.plan} fixes the sampler, but {'; '.join(clash)}: drop the option(s), or "
+                         "build the plan from options without --plan")
+
+
+def plan_conflicts(args, plan, steps, sampler) -> list[str]:
+    """'--OPTION V (the plan has W)' for every option given that the plan contradicts."""
+    have = {"steps": plan.steps, "sampler": plan.sampler, "order": plan.order, "plms_start": plan.plms_start,
+            "lower_order_final": plan.lower_order_final, "spacing": plan.spacing, "threshold": plan.threshold,
+            "clip_x0": plan.clip_x0, "eta": plan.eta, "variance": plan.variance}
+    given = {"steps": steps, **{k: getattr(args, k, None) for k in (*MULTISTEP_OPTIONS, "spacing", "threshold")},
+             **{k: v for k, v in sampler.items() if v is not None}}
+    if hasattr(args, "clip_x0"):  # absent unless given
+        given["clip_x0"] = None if args.clip_x0 is None else (-float(args.clip_x0), float(args.clip_x0))
+    out = []
+    for k, v in given.items():
+        if (v is None and k != "clip_x0") or isinstance(v, DEFAULTS):  # not given: the plan decides
+            continue
+        if k in ("eta",) and float(v) == float(have[k]):
+            continue
+        if v != have[k]:
+            out.append(f"--{k.replace('_', '-')} {v} (the plan has {have[k]})")
+    tuned_w = (plan.meta.get("tuned") or {}).get("guidance")
+    w = getattr(args, "guidance", None)
+    if tuned_w is not None and w is not None and float(w) != float(tuned_w):
+        out.append(f"--guidance {w:g} (the plan was tuned for guidance {tuned_w:g})")
+    return out
 
 
 def engine(args, *, eta=0.0, variance="ddim", device=None, model=None, plan=None, images=None):

@@ -11,10 +11,19 @@ from ..plan import VARIANCES
 from ..precision import DTYPES
 from . import checks
 from .checks import ModelFacts, check_with_model
-from .common import MULTISTEP_OPTIONS, add_clip_option, add_multistep_options, add_spacing_option, load, plan_for
+from .common import (
+    MULTISTEP_OPTIONS,
+    Default,
+    add_clip_option,
+    add_multistep_options,
+    add_plan_option,
+    add_spacing_option,
+    load,
+    plan_for,
+)
 
 SAMPLER_OPTIONS = ("steps", "eta", "spacing", "variance", "clip_x0", "threshold",
-                   *MULTISTEP_OPTIONS)  # --whole-sampler only
+                   *MULTISTEP_OPTIONS, "plan")  # --whole-sampler only
 
 
 class Export:
@@ -37,6 +46,7 @@ class Export:
         add_clip_option(p, "clip the x0 estimate to [-C, C], or 'none' (default: the model's own setting, else none)")
         p.add_argument("--threshold", type=float, default=None, metavar="P", help="dynamic thresholding quantile")
         add_multistep_options(p)
+        add_plan_option(p)
         p.add_argument("--graph", default="auto", choices=("auto", "unrolled", "loop", "table"),
                        help="layout of the S steps; table: a Loop taking the plan's table and timesteps as inputs "
                             "(one file for any steps, spacing and eta of the same structure)")
@@ -67,7 +77,7 @@ class Export:
         check_opset(args.opset)
         steps = None
         if args.whole_sampler:
-            steps = 20 if args.steps is None else args.steps
+            steps = Default(20) if args.steps is None else args.steps
             checks.steps(steps)
             eta, variance = 0.0 if args.eta is None else args.eta, args.variance or "ddim"
             checks.sampler_options(args, steps=steps, eta=eta, variance=variance)
@@ -87,8 +97,8 @@ class Export:
         check_with_model(args, ModelFacts.of_model(model), steps=steps, sampling=False)
         plan = None
         if args.whole_sampler:
-            plan = plan_for(args, model, steps=steps, eta=0.0 if args.eta is None else args.eta,
-                            variance=args.variance or "ddim")
+            plan = plan_for(args, model, steps=steps,
+                            eta=0.0 if args.eta is None else args.eta, variance=args.variance or "ddim")
             if args.invert:
                 plan = plan.inverse()
         unroll = {"auto": None, "unrolled": True, "loop": False, "table": False}[args.graph]

@@ -26,6 +26,7 @@ from .common import (
     add_grid_options,
     add_guidance_options,
     add_model_options,
+    add_plan_option,
     add_sampler_options,
     cond_for,
     describe,
@@ -47,6 +48,7 @@ class Sample:
     def add_arguments(p):
         add_model_options(p)
         add_sampler_options(p)
+        add_plan_option(p)
         p.add_argument("--num", "-n", "--num-images", dest="num", type=int, default=16,
                        help="number of images (under torchrun write -n or --num-images: torchrun takes --num for "
                             "an abbreviation of its own --numa-binding and stops)")
@@ -311,6 +313,7 @@ class Decode:
     @staticmethod
     def add_arguments(p):
         add_model_options(p, steps=100)
+        add_plan_option(p)
         add_guidance_options(p)
         p.add_argument("--input", required=True, help="an .npz with 'latents' (from encode)")
         p.add_argument("--out", default="decoded.png",
@@ -356,6 +359,7 @@ class Interpolate:
     @staticmethod
     def add_arguments(p):
         add_model_options(p, steps=50)
+        add_plan_option(p)
         add_guidance_options(p)
         g = p.add_mutually_exclusive_group()
         g.add_argument("--seeds", type=int, nargs=2, metavar=("A", "B"), default=(0, 1),

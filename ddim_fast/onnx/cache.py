@@ -1,4 +1,5 @@
-"""The on-disk cache of exported graphs, and the content fingerprints that key it.
+"""The on-disk cache of exported graphs, and the content fingerprints that key it (model_fingerprint lives in
+ddim_fast/fingerprint.py, shared with plan files; re-exported here).
 
 Folder: $DDIM_FAST_CACHE/onnx (default ~/.cache/ddim-fast/onnx, or $XDG_CACHE_HOME/ddim-fast/onnx).
 Size: at most $DDIM_FAST_CACHE_MAX_MB megabytes (default CACHE_MAX_MB); after each write the least
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_write_bytes
+from ..fingerprint import model_fingerprint  # noqa: F401  (moved to a low module; still part of this API)
 from ..plan import SamplingPlan
 
 CACHE_MAX_MB = 2048  # default size limit of the cache ($DDIM_FAST_CACHE_MAX_MB)
@@ -131,40 +133,6 @@ def record_export_time(seconds: float):
         atomic_write_bytes(path, json.dumps({"torch_export_s": round(seconds, 2)}).encode())
     except OSError:
         pass  # an unwritable cache has already said so
-
-
-def _plain(value):
-    """A JSON-able stand-in for a model attribute, or None to leave it out of the fingerprint."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value):
-        return list(value)
-    if callable(getattr(value, "to_dict", None)):
-        return value.to_dict()
-    return None
-
-
-def model_fingerprint(model) -> str:
-    """sha256 of what decides a model's output: class, parameters and buffers (non-persistent ones
-    too), and the plain attributes of every submodule (numbers, strings, configs with to_dict)."""
-    h = hashlib.sha256()
-    h.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
-    tensors = dict(model.named_parameters())
-    tensors.update(model.named_buffers())
-    for name, tensor in sorted(tensors.items()):
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    attrs = {}
-    for mod_name, mod in model.named_modules():
-        for k, v in vars(mod).items():
-            if k.startswith("_") or k == "training":
-                continue
-            plain = _plain(v)
-            if plain is not None:
-                attrs[f"{mod_name}.{k}"] = plain
-    h.update(json.dumps(attrs, sort_keys=True, default=str).encode())
-    return h.hexdigest()
 
 
 def plan_fingerprint(plan: SamplingPlan) -> str:

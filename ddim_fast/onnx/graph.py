@@ -168,7 +168,8 @@ def copy_nodes(nodes, rename, prefix):
 
 
 # What a table-input graph does not depend on: only the table's values and length change with these.
-TABLE_ONLY = ("T", "steps", "timesteps", "eta", "variance", "spacing", "eps_at", "final_alpha")
+TABLE_ONLY = ("T", "steps", "timesteps", "eta", "variance", "spacing", "eps_at", "final_alpha",
+              "tuned")  # tuned: ddim_fast/tune.py's record of how the table was fitted (its values only)
 
 
 def structure(plan: SamplingPlan) -> dict:
