@@ -49,9 +49,32 @@ def existing(path) -> Path:
     return path
 
 
-def damaged(path, err) -> ValueError:
-    return ValueError(f"{path} is not a readable ONNX model ({first_line(err)}); the file is damaged or truncated: "
-                      "re-export it (dd.export_onnx or `ddim-fast export`)")
+class DamagedOnnxFile(ValueError):
+    """An ONNX file that cannot be read (truncated, zeroed, not protobuf). `path` names it, so the cache can
+    repair its own entries by exporting again; a user's file gets the message, which says to re-export."""
+
+    def __init__(self, path, err):
+        self.path = Path(path)
+        super().__init__(f"{path} is not a readable ONNX model ({first_line(err)}); the file is damaged or "
+                         "truncated: re-export it (dd.export_onnx or `ddim-fast export`)")
+
+
+def damaged(path, err) -> DamagedOnnxFile:
+    return DamagedOnnxFile(path, err)
+
+
+def read_proto(path, load_external_data: bool = True):
+    """The onnx.ModelProto of an existing file; DamagedOnnxFile when it does not parse or holds no graph
+    (protobuf parses an empty or zeroed file as an empty model)."""
+    onnx = import_onnx()
+    path = existing(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as e:
+        raise damaged(path, e) from None
+    if not proto.graph.output:
+        raise damaged(path, ValueError("the model has no graph"))
+    return proto
 
 
 # -- sessions ----------------------------------------------------------------------------------------

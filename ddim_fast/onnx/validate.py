@@ -26,12 +26,14 @@ class ExportValidationError(RuntimeError):
 
 @torch.no_grad()
 def validate_export(proto_or_path, model, plan: SamplingPlan | None, dtype=torch.float32, shape=None, *,
-                    batch: int | None = None, seed: int = 0, cond: dict | None = None, guided: bool = False) -> dict:
+                    batch: int | None = None, seed: int = 0, cond: dict | None = None, guided: bool = False,
+                    runner: OrtRunner | None = None) -> dict:
     """Run the exported graph in ONNX Runtime (CPU EP) on random inputs and compare it with the
     float64 reference (the model in float64; ddim_fast.sampling for a sampler). Raises
     ExportValidationError when the tolerance rule fails; returns the errors otherwise.
     cond: example conditioning inputs of the graph (their shapes; fresh random values are drawn);
-    guided: the sampler graph does classifier-free guidance (random uncond, a scale of 2.5)."""
+    guided: the sampler graph does classifier-free guidance (random uncond, a scale of 2.5); runner: a CPU
+    OrtRunner already open on the graph (the caller keeps it), else one is opened here."""
     shape = sample_shape(model, shape)
     # batch 3 for the network (traced at 2: checks the dynamic batch); 2 for a sampler, whose float64
     # reference costs S network calls (per-sample ops such as thresholding still see two samples)
@@ -40,7 +42,7 @@ def validate_export(proto_or_path, model, plan: SamplingPlan | None, dtype=torch
     x = torch.randn(batch, *shape, generator=gen)  # (B, C, H, W)
     m64 = eval_copy(model, torch.float64)
     low = Network(eval_copy(model, dtype), dtype)
-    runner = OrtRunner(proto_or_path, device="cpu")
+    runner = runner or OrtRunner(proto_or_path, device="cpu")
     c, c64, kw, kw64, feeds_c = _random_cond(model, cond, guided, batch, gen)
     if plan is None:
         T = getattr(getattr(model, "schedule", None), "T", 1000)
