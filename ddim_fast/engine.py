@@ -4,6 +4,7 @@
     imgs = eng.sample(16, seed=0)        # (16, C, H, W) float32 in [-1, 1]
     imgs = eng(x_T)                      # from a given start
     x_T = eng.invert(imgs)               # DDIM encoding (eta=0 plans)
+    imgs = eng.sample(16, plan=other)    # another plan for one call (steps, spacing, eta, sampler)
 
 Backends (ddim_fast/backends/, one file each; all produce the reference sampler's result, within
 docs/DESIGN.md's tolerance rule):
@@ -13,12 +14,19 @@ docs/DESIGN.md's tolerance rule):
                TRITON_INTERPRET=1 (for tests: very slow).
   cuda_graph   the triton backend's whole S-step loop (UNet + step, every step) captured into
                one CUDA graph and replayed: one launch per sample call instead of hundreds.
-  onnxruntime  the exported whole sampler in ONNX Runtime (ddim_fast.onnx): CPU EP, or the CUDA
-               EP with onnxruntime-gpu.
+  onnxruntime  ONNX Runtime (ddim_fast.onnx): on a CPU the reference loop with the exported network
+               in one CPU EP session (any plan, one export); on CUDA (onnxruntime-gpu) the exported
+               whole sampler with IO binding.
   auto         the first that can run of backends.AUTO: on CUDA cuda_graph (Triton installed),
                else onnxruntime (onnxruntime-gpu), else reference; on a CPU onnxruntime when
-               installed, else reference. The choice and the reason (naming what was skipped and
-               why) are in `eng.backend` and `eng.backend_reason`.
+               installed and worth it for the Workload (choose_backend), else reference. The
+               choice and the reason (naming what was skipped and why, with the estimates it
+               weighed) are in `eng.backend` and `eng.backend_reason`.
+
+What a first Engine costs on a CPU (backend auto or onnxruntime): the network's ONNX export, once per
+model and precision (seconds; cached on disk, its stages logged to the "ddim_fast" logger), and an ONNX
+Runtime session. Later Engines of the model in the process reuse the session; a new plan, per call or
+per Engine, costs no export and no session.
 
 The state x is float32 throughout; `dtype` is the network's precision (fp32, fp16 or bf16).
 The Engine works on its own copy of the model (moved to `device` and `dtype`), so the caller's
@@ -32,7 +40,7 @@ default 4; evicting one frees its graph). Capture first runs the whole loop once
 eager sampling calls of time, plus Triton's one-off compilation on a cold cache. Memory: the
 activations of one UNet forward at that batch size (every step reuses them; all graphs share
 one pool) plus static buffers for x (and x_T / noise when given) and the output copy. A new
-batch size, image shape, dtype or plan (a new Engine) captures again; a new seed or
+batch size, image shape, dtype or plan (by content) captures again; a new seed or
 first_index does not (they live in (1,) device tensors). Replays copy the result out, so a
 result the caller holds is never overwritten by the next replay. These costs are stated from
 the mechanism; benchmarks/gpu_suite.py reports the measured first-call times.
