@@ -344,7 +344,11 @@ def _cpu_rule(model, plan, dtype, shape, workload, fingerprint) -> tuple[str | N
         raise ValueError("choose_backend needs the plan to weigh a workload")
     doubled = 2 if workload.guided else 1  # guidance: the network sees [uncond; cond]
     batch = min(workload.batch or workload.images, workload.images)
-    per_sample, probed = probe_per_sample_s(model, doubled * batch, dtype, shape)
+    try:
+        per_sample, probed = probe_per_sample_s(model, doubled * batch, dtype, shape)
+    except Exception as e:  # a model the probe cannot call plainly: the library's default
+        return None, (f"; exporting the model to ONNX first (about {export_s:.0f} s here, once): the reference "
+                      f"backend's time could not be measured ({type(e).__name__}: {e})")
     ref_s = per_sample * doubled * workload.images * plan.steps
     ort_s = ORT_TIME_FRACTION * ref_s
     numbers = (f"this job ({workload.images} images x {plan.steps} network calls{', guided' if workload.guided else ''}"

@@ -91,13 +91,31 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def session_options(threads: int | None = None, *, spinning: bool = True, parallel: bool = False):
+def spinning_default() -> bool:
+    """Whether the CPU EP's intra-op threads spin while they wait for work (ONNX Runtime's default): yes on
+    a machine with cores to spare, no when the 1-minute load average is at or above the physical cores
+    (others' work is running, and spinning threads take the cores it needs). $DDIM_FAST_ORT_SPIN=1 or 0
+    decides instead. The choice changes the speed only, never a number.
+    NOTE: measured (bench_cpu_backends.py and docs/DESIGN.md, "The CPU path: one network session"): on
+    the quiet 2-core VM spinning won (CIFAR-10 UNet, whole sampler, B=1: 885 against 1100 ms); under
+    load it lost by far (5250 against 3197 ms; the digits network in the sampling loop, DDIM-20 at load
+    averages of 4.5-9: 421 against 149 ms at batch 1, 2676 against 1309 at 16, 8799 against 5828 at 64)."""
+    forced = os.environ.get("DDIM_FAST_ORT_SPIN")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ValueError(f"DDIM_FAST_ORT_SPIN must be 1 (spin) or 0 (do not), got {forced!r}")
+    try:
+        return os.getloadavg()[0] < physical_cores()
+    except OSError:  # no load average on this platform
+        return True
+
+
+def session_options(threads: int | None = None, *, spinning: bool | None = None, parallel: bool = False):
     """CPU EP settings: intra-op threads = physical cores (or $DDIM_FAST_ORT_THREADS), sequential
-    execution, full graph optimisation.
+    execution, full graph optimisation; spinning: None = spinning_default().
     NOTE: bench_cpu_backends.py, CIFAR-10 UNet, S=10, B=1, 2-core shared VM: 2 threads 885 ms vs 1 thread
-    1575 ms; parallel execution 1932 ms (the UNet is a chain: nothing to overlap). Spinning threads won
-    (885 vs 1100 ms) in the quietest run and lost (5250 vs 3197 ms) under heavy load: left on (ORT's
-    default, for dedicated cores); spinning=False is the choice for a shared machine."""
+    1575 ms; parallel execution 1932 ms (the UNet is a chain: nothing to overlap)."""
     ort = import_ort()
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or int(os.environ.get("DDIM_FAST_ORT_THREADS", 0) or 0) or physical_cores()
@@ -105,7 +123,7 @@ def session_options(threads: int | None = None, *, spinning: bool = True, parall
     so.execution_mode = ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only: ORT warns about every initializer it folds
-    if not spinning:
+    if not (spinning_default() if spinning is None else spinning):
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 

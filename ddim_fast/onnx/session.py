@@ -91,14 +91,15 @@ class NetworkSession:
         self.path = self.runner.path or self.job.path
 
     def _open(self) -> OrtRunner:
-        path, runner = network_file(self.job, self.threads)
+        path, runner = network_file(self.job, self.threads)  # runner: the check's CPU session of a fresh export
         if runner is None or self.device.type != "cpu":
             try:
                 runner = OrtRunner(path, device=self.device, threads=self.threads)
             except DamagedOnnxFile as e:  # a cache entry damaged on disk: export it again
                 discard_damaged(e)
-                path, _ = network_file(self.job, self.threads)
-                runner = OrtRunner(path, device=self.device, threads=self.threads)
+                path, runner = network_file(self.job, self.threads)
+                if runner is None or self.device.type != "cpu":
+                    runner = OrtRunner(path, device=self.device, threads=self.threads)
         runner.path = path
         stats["sessions"] += 1
         return runner
