@@ -13,6 +13,8 @@ Every measurement runs in a fresh process with an empty DDIM_FAST_CACHE folder:
            first network call (sampling starts), and for the whole call. Goal: at most 1 s before sampling.
   cli      `ddim-fast sample -n N` (digits, 20 steps) with --backend auto, reference and onnxruntime, each from
            an empty cache, interleaved. Goal: auto within 1.1 x the faster of the other two.
+  ratio    warm sampling calls on onnxruntime against the reference backend, interleaved, per model and
+           batch (medians): the fraction behind engine.ORT_TIME_FRACTION, the auto rule's constant.
 Prints a table; writes JSON (machine, load average before and after each part, versions, date) to
 benchmarks/results/first-result-<machine>-<date>.json.
 """
@@ -40,8 +42,6 @@ def child(model_name: str, steps: int, batch: int) -> dict:
     t_start = time.time()
     import logging
 
-    import torch
-
     import ddim_fast as dd
     from ddim_fast.onnx import session as se
 
@@ -63,12 +63,7 @@ def child(model_name: str, steps: int, batch: int) -> dict:
         return call(self, x, t, **cond)
 
     se.NetworkSession.__call__ = timed_call
-    if model_name == "cifar10":
-        torch.manual_seed(0)
-        model = dd.UNet(dd.UNetConfig.cifar10()).eval()  # random weights: the times do not depend on them
-        model.schedule = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
-    else:
-        model = dd.load_model(model_name)
+    model = _model(model_name)
     plan = dd.SamplingPlan.for_model(model, steps)
     t_load = time.time()
     eng = dd.Engine(model, plan, device="cpu")
@@ -107,6 +102,42 @@ def child(model_name: str, steps: int, batch: int) -> dict:
     return {"cold": cold, "warm": warm}
 
 
+def child_ratio(model_name: str, steps: int, batches: list, rounds: int) -> dict:
+    """Per batch: median seconds of a warm sample(B) call on onnxruntime and on the reference backend."""
+    import ddim_fast as dd
+
+    model = _model(model_name)
+    plan = dd.SamplingPlan.for_model(model, steps)
+    engines = {b: dd.Engine(model, plan, backend=b, device="cpu") for b in ("onnxruntime", "reference")}
+    rows = []
+    for batch in batches:
+        times = {b: [] for b in engines}
+        for eng in engines.values():
+            eng.sample(batch, seed=0)  # warm-up
+        for _ in range(rounds):
+            for b, eng in engines.items():
+                t0 = time.perf_counter()
+                eng.sample(batch, seed=0)
+                times[b].append(time.perf_counter() - t0)
+        med = {b: statistics.median(v) for b, v in times.items()}
+        rows.append({"batch": batch, "onnxruntime_s": med["onnxruntime"], "reference_s": med["reference"],
+                     "fraction": med["onnxruntime"] / med["reference"], "load_average": os.getloadavg()[0]})
+    return {"model": model_name, "steps": steps, "rows": rows}
+
+
+def _model(model_name):
+    import torch
+
+    import ddim_fast as dd
+
+    if model_name == "cifar10":
+        torch.manual_seed(0)
+        model = dd.UNet(dd.UNetConfig.cifar10()).eval()  # random weights: the times do not depend on them
+        model.schedule = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
+        return model
+    return dd.load_model(model_name)
+
+
 # -- the parent ----------------------------------------------------------------------------------------------
 def _env(cache: str) -> dict:
     env = dict(os.environ, DDIM_FAST_CACHE=cache, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -127,6 +158,16 @@ def run_child(model_name: str, steps: int, batch: int) -> dict:
     out["cold"]["startup_s"] = out["cold"].pop("t_start") - spawn  # the interpreter itself, before any import
     out["model"], out["steps"], out["batch"], out["load_average"] = model_name, steps, batch, load
     return out
+
+
+def run_ratio(model_name: str, steps: int, batches: list, rounds: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="first-result-cache-") as cache:
+        p = subprocess.run([sys.executable, "-m", "benchmarks.first_result", "--child-ratio", model_name, "--steps",
+                            str(steps), "--ratio-batches", *map(str, batches), "--repeats", str(rounds)],
+                           env=_env(cache), cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"the ratio of {model_name} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def run_cli(model: str, steps: int, n: int, backend: str) -> dict:
@@ -152,13 +193,20 @@ def main(argv=None):
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="the CLI's -n values (default 1 4 16 64 256)")
     ap.add_argument("--repeats", type=int, default=None, help="runs of each measurement (default 2; quick: 1)")
     ap.add_argument("--no-cli", dest="cli", action="store_false", help="skip the CLI part")
+    ap.add_argument("--no-ratio", dest="ratio", action="store_false", help="skip the ratio part")
+    ap.add_argument("--ratio-batches", type=int, nargs="+", default=None,
+                    help="batches of the ratio part (default 1 8 64; quick: 2)")
     ap.add_argument("--out", default=None, help="JSON path (default: results/first-result-<machine>-<date>.json)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-ratio", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=16, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.batch)))
+        return None
+    if args.child_ratio:
+        print(json.dumps(child_ratio(args.child_ratio, args.steps, args.ratio_batches, args.repeats)))
         return None
 
     sys.path.insert(0, str(ROOT))
@@ -210,13 +258,27 @@ def main(argv=None):
                     cli.append(r)
                     print(f"cli -n {n:<4} --backend {backend:<12} {r['s']:6.2f} s (ran on {r['ran_on']}); "
                           f"load {r['load_average']:.2f}", flush=True)
+    load_after_cli = os.getloadavg()
+
+    ratio = []
+    if args.ratio:
+        batches = args.ratio_batches or ([2] if args.quick else [1, 8, 64])
+        for name in models:
+            r = run_ratio(name, 2 if args.quick else 5, batches, 1 if args.quick else 3)
+            ratio.append(r)
+            for row in r["rows"]:
+                print(f"ratio {Path(name).name} B={row['batch']}: onnxruntime {row['onnxruntime_s']:.3f} s, "
+                      f"reference {row['reference_s']:.3f} s -> {row['fraction']:.2f}; load {row['load_average']:.2f}",
+                      flush=True)
     load_after = os.getloadavg()
     tmp.cleanup()
 
     summary = summarize(cold, cli)
+    summary["ratio"] = [dict(row, model=Path(r["model"]).name, steps=r["steps"]) for r in ratio for row in r["rows"]]
     print_tables(summary)
     record = {"benchmark": "first_result", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": info,
-              "load_average": {"before": load_before, "after_cold_and_warm": load_mid, "after": load_after},
+              "load_average": {"before": load_before, "after_cold_and_warm": load_mid, "after_cli": load_after_cli,
+                               "after": load_after},
               "quick": args.quick, "repeats": repeats, "cold_runs": cold, "cli_runs": cli, "summary": summary,
               "goals": {"first_result_s": GOALS, "warm_before_sampling_s": WARM_GOAL_S, "cli_slack": CLI_SLACK},
               "argv": list(sys.argv[1:] if argv is None else argv)}
@@ -256,6 +318,11 @@ def summarize(cold, cli) -> dict:
 
 
 def print_tables(summary):
+    if summary.get("ratio"):
+        print("\nwarm sampling call, onnxruntime / reference (s; median)")
+        for r in summary["ratio"]:
+            print(f"  {r['model']:<10} S={r['steps']:<3} B={r['batch']:<4}{r['onnxruntime_s']:>9.3f}"
+                  f"{r['reference_s']:>9.3f}   {r['fraction']:.2f}  (load {r['load_average']:.2f})")
     print("\ncold Engine(model, plan) + sample(16), empty cache (s; median)")
     print(f"{'model':<10}{'S':>4}{'startup':>9}{'import':>8}{'load':>7}{'export':>8}{'check':>7}{'rest':>7}"
           f"{'Engine':>8}{'sample':>8}{'total':>8}{'goal':>6}  met")

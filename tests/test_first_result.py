@@ -27,4 +27,6 @@ def test_quick_run_writes_json(tmp_path):
     assert cli["n"] == 1 and {r["backend"] for r in data["cli_runs"]} == {"auto", "reference", "onnxruntime"}
     assert {r["ran_on"] for r in data["cli_runs"] if r["backend"] != "auto"} == {"reference", "onnxruntime"}
     assert cli["auto_ran_on"][0] in ("reference", "onnxruntime") and cli["auto_over_best"] > 0
+    (ratio,) = data["summary"]["ratio"]
+    assert ratio["batch"] == 2 and ratio["fraction"] > 0
     assert record["summary"] == data["summary"]
