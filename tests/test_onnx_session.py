@@ -124,12 +124,12 @@ def test_dynamo_takes_over_from_torchscript(failure, monkeypatch, caplog):
     another model). The file's metadata and the log say that dynamo made it."""
     real = ex.torch_export
 
-    def torchscript_fails(model, dtype, opset, shape, cond=None, exporter="torchscript"):
+    def torchscript_fails(model, dtype, opset, shape, cond=None, exporter="torchscript", copy=None):
         if exporter == "torchscript":
             if failure == "raises":
                 raise ValueError("torch.onnx (torchscript) could not export it (simulated)")
             return real(GaussianEps(SCHED, mu=0.9), dtype, opset, shape, cond, exporter)  # a wrong graph
-        return real(model, dtype, opset, shape, cond, exporter)
+        return real(model, dtype, opset, shape, cond, exporter, copy)
 
     monkeypatch.setattr(ex, "torch_export", torchscript_fails)
     model = GaussianEps(SCHED, mu=0.1 if failure == "raises" else 0.2)  # its own cache entry
@@ -148,7 +148,7 @@ def test_dynamo_takes_over_from_torchscript(failure, monkeypatch, caplog):
 
 
 def test_when_both_exporters_fail_the_error_names_both(monkeypatch):
-    def wrong(model, dtype, opset, shape, cond=None, exporter="torchscript"):
+    def wrong(model, dtype, opset, shape, cond=None, exporter="torchscript", copy=None):
         raise ValueError(f"torch.onnx ({exporter}) could not export it (simulated)")
 
     monkeypatch.setattr(ex, "torch_export", wrong)

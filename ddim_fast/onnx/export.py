@@ -431,8 +431,9 @@ def export_network(job: _Job, say=None, validate: bool = True, threads: int | No
             f"{job.params / 1e6:.1f}M parameters; once per model, then cached"
             + (f"; about {export_estimate_s(job.params):.0f} s here)" if exporter == "torchscript" else ")"))
         t0 = time.perf_counter()
+        private = eval_copy(job.model, job.dtype)  # traced, then the check's reference (made float64 there)
         try:
-            proto = torch_export(job.model, job.dtype, job.opset, job.shape, job.example, exporter)
+            proto = torch_export(job.model, job.dtype, job.opset, job.shape, job.example, exporter, copy=private)
         except OnnxRuntimeMissing:
             raise
         except ValueError as e:
@@ -447,7 +448,8 @@ def export_network(job: _Job, say=None, validate: bool = True, threads: int | No
             say("checking the network in ONNX Runtime against the float64 reference")
             runner = OrtRunner(proto, device="cpu", threads=threads)
             try:
-                validate_export(proto, job.model, None, job.dtype, job.shape, cond=job.example, runner=runner)
+                validate_export(proto, job.model, None, job.dtype, job.shape, cond=job.example, runner=runner,
+                                own_copy=private)
             except ExportValidationError as e:
                 errors.append(e)
                 say(f"the {EXPORTER_NAMES[exporter]} exporter's graph failed the check: {first_line(e)}")

@@ -82,12 +82,13 @@ def exporters_for(opset) -> tuple:
     return EXPORTERS if opset is None or opset <= TORCHSCRIPT_MAX_OPSET else ("dynamo",)
 
 
-def torch_export(model, dtype, opset, shape, cond=None, exporter: str = "torchscript"):
+def torch_export(model, dtype, opset, shape, cond=None, exporter: str = "torchscript", copy=None):
     """The eps-model as an onnx.ModelProto: inputs x (B, C, H, W) float32, t (B,) int64, and one input
     per conditioning tensor of `cond` (an example dict, {name: (2, ...) tensor}: its dtypes and its
     shapes after the batch are fixed in the graph; float ones are float32 inputs); output
     `prediction` (B, C', H, W) float32. The batch dimension is dynamic. exporter: "torchscript"
-    (torch.onnx.export(dynamo=False): a trace) or "dynamo" (torch.export); ValueError when it fails."""
+    (torch.onnx.export(dynamo=False): a trace) or "dynamo" (torch.export); ValueError when it fails.
+    copy: eval_copy(model, dtype) when the caller has one (tracing leaves it as it is)."""
     onnx = import_onnx()
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
@@ -98,7 +99,7 @@ def torch_export(model, dtype, opset, shape, cond=None, exporter: str = "torchsc
             raise OnnxRuntimeMissing(f"onnxscript is not installed (torch.onnx needs it): {INSTALL_HINT}") from None
     cond = dict(cond or {})
     names = list(cond)
-    net = _Positional(Network(eval_copy(model, dtype), dtype), names).eval()
+    net = _Positional(Network(copy if copy is not None else eval_copy(model, dtype), dtype), names).eval()
     x = torch.randn(2, *shape)  # batch 2: torch.export specialises a traced batch of 1
     t = torch.tensor([1, 2], dtype=torch.int64)
     conds = tuple(v.float() if v.is_floating_point() else v.long() for v in cond.values())
