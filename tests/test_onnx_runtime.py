@@ -1,5 +1,6 @@
 """ONNX Runtime sessions (onnx/runtime.py): clear errors for a CUDA EP that is missing or cannot load,
-and for damaged, truncated or missing files; whether the CPU EP's threads spin."""
+and for damaged, truncated or missing files; whether the CPU EP's threads spin, and torch's threads while
+an export runs on a busy machine."""
 
 import pytest
 
@@ -55,3 +56,20 @@ def test_spinning_follows_the_load_unless_told(monkeypatch):
     monkeypatch.setenv("DDIM_FAST_ORT_SPIN", "yes")
     with pytest.raises(ValueError, match="DDIM_FAST_ORT_SPIN must be 1"):
         runtime.spinning_default()
+
+
+def test_one_torch_thread_while_busy(monkeypatch):
+    import torch
+
+    from ddim_fast.onnx import runtime
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for busy, inside in ((True, 1), (False, 2)):
+            monkeypatch.setattr(runtime, "busy", lambda busy=busy: busy)
+            with runtime.one_torch_thread_when_busy():
+                assert torch.get_num_threads() == inside
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -44,7 +44,14 @@ from .cache import (  # noqa: F401  (cache_dir, the fingerprints and the limit a
 )
 from .graph import layout_key, sampler_proto, structure
 from .network import eval_copy, exporters_for, opset_of, torch_export
-from .runtime import DamagedOnnxFile, OnnxRuntimeMissing, OrtRunner, first_line, read_proto
+from .runtime import (
+    DamagedOnnxFile,
+    OnnxRuntimeMissing,
+    OrtRunner,
+    first_line,
+    one_torch_thread_when_busy,
+    read_proto,
+)
 from .validate import ExportValidationError, check_loop_tables, head, validate_export
 
 # bump when the graph layout changes: part of every cache key. 2: networks from the TorchScript exporter,
@@ -433,7 +440,8 @@ def export_network(job: _Job, say=None, validate: bool = True, threads: int | No
         t0 = time.perf_counter()
         private = eval_copy(job.model, job.dtype)  # traced, then the check's reference (made float64 there)
         try:
-            proto = torch_export(job.model, job.dtype, job.opset, job.shape, job.example, exporter, copy=private)
+            with one_torch_thread_when_busy():  # the trace runs the network
+                proto = torch_export(job.model, job.dtype, job.opset, job.shape, job.example, exporter, copy=private)
         except OnnxRuntimeMissing:
             raise
         except ValueError as e:
@@ -448,8 +456,9 @@ def export_network(job: _Job, say=None, validate: bool = True, threads: int | No
             say("checking the network in ONNX Runtime against the float64 reference")
             runner = OrtRunner(proto, device="cpu", threads=threads)
             try:
-                validate_export(proto, job.model, None, job.dtype, job.shape, cond=job.example, runner=runner,
-                                own_copy=private)
+                with one_torch_thread_when_busy():  # the float32 and float64 references
+                    validate_export(proto, job.model, None, job.dtype, job.shape, cond=job.example, runner=runner,
+                                    own_copy=private)
             except ExportValidationError as e:
                 errors.append(e)
                 say(f"the {EXPORTER_NAMES[exporter]} exporter's graph failed the check: {first_line(e)}")

@@ -3,6 +3,7 @@ an exported ddim-fast graph called with torch tensors (zero-copy on the CPU, IO 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -91,11 +92,19 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+def busy() -> bool:
+    """Whether other work is running here: the 1-minute load average at or above the physical cores (False
+    where there is no load average)."""
+    try:
+        return os.getloadavg()[0] >= physical_cores()
+    except OSError:
+        return False
+
+
 def spinning_default() -> bool:
-    """Whether the CPU EP's intra-op threads spin while they wait for work (ONNX Runtime's default): yes on
-    a machine with cores to spare, no when the 1-minute load average is at or above the physical cores
-    (others' work is running, and spinning threads take the cores it needs). $DDIM_FAST_ORT_SPIN=1 or 0
-    decides instead. The choice changes the speed only, never a number.
+    """Whether the CPU EP's intra-op threads spin while they wait for work (ONNX Runtime's default): yes
+    unless the machine is busy() (spinning threads then take the cores others' work needs).
+    $DDIM_FAST_ORT_SPIN=1 or 0 decides instead. The choice changes the speed only, never a number.
     NOTE: measured (bench_cpu_backends.py and docs/DESIGN.md, "The CPU path: one network session"): on
     the quiet 2-core VM spinning won (CIFAR-10 UNet, whole sampler, B=1: 885 against 1100 ms); under
     load it lost by far (5250 against 3197 ms; the digits network in the sampling loop, DDIM-20 at load
@@ -105,10 +114,23 @@ def spinning_default() -> bool:
         return forced == "1"
     if forced:
         raise ValueError(f"DDIM_FAST_ORT_SPIN must be 1 (spin) or 0 (do not), got {forced!r}")
+    return not busy()
+
+
+@contextlib.contextmanager
+def one_torch_thread_when_busy():
+    """torch's intra-op threads set to 1 for the duration when the machine is busy(), then restored: eager
+    PyTorch with more OpenMP threads than free cores waits on descheduled threads.
+    NOTE: measured on the 2-core VM at load averages of 4.5-5: the TorchScript export of the digits UNet took
+    3.5-4.8 s with 1 thread against 6.8-7.6 s with 2, the CIFAR-10 UNet's 10.8-10.9 s against 17.8-19.3 s.
+    Process-wide while it lasts: other threads' torch calls run on one thread meanwhile."""
+    before = torch.get_num_threads()
+    if busy() and before > 1:
+        torch.set_num_threads(1)
     try:
-        return os.getloadavg()[0] < physical_cores()
-    except OSError:  # no load average on this platform
-        return True
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def session_options(threads: int | None = None, *, spinning: bool | None = None, parallel: bool = False):
