@@ -28,9 +28,10 @@ from ..plan import SamplingPlan
 CACHE_MAX_MB = 2048  # default size limit of the cache ($DDIM_FAST_CACHE_MAX_MB)
 # What a first export of a network costs (the TorchScript export and its check against the float64
 # reference), before one was measured on this machine: BASE + PER_MPARAM x (millions of parameters).
-# NOTE: FILLED IN FROM THE MEASUREMENT (docs/DESIGN.md, "The backend rule").
-EXPORT_BASE_S = 3.0
-EXPORT_S_PER_MPARAM = 0.15
+# NOTE: measured on the 2-core VM at load averages of 2.7-3.0 (benchmarks/first_result.py, cold; docs/DESIGN.md,
+# "The backend rule"): the digits UNet (1.1M parameters) 2.1-2.8 s, the CIFAR-10 UNet (35.7M) 9.1-9.4 s.
+EXPORT_BASE_S = 2.3
+EXPORT_S_PER_MPARAM = 0.19
 TIMINGS_KEPT = 8  # exports remembered in timings.json
 
 def cache_dir() -> Path:
