@@ -192,6 +192,7 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=None, help="cold/warm models (default: digits cifar10)")
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help="the CLI's -n values (default 1 4 16 64 256)")
     ap.add_argument("--repeats", type=int, default=None, help="runs of each measurement (default 2; quick: 1)")
+    ap.add_argument("--cli-repeats", type=int, default=None, help="runs of each CLI command (default: --repeats)")
     ap.add_argument("--no-cli", dest="cli", action="store_false", help="skip the CLI part")
     ap.add_argument("--no-ratio", dest="ratio", action="store_false", help="skip the ratio part")
     ap.add_argument("--ratio-batches", type=int, nargs="+", default=None,
@@ -251,7 +252,7 @@ def main(argv=None):
     if args.cli:
         order = ["auto", "reference", "onnxruntime"]
         for n in sizes:
-            for rep in range(repeats):
+            for rep in range(args.cli_repeats or repeats):
                 for backend in order[rep % 3:] + order[: rep % 3]:  # interleaved, the order rotated per repeat
                     r = run_cli(cli_model, cli_steps, n, backend)
                     r["repeat"] = rep
@@ -279,7 +280,8 @@ def main(argv=None):
     record = {"benchmark": "first_result", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": info,
               "load_average": {"before": load_before, "after_cold_and_warm": load_mid, "after_cli": load_after_cli,
                                "after": load_after},
-              "quick": args.quick, "repeats": repeats, "cold_runs": cold, "cli_runs": cli, "summary": summary,
+              "quick": args.quick, "repeats": repeats, "cli_repeats": args.cli_repeats or repeats,
+              "cold_runs": cold, "cli_runs": cli, "summary": summary,
               "goals": {"first_result_s": GOALS, "warm_before_sampling_s": WARM_GOAL_S, "cli_slack": CLI_SLACK},
               "argv": list(sys.argv[1:] if argv is None else argv)}
     out = Path(args.out) if args.out else result_path("first-result" + ("-quick" if args.quick else ""), info)

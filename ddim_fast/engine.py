@@ -287,16 +287,13 @@ def _default_device():
 INVERSE_PLANS_KEPT = 8  # inversion plans an Engine keeps (one per plan and eps_at it was asked to invert with)
 
 # ONNX Runtime's time for a job as a fraction of the reference backend's, on a CPU, once the export exists:
-# the largest fraction measured, so that auto errs towards the reference backend; on a busy machine
-# (onnx.runtime.busy(): the load average at or above the cores) eager PyTorch slows down far more than
-# ONNX Runtime, and the largest fraction measured there applies.
-# NOTE: measured on the 2-core VM (docs/DESIGN.md, "The backend rule"; benchmarks/first_result.py, ratio):
-# quiet, the CIFAR-10 UNet 0.61 at batch 1 and 0.85 at batch 8 (970 and 903 against 1578 and 1060 ms per
-# sample, docs/benchmarks.md, 2026-11-25), digits 0.63 at batch 64 (2.25 against 3.56 s, issue 22); at
-# load averages of 2.7-3.8, digits 0.09, 0.07 and 0.24 at batch 1, 8 and 64, CIFAR-10 0.07 and 0.28 at
-# batch 1 and 8.
-ORT_TIME_FRACTION = 0.85
-ORT_TIME_FRACTION_BUSY = 0.30
+# the largest fraction measured, so that auto errs towards the reference backend.
+# NOTE: measured on the 2-core VM, never quiet in that session (docs/DESIGN.md, "The backend rule";
+# benchmarks/first_result.py, its ratio part, warm sampling calls): digits 0.42, 0.57, 0.70 at batch 1, 8,
+# 16 (load average 2.2), 0.09, 0.07, 0.24 at batch 1, 8, 64 (load 3.7); the CIFAR-10 UNet 0.06, 0.24, 0.38
+# at batch 1, 8, 16 (load 2.9-4.0), 0.07 and 0.28 at batch 1 and 8 (load 3.1). On record from a quiet run:
+# the CIFAR-10 UNet 0.61 and 0.85 at batch 1 and 8 (2026-11-25), digits 0.63 at batch 64 (issue 22).
+ORT_TIME_FRACTION = 0.70
 # The probe: one timed network call, at the job's batch when that costs at most PROBE_BUDGET_S, else at
 # the largest batch that does (the per-sample time scaled linearly to the job's batch).
 PROBE_BUDGET_S = 0.5
@@ -313,8 +310,7 @@ def choose_backend(backend: str, device: torch.device, *, model=None, plan: Samp
     ONNX export is cached, or no `workload` is given (the library's default: export once, then cached),
     it is taken; otherwise the job's time on the reference backend (one timed network call, the probe)
     is set against exporting first (export_estimate_s, from this machine's past exports and the
-    network's size) plus ORT_TIME_FRACTION of that time (ORT_TIME_FRACTION_BUSY on a busy machine), and
-    the faster is taken. fingerprint: a
+    network's size) plus ORT_TIME_FRACTION of that time, and the faster is taken. fingerprint: a
     callable giving export.network_fingerprint(model) (the Engine computes it once)."""
     if backend != "auto":
         missing = backend_class(backend).unavailable(device)
@@ -358,13 +354,11 @@ def _cpu_rule(model, plan, dtype, shape, workload, fingerprint) -> tuple[str | N
         return None, (f"; exporting the model to ONNX first (about {export_s:.0f} s here, once): the reference "
                       f"backend's time could not be measured ({type(e).__name__}: {e})")
     ref_s = per_sample * doubled * workload.images * plan.steps
-    busy = _busy()
-    fraction = ORT_TIME_FRACTION_BUSY if busy else ORT_TIME_FRACTION
-    ort_s = fraction * ref_s
+    ort_s = ORT_TIME_FRACTION * ref_s
     numbers = (f"this job ({workload.images} images x {plan.steps} network calls{', guided' if workload.guided else ''}"
                f"; {1e3 * per_sample:.2f} ms per sample-call on the reference backend, timed at batch {probed}) takes "
                f"~{ref_s:.1f} s on the reference backend, against ~{export_s:.0f} s to export the model to ONNX "
-               f"first and ~{ort_s:.1f} s ({fraction:g} x{', the machine is busy' if busy else ''}) on ONNX Runtime")
+               f"first and ~{ort_s:.1f} s ({ORT_TIME_FRACTION:g} x) on ONNX Runtime")
     if export_s + ort_s < ref_s:
         return None, f"; {numbers}: exporting first is faster (once; cached for later Engines and commands)"
     return (f"{numbers}: the reference backend is faster for this job (backend='onnxruntime' exports now, and "
@@ -398,12 +392,6 @@ def probe_per_sample_s(model, batch: int, dtype, shape) -> tuple[float, int]:
     if b <= 1:
         return one, 1
     return call(b) / b, b
-
-
-def _busy() -> bool:
-    from .onnx.runtime import busy
-
-    return busy()
 
 
 def _network_fingerprint(model) -> str:
