@@ -227,7 +227,7 @@ def main(argv=None):
 
         # ORT session settings, whole sampler (unrolled), batch 1.
         cores = dox.physical_cores()
-        variants = {f"threads={cores} (default)": dox.session_options(cores),
+        variants = {f"threads={cores} spinning": dox.session_options(cores, spinning=True),
                     f"threads={cores} no spinning": dox.session_options(cores, spinning=False),
                     f"threads={cores} parallel": dox.session_options(cores, parallel=True),
                     "threads=1": dox.session_options(1)}

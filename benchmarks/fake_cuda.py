@@ -36,10 +36,10 @@ def cuda_graph_on_cpu(setattr=setattr):
 
     choose = engine.choose_backend
 
-    def choose_backend(backend, device):
+    def choose_backend(backend, device, **kw):
         if backend == "cuda_graph" and device.type == "cpu":
             return "cuda_graph", "dry run: the captured body is replayed eagerly"
-        return choose(backend, device)
+        return choose(backend, device, **kw)
 
     setattr(engine, "choose_backend", choose_backend)
 

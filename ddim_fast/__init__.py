@@ -26,6 +26,7 @@ _EXPORTS = {
     "load_model": "checkpoint",
     "save_model": "checkpoint",
     "Engine": "engine",
+    "Workload": "engine",
     "export_onnx": "onnx",
     "tune_plan": "tune",
 }

@@ -33,7 +33,7 @@ def model_fingerprint(model) -> str:
     for name, tensor in sorted(tensors.items()):
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        h.update(t.view(torch.uint8).numpy())  # the buffer itself: no copy
     attrs = {}
     for mod_name, mod in model.named_modules():
         for k, v in vars(mod).items():

@@ -18,6 +18,8 @@ above `max_batch` into chunks, checks the result for NaN/inf and clamps it; a ba
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 
 import torch
 
@@ -50,6 +52,14 @@ class Backend:
     def sample(self, batch: int, plan, *, seed: int, first_index: int, cond=None) -> torch.Tensor:
         x_T = rng.initial_noise(seed, (batch, *self.shape), first_index=first_index, device=self.device)
         return self.run(x_T, plan, seed=seed, noise=None, first_index=first_index, cond=cond)
+
+
+def plan_key(plan) -> str:
+    """A content key of a plan (its record and its table): what a compiled program of it depends on. Plans
+    are made per call (Engine.sample(plan=...)), so programs are keyed by content, never by id()."""
+    h = hashlib.sha256(json.dumps(plan.describe(), sort_keys=True, default=str).encode())
+    h.update(plan.coef.detach().to("cpu", torch.float64).contiguous().numpy())
+    return h.hexdigest()
 
 
 def prepare_model(model, device, dtype, channels_last: bool, ops: str):

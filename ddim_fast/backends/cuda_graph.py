@@ -1,10 +1,10 @@
 """backend="cuda_graph": the triton backend's whole S-step loop (UNet + step, every step) captured
 into one CUDA graph and replayed: one launch per sampling call instead of hundreds.
 
-A graph is captured once per (batch, plan, start, noise source, conditioning inputs' names and shapes,
-guided or not) and kept in a small LRU cache
-(max_graphs). Two starts: from the seed (`sample`: x_T drawn by a kernel inside the graph) or
-from a given x_T (`run`: copied into a static buffer). The seed and first_index live in (1,)
+A graph is captured once per (batch, plan (by content: plans may be given per call), start, noise source,
+conditioning inputs' names and shapes, guided or not) and kept in a small LRU cache (max_graphs).
+Two starts: from the seed (`sample`: x_T drawn by a kernel inside the graph) or from a given x_T
+(`run`: copied into a static buffer). The seed and first_index live in (1,)
 device tensors, so new values replay the same graph; so do the conditioning inputs (static buffers,
 [uncond; cond] when guided) and the guidance scale (a (1,) float32 device tensor): new labels,
 prompts or a new scale do not recapture. Capture first runs the loop once eagerly on
@@ -20,7 +20,7 @@ from collections import OrderedDict
 
 import torch
 
-from .base import raise_if_flagged
+from .base import plan_key, raise_if_flagged
 from .triton import TritonBackend
 
 
@@ -51,7 +51,8 @@ class CudaGraphBackend(TritonBackend):
 
     def _replay(self, shape, plan, x_T, seed, noise, first_index, cond=None):
         inputs, w = self.conditioning(cond)
-        key = (tuple(shape), id(plan), x_T is None, noise is not None, None if cond is None else cond.signature())
+        key = (tuple(shape), plan_key(plan), x_T is None, noise is not None,
+               None if cond is None else cond.signature())
         if key not in self.graphs:
             self._capture(key, shape, plan, x_T, seed, noise, first_index, inputs, w)
         self.graphs.move_to_end(key)
@@ -85,6 +86,7 @@ class CudaGraphBackend(TritonBackend):
             buf["noise"] = noise.clone()
         buf["cond"] = {k: v.clone() for k, v in (inputs or {}).items()}  # the network's (doubled) inputs
         buf["w"] = w.clone() if w is not None else None  # (1,) float32: the guidance scale on the device
+        buf["tables"] = self.tables(plan)  # the plan's device tables live as long as the graph that reads them
 
         def body():
             if x_T is None:

@@ -1,44 +1,40 @@
-"""backend="onnxruntime": the exported whole sampler (ddim_fast.onnx) in ONNX Runtime, the CPU EP or
-the CUDA EP with IO binding (onnxruntime-gpu).
+"""backend="onnxruntime": ONNX Runtime, on a CPU (CPU EP) or CUDA (CUDA EP with IO binding, onnxruntime-gpu).
 
-The sampling plan's graph is exported (or found in the cache) on construction, an inversion plan's
-on its first use. On a CPU the graph takes the plan's table and timesteps as inputs (table_inputs):
-one graph and one session per (model, dtype, plan structure, S), so a new spacing or eta costs
-neither an export nor a new session, and a new S only a graph build (the network's torch export is
-cached). Unrolled up to UNROLL_MAX_STEPS steps (batch-invariant to the bit, and the fastest per call),
-an ONNX Loop above. On CUDA the graphs are baked and unrolled (ORT's CUDA graph and CUDA-EP partitions
-do not survive a Loop). ONNX has no counter-based generator, so for eta > 0 the host draws the noise
-with ddim_fast.rng and feeds it in (host_noise): a seed gives the reference backend's samples.
+CPU: the reference sampling loop (ddim_fast.sampling: its step, history, clipping, guidance combine and
+host noise from ddim_fast.rng) with the network run by one ONNX Runtime session of the exported eps-model
+(onnx.session.NetworkSession). The export (or the cache's copy of it) happens on construction; after that
+any plan (steps, spacing, eta, sampler, an explicit table, inversion) and guidance (a doubled batch) run
+on the same session: a new plan costs no export and no new session. A seed gives the reference
+backend's samples (the same noise), within docs/DESIGN.md's tolerance rule.
+
+CUDA: the exported whole sampler (baked tables, unrolled) in one ONNX Runtime call per run, with IO
+binding and optionally ORT's CUDA graph (onnx.session.SamplerGraphs), each graph exported on first use
+per direction, so an encode builds only the inversion graph. Unverified: no GPU has run it.
 """
 
 from __future__ import annotations
 
-import json
-import warnings
-
 import torch
 
-from .. import rng
 from ..conditioning import cond_spec, null_cond
-from ..onnx.export import EXPORT_DTYPES, UNROLL_MAX_STEPS, export_cached, model_fingerprint, plan_fingerprint
-from ..onnx.graph import layout_key, table_feeds
+from ..onnx.export import EXPORT_DTYPES, network_fingerprint
 from ..onnx.network import eval_copy
-from ..onnx.runtime import OrtRunner, execution_providers, import_ort
+from ..onnx.runtime import execution_providers, import_ort
+from ..onnx.session import NetworkSession, SamplerGraphs, signature
 from ..plan import SamplingPlan
+from ..sampling import invert, sample
 from .base import Backend
+
+# onnx_options that shape the whole-sampler graphs, which only the CUDA path builds
+WHOLE_SAMPLER_OPTIONS = ("unroll", "cuda_graph")
 
 
 class OnnxRuntimeBackend(Backend):
-    """The whole exported sampler in one ONNX Runtime call.
-
-    The sampling plan's graph is exported (or found in the cache) on construction; an inversion
-    plan's graph on its first use. Noise for eta > 0 is generated on the host side with
-    ddim_fast.rng (on `device`) and fed in, so a seed gives the reference backend's samples.
-    """
+    """ONNX Runtime: on a CPU the network in a session inside the reference loop; on CUDA the whole sampler."""
 
     name = "onnxruntime"
     summary = "ONNX Runtime (fastest measured on CPU)"
-    options = ("opset", "unroll", "table_inputs", "threads", "cuda_graph", "log")
+    options = ("opset", "threads", *WHOLE_SAMPLER_OPTIONS)
 
     @classmethod
     def unavailable(cls, device):
@@ -52,97 +48,79 @@ class OnnxRuntimeBackend(Backend):
         return None
 
     def __init__(self, model, plan: SamplingPlan, *, device, dtype, shape, channels_last=False, max_graphs=4,
-                 opset: int | None = None, unroll: bool | None = None, table_inputs: bool | None = None,
-                 threads: int | None = None, cuda_graph: bool = False, log=None):
-        """opset, unroll, table_inputs: of the export (ddim_fast.onnx.export_onnx; table_inputs None =
-        on a CPU); threads: CPU EP intra-op threads; cuda_graph: ORT's own CUDA graph
-        on the CUDA EP; log(line): progress of a fresh export. channels_last and max_graphs do not apply."""
+                 opset: int | None = None, threads: int | None = None, unroll: bool | None = None,
+                 cuda_graph: bool = False, model_fp: str | None = None):
+        """opset: of the export; threads: the CPU EP's intra-op threads (default: one per physical core);
+        unroll (default True) and cuda_graph (ORT's own CUDA graph): of the CUDA path's whole-sampler graphs.
+        channels_last does not apply; max_graphs: whole-sampler sessions kept (CUDA); model_fp:
+        export.network_fingerprint(model) when the caller has it (the Engine)."""
         import_ort()
         if dtype not in EXPORT_DTYPES:
             raise ValueError(f"the onnxruntime backend runs the network in fp32 or fp16, got {dtype}; "
                              "use backend='reference' (or 'cuda_graph' on CUDA) for bfloat16")
         super().__init__(model, plan, device=device, dtype=dtype, shape=shape)
+        if self.device.type == "cpu":
+            given = [k for k, v in (("unroll", unroll), ("cuda_graph", cuda_graph)) if v not in (None, False)]
+            if given or unroll is False:
+                raise ValueError(f"onnx_options {given[0] if given else 'unroll'!r} shapes the whole-sampler graphs of "
+                                 "the CUDA path; on a CPU the onnxruntime backend runs the network alone in the "
+                                 "reference loop (one export for every plan): drop it, or write a whole sampler "
+                                 "with dd.export_onnx(model, path, plan=plan, unroll=...)")
         execution_providers(self.device, cuda_graph)  # fail early on a missing CUDA EP, before any export
-        self.model = eval_copy(model, torch.float32)  # the caller's model may change later; this may not
-        self.model_fp = model_fingerprint(self.model)
-        self.opset, self.unroll = opset, unroll
-        self.threads, self.cuda_graph, self.log = threads, cuda_graph, log
-        if table_inputs not in (None, True, False):
-            raise ValueError(f"table_inputs must be None (automatic), True or False, got {table_inputs!r}")
-        self.table_inputs = self.device.type == "cpu" if table_inputs is None else table_inputs
-        if self.device.type == "cuda" and unroll is None:
-            self.unroll = True  # control flow (Loop) breaks ORT's CUDA graph and splits CUDA-EP partitions
-        self._runners = {}  # (plan key, conditioning signature) -> OrtRunner; plan key: table inputs: layout_key
-        self.paths = {}
-        # A conditional model's graph takes its conditioning inputs; an unconditional call feeds the null
-        # ones (null_cond). The guided graph (uncond_*, guidance inputs) is exported on its first use.
-        self.spec = cond_spec(self.model) or {}
-        self.runner(plan, self._null_example())
+        self.opset, self.threads = opset, threads
+        if self.device.type == "cuda":
+            self.graphs = SamplerGraphs(model, dtype, shape=self.shape, device=self.device, opset=opset,
+                                        unroll=True if unroll is None else unroll, threads=threads,
+                                        cuda_graph=cuda_graph, kept=max_graphs)
+            return
+        spec = cond_spec(model)
+        self.spec = spec or {}
+        self.model_fp = model_fp or network_fingerprint(model)
+        self.networks = {}  # conditioning signature -> NetworkSession
+        null = null_cond(self.spec, 1) if self.spec else None
+        # The graph an unconditional call needs (an unconditional model, or a conditional one's null inputs) is
+        # exported (or found) now, from the caller's model as it is. A known unconditional or class-conditional
+        # model needs no other, so no private copy is kept; a model whose conditioning has no null value (text:
+        # its length may change per call) or is unknown gets a graph per conditioning shape on first use, from
+        # a private copy (the caller's model may change meanwhile).
+        text = bool(self.spec) and null is None
+        self._source = eval_copy(model, torch.float32) if spec is None or text else None
+        if not text:
+            self.networks[signature(null)] = self._open(model, null)
 
-    def _null_example(self):
-        return null_cond(self.spec, 1) if self.spec else None
+    def _open(self, source, example):
+        cond = {k: v.detach().cpu() for k, v in example.items()} if example else None
+        return NetworkSession(source, self.dtype, shape=self.shape, opset=self.opset, threads=self.threads, cond=cond,
+                              model_fp=self.model_fp)
 
-    def runner(self, plan: SamplingPlan, example: dict | None = None, guided: bool = False) -> OrtRunner:
-        """The session of `plan`'s graph; example: conditioning inputs (their names, shapes, dtypes
-        choose the graph), guided: with classifier-free guidance."""
-        sig = None if not example else (guided, tuple((k, tuple(v.shape[1:]), str(v.dtype))
-                                                      for k, v in sorted(example.items())))
-        if self.table_inputs:  # one graph per structure (unrolled: and steps), whatever the table
-            unrolled = plan.steps <= UNROLL_MAX_STEPS if self.unroll is None else self.unroll
-            key = (json.dumps(layout_key(plan, unrolled), sort_keys=True), sig)
-        else:
-            key = (plan_fingerprint(plan), sig)
-        if key not in self._runners:
-            path = self._export(plan, example, guided)
-            try:
-                runner = OrtRunner(path, device=self.device, threads=self.threads, cuda_graph=self.cuda_graph)
-            except ValueError as e:
-                if "damaged or truncated" not in str(e):
-                    raise
-                warnings.warn(f"re-exporting the damaged cache entry {path}", stacklevel=2)
-                path.unlink(missing_ok=True)
-                path = self._export(plan, example, guided)
-                runner = OrtRunner(path, device=self.device, threads=self.threads, cuda_graph=self.cuda_graph)
-            self._runners[key] = runner
-            self.paths[plan.direction] = path
-        return self._runners[key]
+    def network(self, example: dict | None = None) -> NetworkSession:
+        """The network session for conditioning inputs like `example` (their names and per-sample shapes
+        choose the graph; None: unconditional, or the model's null inputs)."""
+        sig = signature(example)
+        if sig not in self.networks:
+            if self._source is None:  # not reached through the Engine, which checks the conditioning first
+                raise ValueError(f"this model's network takes conditioning {next(iter(self.networks))}, not {sig}")
+            self.networks[sig] = self._open(self._source, example)
+        return self.networks[sig]
 
-    def _export(self, plan, example=None, guided=False):
-        cond = {k: v.cpu() for k, v in example.items()} if example else None
-        return export_cached(self.model, plan, self.dtype, self.opset, shape=self.shape, unroll=self.unroll,
-                             table_inputs=self.table_inputs, model_fp=self.model_fp, log=self.log, guided=guided,
-                             cond=cond)
+    @property
+    def paths(self) -> list:
+        """The ONNX files in use: the network's (one per conditioning shape) on a CPU, the whole-sampler
+        graphs' on CUDA."""
+        if self.device.type == "cuda":
+            return list(self.graphs.paths.values())
+        return [net.path for net in self.networks.values()]
 
     @torch.no_grad()
     def run(self, x, plan, *, seed, noise, first_index, cond=None):
-        """x (B, C, H, W) float32 on the device -> the final state (B, C, H, W), unclamped."""
-        x = x.to(self.device, torch.float32).contiguous()
-        x_in = "x_T" if plan.direction == "sample" else "x0"
-        feeds = {x_in: x}
-        if self.table_inputs:
-            feeds.update(table_feeds(plan))
-        inputs = cond.cond if cond is not None else null_cond(self.spec, x.shape[0], self.device)
-        guided = cond is not None and cond.guided
-        runner = self.runner(plan, inputs, guided)
-        for k, v in (inputs or {}).items():
-            feeds[k] = v.float() if v.is_floating_point() else v.long()
-        if guided:
-            feeds.update({f"uncond_{k}": v.float() if v.is_floating_point() else v.long()
-                          for k, v in cond.uncond.items()})
-            feeds["guidance"] = torch.tensor(cond.guidance, dtype=torch.float32, device=self.device)
-        if plan.needs_noise:
-            feeds["noise"] = noise.to(self.device, torch.float32) if noise is not None else \
-                host_noise(plan, seed, x.shape, first_index=first_index, device=self.device)
-        return runner(**feeds).to(self.device)
-
-
-def host_noise(plan: SamplingPlan, seed: int, shape, *, first_index: int = 0, device=None) -> torch.Tensor:
-    """The (S, B, C, H, W) `noise` input of a sampler graph for `seed`: rng.step_noise for every step
-    with sigma != 0 (zeros where the plan draws none), exactly what the other backends draw."""
-    z = torch.zeros(plan.steps, *shape, device=device)
-    sigma = plan.column("sigma")
-    for i in range(plan.steps):
-        if sigma[i] != 0:
-            z[i] = rng.step_noise(seed, i, shape, first_index=first_index, device=device)
-    return z
-
+        """x (B, C, H, W) float32 -> the final state (B, C, H, W), unclamped."""
+        if self.device.type == "cuda":
+            return self.graphs.run(x, plan, seed=seed, noise=noise, first_index=first_index, cond=cond)
+        net = self.network(cond.cond if cond is not None else (null_cond(self.spec, 1) if self.spec else None))
+        kw = {} if cond is None else {"cond": cond.cond, "uncond": cond.uncond, "guidance": cond.guidance}
+        x = x.to(self.device, torch.float32)
+        if plan.direction == "invert":
+            return invert(net, x, plan, **kw)
+        if noise is not None or not plan.needs_noise:
+            return sample(net, x, plan, noise=noise, **kw)
+        return sample(net, x, plan, seed=seed, first_index=first_index, **kw)

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections import OrderedDict
 
 import torch
 
 from ..conditioning import cast_cond
 from ..plan import COL
-from .base import Backend, net_input, prepare_model, raise_if_flagged
+from .base import Backend, net_input, plan_key, prepare_model, raise_if_flagged
+
+TABLES_KEPT = 16  # plans whose device tables are kept (a captured CUDA graph holds its own: cuda_graph.py)
 
 
 class TritonBackend(Backend):
@@ -35,16 +38,19 @@ class TritonBackend(Backend):
         self.max_batch = min(ddim_step.MAX_BATCH, attention.MAX_BATCH)  # the batch is a grid axis
         self.net = prepare_model(model, self.device, dtype, channels_last, "triton")
         self.channels_last = channels_last
-        self._tables = {}
+        self._tables = OrderedDict()  # plan_key -> device tables, the last TABLES_KEPT plans
 
     def tables(self, plan):
-        """Device copies of the plan's tables, made once per plan."""
-        key = id(plan)
+        """Device copies of the plan's tables (coef, timesteps, step indices), made once per plan content."""
+        key = plan_key(plan)
         if key not in self._tables:
             p = plan.to(self.device, torch.float32)
             steps = torch.arange(plan.steps, dtype=torch.int32, device=self.device)  # (S,) step indices
-            self._tables[key] = (plan, p.coef, p.timesteps, steps)
-        return self._tables[key][1:]
+            self._tables[key] = (p.coef, p.timesteps, steps)
+            while len(self._tables) > TABLES_KEPT:
+                self._tables.popitem(last=False)
+        self._tables.move_to_end(key)
+        return self._tables[key]
 
     def loop(self, x, plan, seed_t, first_t, noise, flag, cond=None, w=None):
         """The S steps on the state x (updated in place): the body the cuda_graph backend captures.

@@ -159,8 +159,11 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():  # warnings print as one line each: "ddim-fast CMD: warning: ..."
         warnings.showwarning = lambda message, *_a, **_k: print(f"{prog}: warning: {message}", file=sys.stderr)
         try:
+            from .common import export_progress
+
             check_environment()
-            return int(command(args.command).run(args) or 0)
+            with export_progress(getattr(args, "progress", True)):
+                return int(command(args.command).run(args) or 0)
         except USER_ERRORS as e:
             print(f"{prog}: error: {error_message(e)}", file=sys.stderr)
             return 2

@@ -11,6 +11,7 @@ BENCHMARKS = {
     "speedup_vs_ddpm": "DDPM-1000 against DDIM-S wall clock per backend (the paper's Figure 4)",
     "paper_tables": "Tables 1 and 2 of the paper on the bundled digits model",
     "bench_cpu_backends": "per-sample latency of the CPU backends (and diffusers, if installed)",
+    "first_result": "time to the first result on a CPU from an empty ONNX cache: Engine, new plans, the CLI",
     "bench_kernels": "Triton kernel bandwidth and attention against SDPA (GPU)",
     "gpu_suite": "the GPU test tier plus every GPU timing (GPU)",
 }

@@ -5,12 +5,16 @@ torchrun setup (ddim_fast.distributed)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import sys
+import time
 
 import torch
 
 from ..backends import BACKENDS
 from ..checkpoint import load_model
-from ..engine import Engine
+from ..engine import Engine, Workload
 from ..plan import PLMS_STARTS, PREDICTIONS, SAMPLERS, VARIANCES, SamplingPlan
 from ..precision import DTYPES
 from ..schedule import SPACINGS
@@ -44,7 +48,8 @@ def add_model_options(p, *, steps=20):
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="network precision")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampler call")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar, and no lines for the stages of a first ONNX export")
 
 
 def add_spacing_option(p):
@@ -255,92 +260,50 @@ def plan_conflicts(args, plan, steps, sampler) -> list[str]:
 
 def engine(args, *, eta=0.0, variance="ddim", device=None, model=None, plan=None, images=None):
     """(Engine, model) for a sampling command: --model loaded unless given, its plan, --backend,
-    --device and --dtype. images: how many images the command runs through the sampler, for
-    --backend auto on a CPU (cpu_backend)."""
+    --device and --dtype. images: how many images the command runs through the sampler, its Workload
+    (with --batch-size and --guidance), by which --backend auto on a CPU weighs exporting to ONNX first
+    (engine.choose_backend: the one rule, the library's too)."""
     model = model if model is not None else load(args)
     plan = plan if plan is not None else plan_for(args, model, eta=eta, variance=variance)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = device or parse_device(args.device)
-    dtype = DTYPES[args.dtype]
-    backend, reason = args.backend, None
-    if backend == "auto" and device.type == "cpu":
-        backend, reason = cpu_backend(model, plan, dtype, images, args.batch_size)
-    elif backend == "onnxruntime":
-        reason = "requested: onnxruntime"
-    options = {"log": export_log(args)} if backend == "onnxruntime" else None
-    eng = Engine(model, plan, backend=backend, device=device, dtype=dtype, onnx_options=options)
-    if reason is not None:
-        eng.backend_reason = reason
+    workload = None
+    if images is not None:
+        workload = Workload(images=max(1, images), batch=args.batch_size,
+                            guided=getattr(args, "guidance", None) is not None)
+    eng = Engine(model, plan, backend=args.backend, device=device, dtype=DTYPES[args.dtype], workload=workload)
     return eng, model
 
 
-# ONNX Runtime's time for a job as a fraction of the reference backend's, on a CPU: the largest measured
-# (the CIFAR-10 UNet at batch 8 in a Loop graph: 992 against 1060 ms per sample; README, Measured), so
-# the choice below errs towards the reference backend.
-ORT_TIME_FRACTION = 0.95
-
-
-def cpu_backend(model, plan, dtype, images, batch_size) -> tuple[str, str]:
-    """(backend, reason) of --backend auto on a CPU: onnxruntime when it is installed and the model's
-    torch export is cached (a new plan then costs a second or two), or when the job is long enough that
-    exporting first still beats the reference backend; else the reference backend, so that a command
-    is never slower than the reference would have been, but for one network call to time it (the probe)."""
-    from ..engine import choose_backend
-
-    name, reason = choose_backend("auto", torch.device("cpu"))
-    if name != "onnxruntime":
-        return "auto", reason
-    from ..onnx.export import EXPORT_DTYPES, export_estimate_s, network_cached
-
-    if dtype not in EXPORT_DTYPES:
-        return "auto", reason  # the Engine says what the onnxruntime backend takes
-    if network_cached(model, dtype):
-        return "onnxruntime", reason
-    if images is None:
-        return "onnxruntime", reason + "; exporting this model to ONNX first (once; cached)"
-    b = min(images, batch_size)
-    ref_s = _probe_s(model, b, dtype) * plan.steps * -(-images // b)
-    export_s = export_estimate_s()
-    if export_s + ORT_TIME_FRACTION * ref_s < ref_s:
-        return "onnxruntime", (f"auto: this job takes ~{ref_s:.0f} s on the reference backend, more than exporting "
-                               f"the model to ONNX first (~{export_s:.0f} s, once; cached for later commands)")
-    return "reference", (f"auto: this job (~{ref_s:.1f} s on the reference backend) is shorter than the one-off "
-                         f"ONNX export of this model (~{export_s:.0f} s); --backend onnxruntime exports it now, "
-                         "and later commands use the cached export")
-
-
-@torch.no_grad()
-def _probe_s(model, batch, dtype) -> float:
-    """Seconds of one network call at `batch` on the CPU in `dtype` (the reference backend's unit of work)."""
-    import copy
-    import time
-
-    from ..checks import sample_shape
-
-    net = copy.deepcopy(model).to("cpu", dtype).eval()
-    shape = sample_shape(model, None)
-    one = torch.ones(1, dtype=torch.int64)
-    net(torch.zeros(1, *shape, dtype=dtype), one)  # a process's first call pays one-off set-up: not timed
-    x = torch.randn(batch, *shape, dtype=dtype)
+@contextlib.contextmanager
+def export_progress(enabled: bool):
+    """The stages of a fresh ONNX export (the "ddim_fast" logger at INFO), one line each with the time so
+    far, on stderr while the command runs; nothing when not enabled (--no-progress)."""
+    logger = logging.getLogger("ddim_fast")
+    if not enabled:
+        yield
+        return
     t0 = time.perf_counter()
-    net(x, one.expand(batch))
-    return time.perf_counter() - t0
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Elapsed(t0))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
-def export_log(args):
-    """A function printing the stages of a fresh ONNX export (one line each, with the time so far) to
-    stderr; silent with --no-progress."""
-    import sys
-    import time
+class _Elapsed(logging.Formatter):
+    def __init__(self, t0):
+        super().__init__()
+        self.t0 = t0
 
-    t0 = time.perf_counter()
-
-    def log(line):
-        if getattr(args, "progress", True):
-            print(f"  [{time.perf_counter() - t0:5.1f} s] {line}...", file=sys.stderr, flush=True)
-
-    return log
+    def format(self, record):
+        return f"  [{time.perf_counter() - self.t0:5.1f} s] {record.getMessage()}"
 
 
 def plan_summary(plan) -> str:

@@ -102,13 +102,9 @@ class Export:
             if args.invert:
                 plan = plan.inverse()
         unroll = {"auto": None, "unrolled": True, "loop": False, "table": False}[args.graph]
-        t0 = time.perf_counter()
-
-        def log(line):
-            print(f"  [{time.perf_counter() - t0:5.1f} s] {line}...", flush=True)
-
+        t0 = time.perf_counter()  # the stages of the export: the "ddim_fast" logger, on stderr (cli.main)
         export_onnx(model, out, plan, dtype=DTYPES[args.dtype], opset=args.opset, validate=args.validate,
-                    unroll=unroll, table_inputs=args.graph == "table", log=log)
+                    unroll=unroll, table_inputs=args.graph == "table")
         meta = onnx_metadata(out)
         kind = "sampler" if plan is not None and plan.direction == "sample" else "DDIM encoder"
         table = meta.get("table_inputs") and meta["graph"] == "loop"

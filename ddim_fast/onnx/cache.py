@@ -5,8 +5,8 @@ Folder: $DDIM_FAST_CACHE/onnx (default ~/.cache/ddim-fast/onnx, or $XDG_CACHE_HO
 Size: at most $DDIM_FAST_CACHE_MAX_MB megabytes (default CACHE_MAX_MB); after each write the least
 recently used files go first (a cache hit counts as a use), never the file just written. An
 unwritable cache is not an error: one warning, and this process keeps its exports in a temporary
-folder (the next command exports again). timings.json there records the last torch export's
-duration, for export_estimate_s.
+folder (the next command exports again). timings.json there records the last few exports (seconds,
+parameters, exporter), for export_estimate_s.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -27,10 +28,13 @@ from ..fingerprint import model_fingerprint  # noqa: F401  (moved to a low modul
 from ..plan import SamplingPlan
 
 CACHE_MAX_MB = 2048  # default size limit of the cache ($DDIM_FAST_CACHE_MAX_MB)
-# The torch export's duration before one was measured on this machine: 11-28 s measured on the 2-core
-# VM (bundled digits model and the CIFAR-10 UNet alike, torch 2.13, dynamo exporter), rounded up.
-DEFAULT_EXPORT_S = 30.0
-
+# What a first export of a network costs (the TorchScript export and its check against the float64
+# reference), before one was measured on this machine: BASE + PER_MPARAM x (millions of parameters).
+# NOTE: measured on the 2-core VM at load averages of 2.7-3.0 (benchmarks/first_result.py, cold; docs/DESIGN.md,
+# "The backend rule"): the digits UNet (1.1M parameters) 2.1-2.8 s, the CIFAR-10 UNet (35.7M) 9.1-9.4 s.
+EXPORT_BASE_S = 2.3
+EXPORT_S_PER_MPARAM = 0.19
+TIMINGS_KEPT = 8  # exports remembered in timings.json
 
 def cache_dir() -> Path:
     """Where exported graphs are kept: $DDIM_FAST_CACHE/onnx, default ~/.cache/ddim-fast/onnx."""
@@ -118,19 +122,38 @@ def lookup(path: Path) -> Path | None:
     return None
 
 
-def export_estimate_s() -> float:
-    """How long a torch export of a network takes here: the last one measured on this machine
-    (timings.json in the cache), else DEFAULT_EXPORT_S."""
+def default_export_s(params: int) -> float:
+    """The export's cost by the default model (EXPORT_BASE_S, EXPORT_S_PER_MPARAM)."""
+    return EXPORT_BASE_S + EXPORT_S_PER_MPARAM * params / 1e6
+
+
+def _timings() -> list:
     try:
-        return float(json.loads((cache_dir() / "timings.json").read_text())["torch_export_s"])
+        records = json.loads((cache_dir() / "timings.json").read_text())["exports"]
+        return [r for r in records if float(r["seconds"]) > 0 and int(r["params"]) > 0]
     except (OSError, ValueError, KeyError, TypeError):
-        return DEFAULT_EXPORT_S
+        return []  # none yet, an older file ({"torch_export_s": ...}), or a damaged one
 
 
-def record_export_time(seconds: float):
+def export_estimate_s(params: int | None = None) -> float:
+    """Seconds a first export of a network of `params` parameters (default: the bundled digits model's
+    1.1M) takes here: the torch export and its check against the reference. The default model
+    (default_export_s) scaled by this machine's speed: the median ratio of the TorchScript exports
+    recorded in timings.json to what the model predicted for them."""
+    params = 1_112_801 if params is None else params
+    ratios = sorted(float(r["seconds"]) / default_export_s(int(r["params"])) for r in _timings()
+                    if r.get("exporter") == "torchscript")
+    factor = ratios[len(ratios) // 2] if ratios else 1.0
+    return factor * default_export_s(params)
+
+
+def record_export_time(seconds: float, params: int = 0, exporter: str = "torchscript"):
+    """Add an export (its seconds, the network's parameter count, the exporter) to timings.json."""
     path = cache_dir() / "timings.json"
+    records = _timings()[-(TIMINGS_KEPT - 1):] + [{"exporter": exporter, "seconds": round(seconds, 2),
+                                                   "params": int(params), "when": int(time.time())}]
     try:
-        atomic_write_bytes(path, json.dumps({"torch_export_s": round(seconds, 2)}).encode())
+        atomic_write_bytes(path, json.dumps({"exports": records}, indent=1).encode())
     except OSError:
         pass  # an unwritable cache has already said so
 

@@ -1,12 +1,14 @@
 """Exporting the eps-model or the whole sampler: the torch export of the network (cached on disk, see
 cache.py), the sampler graph around it, the check in ONNX Runtime, the metadata, and the atomic write.
 
-torch.onnx traces only the network, once per (weights, dtype, opset, shape); that is the slow part
-(10-30 s on a CPU, for the bundled model as for the CIFAR-10 UNet: mostly fixed cost), so the result
-is cached, keyed by content fingerprints. `unroll=None` picks unrolled up to UNROLL_MAX_STEPS steps
-and an ONNX Loop above (docs/DESIGN.md has the measurement); `table_inputs` makes the plan's table
-and timesteps graph inputs, so one cached graph serves every plan of the same structure
-(graph.structure) and, unrolled, the same steps: what the Engine uses on a CPU.
+torch.onnx traces only the network, once per (weights, dtype, opset, shape, conditioning inputs): with
+its TorchScript exporter first, and torch.export's (dynamo) when that raises or its graph fails the check
+against the float64 reference. That is the slow part (seconds; dynamo's took 10-60 s on a CPU), so the
+checked network is cached, keyed by content fingerprints; the file's metadata says which exporter made
+it. Nothing enters the cache unchecked. `unroll=None` picks unrolled up to UNROLL_MAX_STEPS steps and an
+ONNX Loop above (docs/DESIGN.md has the measurement); `table_inputs` makes the plan's table and
+timesteps graph inputs, so one file serves every plan of the same structure (graph.structure).
+Progress goes to logging.getLogger("ddim_fast") at INFO (silent unless the caller adds a handler).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +33,6 @@ from ..plan import COLUMN_MEANINGS, UPDATE_RULE, SamplingPlan
 from ..precision import NAMES
 from .cache import (  # noqa: F401  (cache_dir, the fingerprints and the limit are part of this module's API)
     CACHE_MAX_MB,
-    DEFAULT_EXPORT_S,
     cache_dir,
     cache_limit_bytes,
     export_estimate_s,
@@ -42,19 +44,40 @@ from .cache import (  # noqa: F401  (cache_dir, the fingerprints and the limit a
     store,
 )
 from .graph import layout_key, sampler_proto, structure, table_feeds
-from .network import opset_of, torch_export
-from .runtime import damaged, existing, import_onnx
-from .validate import check_loop_tables, head, validate_export
+from .network import eval_copy, exporters_for, opset_of, torch_export
+from .runtime import (
+    DamagedOnnxFile,
+    OnnxRuntimeMissing,
+    OrtRunner,
+    first_line,
+    one_torch_thread_when_busy,
+    read_proto,
+)
+from .validate import ExportValidationError, check_loop_tables, head, validate_export
 
-GRAPH_VERSION = 1  # bump when the graph layout changes: part of every cache key
+# bump when the graph layout changes: part of every cache key. 2: networks from the TorchScript exporter,
+# checked against the reference before they enter the cache.
+GRAPH_VERSION = 2
 EXPORT_DTYPES = {dtype: NAMES[dtype] for dtype in (torch.float32, torch.float16)}  # what ONNX export runs
 META_PREFIX = "ddim_fast."
 # NOTE: the measurement behind 50 is in docs/DESIGN.md, "Unrolled or Loop: UNROLL_MAX_STEPS".
 UNROLL_MAX_STEPS = 50
 VALIDATE_LOOP_STEPS = 20  # a Loop export is validated on its first steps plus an exact check of its tables
 
-# Counts of the expensive work, for tests and logs: torch exports of a network, sampler graphs built.
-stats = {"torch_exports": 0, "sampler_builds": 0, "cache_hits": 0}
+# Counts of the expensive work, for tests and logs: torch exports of a network, sampler graphs built, cache
+# hits, and ONNX Runtime sessions opened for a network (session.py).
+stats = {"torch_exports": 0, "sampler_builds": 0, "cache_hits": 0, "sessions": 0}
+log = logging.getLogger("ddim_fast")
+
+
+def _sayer(extra=None):
+    """say(line): log `line` at INFO to the "ddim_fast" logger, and pass it to extra(line) when given (the
+    deprecated log= argument of export_onnx / export_cached)."""
+    def say(line):
+        log.info(line)
+        if extra is not None:
+            extra(line)
+    return say
 
 
 def _export_key(model_fp: str, plan: SamplingPlan | None, dtype, opset, shape, unroll, table=False, cond=None) -> str:
@@ -119,7 +142,8 @@ def _cond_metadata(model, example: dict, guided: bool, plan) -> dict:
     return out
 
 
-def _metadata(model, plan, dtype, shape, key, unroll, opset, table=False, cond_example=None, guided=False) -> dict:
+def _metadata(model, plan, dtype, shape, key, unroll, opset, table=False, cond_example=None, guided=False,
+              exporter=None) -> dict:
     cfg = getattr(model, "config", None)
     sched = getattr(model, "schedule", None)
     meta = {
@@ -133,6 +157,7 @@ def _metadata(model, plan, dtype, shape, key, unroll, opset, table=False, cond_e
         "shape": list(shape),
         "opset": opset,
         "key": key,
+        "exporter": exporter,  # which torch.onnx exporter traced the network: torchscript or dynamo
     }
     cond_meta = _cond_metadata(model, cond_example or {}, guided, plan)
     if cond_meta:
@@ -189,14 +214,7 @@ def _set_metadata(proto, meta: dict):
 def onnx_metadata(path) -> dict:
     """The ddim-fast metadata of an exported file, JSON values decoded (kind, model_config,
     schedule, plan, prediction, dtype, shape, version, ...)."""
-    onnx = import_onnx()
-    path = existing(path)
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise damaged(path, e) from None
-    if not proto.graph.output:  # protobuf parses an empty (or zeroed) file as an empty model
-        raise damaged(path, ValueError("the model has no graph"))
+    proto = read_proto(path, load_external_data=False)
     meta = {p.key[len(META_PREFIX):]: json.loads(p.value)
             for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
     if not meta:
@@ -225,7 +243,8 @@ def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float
                 `plan`'s own table is written beside the file as <name>.table.npz (write_table), so
                 onnxruntime alone can run it.
     validate:   run the graph in ONNX Runtime (CPU) and check it against the float64 reference.
-    log:        a function called with one line at each stage (export, graph, validation), for progress.
+    log:        deprecated: each stage (export, graph, validation) is logged to logging.getLogger("ddim_fast")
+                at INFO; a function given here is also called with each line.
     model:      this project's UNet, any nn.Module model(x, t, **cond), or a diffusers UNet2DModel /
                 UNet2DConditionModel as it is (its .sample taken; shape from its config).
     A conditional model's inputs (class_labels; encoder_hidden_states of a UNet2DConditionModel) become
@@ -239,7 +258,7 @@ def export_onnx(model, path, plan: SamplingPlan | None = None, dtype=torch.float
     """
     path = check_onnx_path(path)  # before any work
     job = _prepare(model, plan, dtype, opset, shape, unroll, table_inputs, guided, cond)
-    written = _write(path, _build(job, validate, log))
+    written = _write(path, _build(job, validate, _sayer(log)))
     if job.table:
         write_table(table_path(path), job.plan)
     return written
@@ -346,6 +365,10 @@ class _Job:
     def path(self) -> Path:
         return _cache_path(self.key, self.plan, self.dtype, self.table, self.unroll)
 
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
     def network(self) -> _Job:
         """The export of this job's network alone (the eps-model), which its sampler graph is built around."""
         return dataclasses.replace(self, plan=None, unroll=None, table=False, guided=False)
@@ -357,29 +380,32 @@ def _prepare(model, plan, dtype, opset, shape, unroll, table=False, guided=False
     shape = _check_args(model, plan, dtype, opset, shape, unroll, table)
     example = cond_example(model, cond)
     return _Job(model, plan, dtype, opset, shape, _resolve_unroll(plan, unroll), table,
-                _check_guided(guided, plan, example), example, model_fp or model_fingerprint(model))
+                _check_guided(guided, plan, example), example, model_fp or network_fingerprint(model))
 
 
-def _build(job: _Job, validate: bool, log=None):
-    """The job's graph with its metadata, validated when asked; log(line) at each stage."""
-    say = log or (lambda line: None)
+def _build(job: _Job, validate: bool, say):
+    """The job's graph with its metadata, validated when asked; say(line) at each stage."""
     model, plan, dtype, shape, unroll, table, guided = (job.model, job.plan, job.dtype, job.shape, job.unroll,
                                                          job.table, job.guided)
-    net_proto = _network(job.network(), say)
-    if plan is not None:
-        say(f"building the {plan.steps}-step sampler graph ({'unrolled' if unroll else 'one ONNX Loop'}"
-            f"{'; the table and timesteps are inputs' if table else ''}"
-            f"{', classifier-free guidance' if guided else ''})")
-    proto = net_proto if plan is None else _sampler(net_proto, plan, unroll, shape, table, guided)
+    net_proto = _network(job.network(), say, validate)  # checked when it was exported (unless validate=False)
+    exporter = _meta_of(net_proto).get("exporter")
+    if plan is None:
+        _set_metadata(net_proto, _metadata(model, None, dtype, shape, job.key, None, opset_of(net_proto), False,
+                                           job.example, exporter=exporter))
+        return net_proto
+    say(f"building the {plan.steps}-step sampler graph ({'unrolled' if unroll else 'one ONNX Loop'}"
+        f"{'; the table and timesteps are inputs' if table else ''}"
+        f"{', classifier-free guidance' if guided else ''})")
+    proto = _sampler(net_proto, plan, unroll, shape, table, guided)
     if validate:
-        say("validating the graph in ONNX Runtime against the float64 reference")
+        say("validating the sampler graph in ONNX Runtime against the float64 reference")
     _set_metadata(proto, _metadata(model, plan, dtype, shape, job.key, unroll, opset_of(proto), table, job.example,
-                                   guided))
+                                   guided, exporter=exporter))
     checked = {"cond": job.example, "guided": guided}
     if validate and table and not unroll:
         # the Loop is the same for every plan of this structure: checked on the first steps of this one
         validate_export(proto, model, head(plan, min(plan.steps, VALIDATE_LOOP_STEPS)), dtype, shape, **checked)
-    elif validate and plan is not None and not unroll and plan.steps > VALIDATE_LOOP_STEPS:
+    elif validate and not unroll and plan.steps > VALIDATE_LOOP_STEPS:
         # A Loop runs one body S times, reading row i of its tables: validating the body on the
         # first steps and the tables exactly costs VALIDATE_LOOP_STEPS reference steps, not S
         # (a float64 DDPM-1000 reference of the CIFAR-10 UNet took 20 minutes on 2 CPU cores).
@@ -389,6 +415,11 @@ def _build(job: _Job, validate: bool, log=None):
     elif validate:
         validate_export(proto, model, plan, dtype, shape, **checked)
     return proto
+
+
+def _meta_of(proto) -> dict:
+    return {p.key[len(META_PREFIX):]: json.loads(p.value) for p in proto.metadata_props
+            if p.key.startswith(META_PREFIX)}
 
 
 def _check_guided(guided, plan, example):
@@ -415,34 +446,116 @@ def _sampler(net_proto, plan, unroll, shape, table=False, guided=False):
     return proto
 
 
-def _network(job: _Job, say=lambda line: None):
-    """The eps-model graph of a network job, from the cache when it was exported before."""
-    onnx = import_onnx()
+def _network(job: _Job, say, validate: bool = True):
+    """The eps-model graph of a network job: from the cache when it was exported before (a damaged entry is
+    exported again), else exported now and, when validated, cached."""
     path = lookup(job.path)
     if path is not None:
         try:
-            proto = onnx.load(str(path))
+            proto = read_proto(path)
             stats["cache_hits"] += 1
             return proto
-        except Exception as e:  # a damaged cache entry is rebuilt, not fatal
-            warnings.warn(f"ignoring the damaged cache entry {path} ({type(e).__name__}); re-exporting", stacklevel=3)
-    say(f"exporting the network with torch.onnx ({EXPORT_DTYPES[job.dtype]}; once per model and precision, then "
-        f"cached; about {export_estimate_s():.0f} s here)")
-    t0 = time.perf_counter()
-    proto = torch_export(job.model, job.dtype, job.opset, job.shape, job.example)
-    record_export_time(time.perf_counter() - t0)
-    stats["torch_exports"] += 1
-    _set_metadata(proto, _metadata(job.model, None, job.dtype, job.shape, job.key, None, opset_of(proto), False,
-                                   job.example))
-    store(job.path, _serialized(proto))
+        except DamagedOnnxFile as e:
+            discard_damaged(e)
+    proto, _ = export_network(job, say, validate)
+    if validate:  # only a checked network enters the cache: the CPU backend runs it as it is
+        store(job.path, _serialized(proto))
     return proto
+
+
+def discard_damaged(err: DamagedOnnxFile):
+    """Remove a damaged cache entry, saying so once, before it is exported again."""
+    warnings.warn(f"re-exporting the damaged cache entry {err.path} ({err})", stacklevel=3)
+    err.path.unlink(missing_ok=True)
+
+
+EXPORTER_NAMES = {"torchscript": "TorchScript", "dynamo": "dynamo (torch.export)"}
+
+
+def export_network(job: _Job, say=None, validate: bool = True, threads: int | None = None):
+    """(proto, runner): the network of `job` traced by torch.onnx, its exporters tried in order
+    (network.exporters_for: TorchScript, then dynamo when TorchScript raises or its graph fails the check),
+    with its metadata (which exporter made it). validate: check it in ONNX Runtime against the float64
+    reference (validate.validate_export) in a CPU session of `threads`, returned as `runner` for reuse (None
+    without validation). Records the seconds of a TorchScript export and its check in timings.json."""
+    say = say or _sayer()
+    errors = []
+    exporters = exporters_for(job.opset)
+    for exporter in exporters:
+        say(f"exporting the network with torch.onnx's {EXPORTER_NAMES[exporter]} exporter ({EXPORT_DTYPES[job.dtype]}, "
+            f"{job.params / 1e6:.1f}M parameters; once per model, then cached"
+            + (f"; about {export_estimate_s(job.params):.0f} s here)" if exporter == "torchscript" else ")"))
+        t0 = time.perf_counter()
+        private = eval_copy(job.model, job.dtype)  # traced, then the check's reference (made float64 there)
+        try:
+            with one_torch_thread_when_busy():  # the trace runs the network
+                proto = torch_export(job.model, job.dtype, job.opset, job.shape, job.example, exporter, copy=private)
+        except OnnxRuntimeMissing:
+            raise
+        except ValueError as e:
+            errors.append(e)
+            say(f"the {EXPORTER_NAMES[exporter]} exporter failed: {first_line(e)}")
+            continue
+        stats["torch_exports"] += 1
+        _set_metadata(proto, _metadata(job.model, None, job.dtype, job.shape, job.key, None, opset_of(proto), False,
+                                       job.example, exporter=exporter))
+        runner = None
+        if validate:
+            say("checking the network in ONNX Runtime against the float64 reference")
+            runner = OrtRunner(proto, device="cpu", threads=threads)
+            try:
+                with one_torch_thread_when_busy():  # the float32 and float64 references
+                    validate_export(proto, job.model, None, job.dtype, job.shape, cond=job.example, runner=runner,
+                                    own_copy=private)
+            except ExportValidationError as e:
+                errors.append(e)
+                say(f"the {EXPORTER_NAMES[exporter]} exporter's graph failed the check: {first_line(e)}")
+                continue
+        seconds = time.perf_counter() - t0
+        if validate:
+            record_export_time(seconds, job.params, exporter)
+        say(f"exported the network with the {EXPORTER_NAMES[exporter]} exporter in {seconds:.1f} s")
+        return proto, runner
+    if len(errors) == 1:
+        raise errors[0]
+    detail = "; ".join(f"{EXPORTER_NAMES[x]}: {first_line(e)}" for x, e in zip(exporters, errors))
+    kind = ExportValidationError if isinstance(errors[-1], ExportValidationError) else ValueError
+    raise kind(f"neither torch.onnx exporter gave a usable graph of {type(job.model).__name__} ({detail})") \
+        from errors[-1]
+
+
+def network_job(model, dtype=torch.float32, opset: int | None = None, *, shape=None, cond: dict | None = None,
+                model_fp: str | None = None) -> _Job:
+    """The checked export job of a network (the eps-model): its cache key and path."""
+    return _prepare(model, None, dtype, opset, shape, None, cond=cond, model_fp=model_fp)
+
+
+def network_file(job: _Job, threads: int | None = None):
+    """(path, runner) of a network job's file in the cache: found (runner None), or exported and checked
+    now (runner: the CPU session the check ran in, `threads` intra-op threads, ready to use)."""
+    path = lookup(job.path)
+    if path is not None:
+        stats["cache_hits"] += 1
+        return path, None
+    proto, runner = export_network(job, None, True, threads)
+    return store(job.path, _serialized(proto)), runner
+
+
+def network_fingerprint(model) -> str:
+    """model_fingerprint of the network as it is exported (float32, on the CPU), without copying a model
+    that is already so."""
+    model = adapt(model)
+    tensors = [*model.parameters(), *model.buffers()]
+    plain = all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors)
+    return model_fingerprint(model if plain else eval_copy(model, torch.float32))
 
 
 def network_cached(model, dtype=torch.float32, opset: int | None = None, *, shape=None,
                    model_fp: str | None = None) -> bool:
-    """Whether the torch export of this (model, dtype, opset, shape) is in the cache: if so, any
-    sampler graph around it is built in a second or two; if not, the export costs export_estimate_s()."""
-    return lookup(_prepare(model, None, dtype, opset, shape, None, model_fp=model_fp).path) is not None
+    """Whether the checked torch export of this (model, dtype, opset, shape) is in the cache: if so, an
+    onnxruntime Engine opens a session on it (a second or less); if not, the export costs export_estimate_s()."""
+    model_fp = model_fp or network_fingerprint(model)
+    return lookup(network_job(model, dtype, opset, shape=shape, model_fp=model_fp).path) is not None
 
 
 def _serialized(proto) -> bytes:
@@ -464,10 +577,10 @@ def export_cached(model, plan: SamplingPlan | None = None, dtype=torch.float32, 
     """export_onnx into the cache folder (cache_dir()), keyed by a content hash of the weights, config,
     plan (its structure only, with table_inputs), dtype, opset and ddim-fast version: a second call with
     the same inputs returns the file without exporting. model_fp: model_fingerprint(model), when the
-    caller already has it; log(line): progress of a fresh export."""
+    caller already has it; log: deprecated (the stages go to logging.getLogger("ddim_fast"))."""
     job = _prepare(model, plan, dtype, opset, shape, unroll, table_inputs, guided, cond, model_fp)
     found = lookup(job.path)
     if found is not None:
         stats["cache_hits"] += 1
         return found
-    return store(job.path, _serialized(_build(job, True, log)))
+    return store(job.path, _serialized(_build(job, True, _sayer(log))))

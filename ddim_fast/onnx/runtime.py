@@ -3,6 +3,7 @@ an exported ddim-fast graph called with torch tensors (zero-copy on the CPU, IO 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -49,9 +50,32 @@ def existing(path) -> Path:
     return path
 
 
-def damaged(path, err) -> ValueError:
-    return ValueError(f"{path} is not a readable ONNX model ({first_line(err)}); the file is damaged or truncated: "
-                      "re-export it (dd.export_onnx or `ddim-fast export`)")
+class DamagedOnnxFile(ValueError):
+    """An ONNX file that cannot be read (truncated, zeroed, not protobuf). `path` names it, so the cache can
+    repair its own entries by exporting again; a user's file gets the message, which says to re-export."""
+
+    def __init__(self, path, err):
+        self.path = Path(path)
+        super().__init__(f"{path} is not a readable ONNX model ({first_line(err)}); the file is damaged or "
+                         "truncated: re-export it (dd.export_onnx or `ddim-fast export`)")
+
+
+def damaged(path, err) -> DamagedOnnxFile:
+    return DamagedOnnxFile(path, err)
+
+
+def read_proto(path, load_external_data: bool = True):
+    """The onnx.ModelProto of an existing file; DamagedOnnxFile when it does not parse or holds no graph
+    (protobuf parses an empty or zeroed file as an empty model)."""
+    onnx = import_onnx()
+    path = existing(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as e:
+        raise damaged(path, e) from None
+    if not proto.graph.output:
+        raise damaged(path, ValueError("the model has no graph"))
+    return proto
 
 
 # -- sessions ----------------------------------------------------------------------------------------
@@ -68,13 +92,52 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def session_options(threads: int | None = None, *, spinning: bool = True, parallel: bool = False):
+def busy() -> bool:
+    """Whether other work is running here: the 1-minute load average at or above the physical cores (False
+    where there is no load average)."""
+    try:
+        return os.getloadavg()[0] >= physical_cores()
+    except OSError:
+        return False
+
+
+def spinning_default() -> bool:
+    """Whether the CPU EP's intra-op threads spin while they wait for work (ONNX Runtime's default): yes
+    unless the machine is busy() (spinning threads then take the cores others' work needs).
+    $DDIM_FAST_ORT_SPIN=1 or 0 decides instead. The choice changes the speed only, never a number.
+    NOTE: measured (bench_cpu_backends.py and docs/DESIGN.md, "The CPU path: one network session"): on
+    the quiet 2-core VM spinning won (CIFAR-10 UNet, whole sampler, B=1: 885 against 1100 ms); under
+    load it lost by far (5250 against 3197 ms; the digits network in the sampling loop, DDIM-20 at load
+    averages of 4.5-9: 421 against 149 ms at batch 1, 2676 against 1309 at 16, 8799 against 5828 at 64)."""
+    forced = os.environ.get("DDIM_FAST_ORT_SPIN")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ValueError(f"DDIM_FAST_ORT_SPIN must be 1 (spin) or 0 (do not), got {forced!r}")
+    return not busy()
+
+
+@contextlib.contextmanager
+def one_torch_thread_when_busy():
+    """torch's intra-op threads set to 1 for the duration when the machine is busy(), then restored: eager
+    PyTorch with more OpenMP threads than free cores waits on descheduled threads.
+    NOTE: measured on the 2-core VM at load averages of 4.5-5: the TorchScript export of the digits UNet took
+    3.5-4.8 s with 1 thread against 6.8-7.6 s with 2, the CIFAR-10 UNet's 10.8-10.9 s against 17.8-19.3 s.
+    Process-wide while it lasts: other threads' torch calls run on one thread meanwhile."""
+    before = torch.get_num_threads()
+    if busy() and before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def session_options(threads: int | None = None, *, spinning: bool | None = None, parallel: bool = False):
     """CPU EP settings: intra-op threads = physical cores (or $DDIM_FAST_ORT_THREADS), sequential
-    execution, full graph optimisation.
+    execution, full graph optimisation; spinning: None = spinning_default().
     NOTE: bench_cpu_backends.py, CIFAR-10 UNet, S=10, B=1, 2-core shared VM: 2 threads 885 ms vs 1 thread
-    1575 ms; parallel execution 1932 ms (the UNet is a chain: nothing to overlap). Spinning threads won
-    (885 vs 1100 ms) in the quietest run and lost (5250 vs 3197 ms) under heavy load: left on (ORT's
-    default, for dedicated cores); spinning=False is the choice for a shared machine."""
+    1575 ms; parallel execution 1932 ms (the UNet is a chain: nothing to overlap)."""
     ort = import_ort()
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or int(os.environ.get("DDIM_FAST_ORT_THREADS", 0) or 0) or physical_cores()
@@ -82,7 +145,7 @@ def session_options(threads: int | None = None, *, spinning: bool = True, parall
     so.execution_mode = ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only: ORT warns about every initializer it folds
-    if not spinning:
+    if not (spinning_default() if spinning is None else spinning):
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 

@@ -26,29 +26,35 @@ class ExportValidationError(RuntimeError):
 
 @torch.no_grad()
 def validate_export(proto_or_path, model, plan: SamplingPlan | None, dtype=torch.float32, shape=None, *,
-                    batch: int | None = None, seed: int = 0, cond: dict | None = None, guided: bool = False) -> dict:
+                    batch: int | None = None, seed: int = 0, cond: dict | None = None, guided: bool = False,
+                    runner: OrtRunner | None = None, own_copy=None) -> dict:
     """Run the exported graph in ONNX Runtime (CPU EP) on random inputs and compare it with the
     float64 reference (the model in float64; ddim_fast.sampling for a sampler). Raises
     ExportValidationError when the tolerance rule fails; returns the errors otherwise.
     cond: example conditioning inputs of the graph (their shapes; fresh random values are drawn);
-    guided: the sampler graph does classifier-free guidance (random uncond, a scale of 2.5)."""
+    guided: the sampler graph does classifier-free guidance (random uncond, a scale of 2.5); runner: a CPU
+    OrtRunner already open on the graph (the caller keeps it), else one is opened here; own_copy: a private
+    network.eval_copy(model, dtype) the check may use and then convert to float64 in place (one copy of the
+    weights instead of two)."""
     shape = sample_shape(model, shape)
     # batch 3 for the network (traced at 2: checks the dynamic batch); 2 for a sampler, whose float64
     # reference costs S network calls (per-sample ops such as thresholding still see two samples)
     batch = batch or (3 if plan is None else 2)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, *shape, generator=gen)  # (B, C, H, W)
-    m64 = eval_copy(model, torch.float64)
-    low = Network(eval_copy(model, dtype), dtype)
-    runner = OrtRunner(proto_or_path, device="cpu")
+    low_model = own_copy if own_copy is not None else eval_copy(model, dtype)
+    low = Network(low_model, dtype)
+    runner = runner or OrtRunner(proto_or_path, device="cpu")
     c, c64, kw, kw64, feeds_c = _random_cond(model, cond, guided, batch, gen)
     if plan is None:
         T = getattr(getattr(model, "schedule", None), "T", 1000)
         t = torch.randint(0, T, (batch,), generator=gen)
-        ref64 = _tensor(m64(x.double(), t, **c64))
         ref_low = low(x, t, **c)
+        m64 = low_model.double() if own_copy is not None else eval_copy(model, torch.float64)
+        ref64 = _tensor(m64(x.double(), t, **c64))
         fast = runner(x=x, t=t, **c)
     else:
+        m64 = eval_copy(model, torch.float64)
         noise = torch.randn(plan.steps, *x.shape, generator=gen) if plan.needs_noise else None
         tables = table_feeds(plan) if "coef" in runner.inputs else {}  # a table-input graph gets the plan's
         if plan.direction == "invert":

@@ -189,6 +189,22 @@ def test_graph_runner_bookkeeping(analytic, monkeypatch):
     assert torch.equal(runner.sample(2, plan, seed=1, first_index=0), held)
 
 
+def test_per_call_plans_capture_once_per_plan_content(analytic, monkeypatch):
+    """Engine.sample(plan=...): a graph per plan, keyed by the plan's content (an equal plan built again
+    replays; plans are made per request), at most max_graphs kept; each replay is its plan's samples."""
+    pytest.importorskip("triton")
+    fake_cuda.cuda_graph_on_cpu(monkeypatch.setattr)
+    fake_cuda.replay_graphs(monkeypatch.setattr)
+    eng = dd.Engine(analytic, _plan(4), shape=SHAPE, backend="cuda_graph", device="cpu", max_graphs=2)
+    ref = dd.Engine(analytic, _plan(4), shape=SHAPE, backend="reference", device="cpu")
+    plans = [_plan(4), _plan(3, eta=0.5), _plan(5, spacing="quad", clip_x0=1.0)]
+    for plan in plans + [_plan(3, eta=0.5)]:  # the last: equal to plans[1], a new object
+        got = eng.sample(2, seed=3, plan=plan)
+        torch.testing.assert_close(got, ref.sample(2, seed=3, plan=plan), rtol=0, atol=1e-5)
+    assert eng.graph_captures == 3 and len(eng._backend.graphs) == 2
+    assert len(eng._backend._tables) <= 3  # device tables per plan content, not per object
+
+
 def test_graph_engine_with_chunks_and_thresholding_on_cpu(analytic, monkeypatch):
     """The cuda_graph Engine on a CPU (capture replaced by replaying the body, as the GPU suite's
     dry run does): a threshold plan runs through the captured body, 5 samples above a limit of 2

@@ -170,3 +170,42 @@ def test_engine_runs_batches_above_the_kernel_limit_in_chunks(analytic, monkeypa
 def test_onnx_options_only_with_onnxruntime(analytic):
     with pytest.raises(ValueError, match="onnx_options apply to the onnxruntime backend only"):
         dd.Engine(analytic, _plan(), shape=SHAPE, backend="reference", onnx_options={"threads": 1})
+    with pytest.raises(ValueError, match=r"unknown onnx_options 'log'; the onnxruntime backend takes opset, threads"):
+        dd.Engine(analytic, _plan(), shape=SHAPE, backend="reference", onnx_options={"log": print})
+    with pytest.raises(ValueError, match="onnx_options must be a dict"):
+        dd.Engine(analytic, _plan(), shape=SHAPE, onnx_options=["threads"])
+    # auto may pick another backend (here bfloat16 rules onnxruntime out): its options are then unused
+    eng = dd.Engine(analytic, _plan(), shape=SHAPE, device="cpu", dtype=torch.bfloat16, onnx_options={"threads": 1})
+    assert eng.backend == "reference"
+
+
+# -- a plan per call --------------------------------------------------------------------------------------
+def test_a_plan_per_call_is_that_plans_sampler(analytic):
+    """sample / __call__ / invert with plan=: the same numbers as an Engine built with that plan."""
+    eng = dd.Engine(analytic, _plan(10), shape=SHAPE, backend="reference", device="cpu")
+    for plan in (_plan(4, eta=0.7), _plan(6, spacing="quad", clip_x0=1.0), _plan(5, sampler="unipc")):
+        own = dd.Engine(analytic, plan, shape=SHAPE, backend="reference", device="cpu")
+        assert torch.equal(eng.sample(3, seed=2, first_index=1, plan=plan), own.sample(3, seed=2, first_index=1))
+        x_T = dd.rng.initial_noise(5, (2, *SHAPE))
+        noise = torch.randn(plan.steps, 2, *SHAPE, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(eng(x_T, noise=noise, plan=plan), own(x_T, noise=noise))  # noise of the call's plan
+    x0 = 0.3 + 0.2 * torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
+    inv = _plan(7)
+    assert torch.equal(eng.invert(x0, plan=inv, eps_at="target"),
+                       dd.Engine(analytic, inv, shape=SHAPE, backend="reference").invert(x0, eps_at="target"))
+    assert torch.equal(eng.sample(2, seed=1), dd.Engine(analytic, _plan(10), shape=SHAPE, backend="reference",
+                                                        device="cpu").sample(2, seed=1))  # the engine's own plan
+    with pytest.raises(ValueError, match=r"noise must have shape \(steps, \*x_T.shape\) = \(4,"):
+        eng(x_T, noise=torch.zeros(10, 2, *SHAPE), plan=_plan(4))
+
+
+def test_a_plan_per_call_is_checked(analytic):
+    eng = dd.Engine(analytic, _plan(), shape=SHAPE, backend="reference", device="cpu")
+    with pytest.raises(ValueError, match="plan= must be a sampling SamplingPlan"):
+        eng.sample(1, plan=_plan().inverse())
+    with pytest.raises(ValueError, match="plan= must be a sampling SamplingPlan"):
+        eng.sample(1, plan={"steps": 10})
+    with pytest.raises(ValueError, match="build the plan with prediction='eps'"):
+        eng(torch.zeros(1, *SHAPE), plan=_plan(prediction="v"))
+    with pytest.raises(ValueError, match="plan= must be a sampling SamplingPlan"):
+        eng.invert(torch.zeros(1, *SHAPE), plan=_plan().inverse())

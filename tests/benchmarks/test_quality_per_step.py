@@ -20,7 +20,7 @@ def test_quick_run_writes_json_and_png(tmp_path):
 
 
 def test_quick_ladder_writes_json_and_png(tmp_path):
-    """The tuned plans' ladder (issue 23), end to end at toy size: references, then per S the untuned, the
+    """The tuned plans' ladder, end to end at toy size: references, then per S the untuned, the
     searched-timesteps and the tuned plan, each on two seed sets, scored against the teacher from the same noise."""
     from benchmarks import quality_per_step as q
 

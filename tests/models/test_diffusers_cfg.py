@@ -3,7 +3,7 @@ against the CFG loop users run today (DDIMScheduler, [uncond; cond] batch, the c
 
 The diffusers loop in float64 (model .double(), the scheduler's tables replaced by the float64 schedule)
 is the truth: the project's reference sampler in float64 equals it to 1e-9 relative, and every CPU
-backend (reference fp32, triton in the interpreter, onnxruntime unrolled and Loop) meets the tolerance
+backend (reference fp32, triton in the interpreter, onnxruntime: the network in ONNX Runtime) meets the tolerance
 rule against it, with the diffusers loop in float32 as the reference in that precision. The same tests
 on CUDA are in the gpu tier below."""
 
@@ -158,17 +158,9 @@ def onnx_cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("diffusers-onnx-cache")
 
 
-BACKENDS = [("reference", {}), ("triton", {}), ("onnxruntime", {"unroll": True}),
-            ("onnxruntime", {"unroll": False})]
-
-
-# The text model's unrolled ONNX sampler is the export test's graph (below, S=5 exports unrolled), checked
-# there against the same loop; its Engine run would repeat that export (minutes on a 2-core CI machine).
-CASES = [(which, b, o) for which in ("text", "class") for b, o in BACKENDS
-         if not (which == "text" and o.get("unroll") is True)]
-
-
-IDS = [f"{w}-{b}" + ("" if not o else "-unrolled" if o["unroll"] else "-loop") for w, b, o in CASES]
+BACKENDS = [("reference", {}), ("triton", {}), ("onnxruntime", {})]  # onnxruntime on a CPU: the network in ORT
+CASES = [(which, b, o) for which in ("text", "class") for b, o in BACKENDS]
+IDS = [f"{w}-{b}" for w, b, o in CASES]
 
 
 @pytest.mark.parametrize("which, backend, opts", CASES, ids=IDS)
@@ -221,7 +213,7 @@ def test_a_diffusers_model_exports_with_its_conditioning_inputs(text_unet, loops
     from ddim_fast.onnx.export import onnx_metadata
 
     meta = onnx_metadata(path)
-    assert meta["graph"] == "unrolled"  # the unrolled guided sampler of this model (the Loop one: the Engine test)
+    assert meta["graph"] == "unrolled"  # the unrolled guided sampler of this model
     assert meta["guided"] is True
     assert meta["conditioning"]["encoder_hidden_states"]["shape"] == "(B, 5, 32)"
     assert meta["conditioning"]["encoder_hidden_states"]["null"] is None

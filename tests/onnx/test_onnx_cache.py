@@ -1,13 +1,11 @@
-"""The ONNX cache and the table-input sampler graph: one torch export per (model,
-dtype), one sampler graph per plan structure whatever its steps, spacing or eta, a size-limited cache,
-an unwritable cache that falls back with one warning, and the CLI's `auto` on a CPU that never makes a
-command slower than the reference backend (but for its one timed network call)."""
+"""The ONNX cache and the table-input sampler graphs (a deployment format: `ddim-fast export --whole-sampler
+--graph table`): one torch export per (model, dtype), one sampler file per plan structure whatever its steps,
+spacing or eta, a size-limited cache, the export timings behind the backend rule's estimate, and an unwritable
+cache that falls back with one warning. (The backend rule: tests/backends/test_backend_rule.py.)"""
 
-import argparse
 import copy
 import json
 import os
-import time
 import warnings
 
 import pytest
@@ -15,11 +13,11 @@ import torch
 
 import ddim_fast as dd
 from ddim_fast import onnx as dox
-from ddim_fast.cli import common
 from ddim_fast.onnx import cache as oc
 from ddim_fast.onnx import export as ex
 from ddim_fast.onnx.graph import structure, table_feeds
 from ddim_fast.onnx.runtime import OrtRunner
+from ddim_fast.onnx.session import host_noise
 from tests.helpers import assert_close_to_reference
 
 pytest.importorskip("onnxruntime")
@@ -32,72 +30,64 @@ pytestmark = pytest.mark.usefixtures("onnx_cache_env")
 
 
 def _truth(model, x_T, plan, seed):
-    return dd.sample(copy.deepcopy(model).double().eval(), x_T.double(), plan, seed=seed).clamp(-1, 1)
+    return dd.sample(copy.deepcopy(model).double().eval(), x_T.double(), plan, seed=seed)
 
 
-def _check(eng, ref_eng, model, plan, seed=3, batch=3):
-    got, want = eng.sample(batch, seed=seed), ref_eng.sample(batch, seed=seed)
-    x_T = dd.rng.initial_noise(seed, (batch, *eng.shape))
-    assert_close_to_reference(got, want, _truth(model, x_T, plan, seed), torch.float32)
-    return got
+def _run_table(model, plan, unroll, seed=3, batch=3):
+    """The cached table-input graph of `plan` run on samples of `seed`, checked against the reference;
+    returns (the file, the result)."""
+    path = dox.export_cached(model, plan, table_inputs=True, unroll=unroll)
+    shape = (3, 16, 16)
+    x_T = dd.rng.initial_noise(seed, (batch, *shape))
+    feeds = {"x_T" if plan.direction == "sample" else "x0": x_T, **table_feeds(plan)}
+    if plan.needs_noise:
+        feeds["noise"] = host_noise(plan, seed, x_T.shape)
+    got = OrtRunner(path)(**feeds)
+    if plan.direction == "sample":
+        low, truth = dd.sample(model, x_T, plan, seed=seed), _truth(model, x_T, plan, seed)
+    else:
+        low, truth = dd.invert(model, x_T, plan), dd.invert(copy.deepcopy(model).double(), x_T.double(), plan)
+    assert_close_to_reference(got, low, truth, torch.float32, f"{plan!r} unroll={unroll}")
+    return path, got
 
 
 # -- one graph for every plan of a structure ------------------------------------------------------------
 def test_one_table_graph_serves_every_plan_of_a_structure(onnx_tiny):
-    """Unrolled (the CPU default up to UNROLL_MAX_STEPS): one graph per structure and S."""
+    """Unrolled: one file per structure and S, whatever the spacing or eta."""
     plans = [dd.SamplingPlan.build(SCHED, 4), dd.SamplingPlan.build(SCHED, 4, spacing="quad"),
              dd.SamplingPlan.build(SCHED, 4, spacing="trailing", final_alpha=1.0)]
     before = dict(dox.stats)
-    for plan in plans:
-        eng = dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu")
-        assert eng._backend.table_inputs  # the CPU default
-        _check(eng, dd.Engine(onnx_tiny, plan, backend="reference", device="cpu"), onnx_tiny, plan)
-    # at most one sampler graph for the three plans (none if an earlier test built this one)
-    assert dox.stats["sampler_builds"] - before["sampler_builds"] <= 1
-    # noise is structure: eta > 0 takes another graph, which then serves every eta > 0 at this S
+    assert len({_run_table(onnx_tiny, plan, True)[0] for plan in plans}) == 1
+    assert dox.stats["sampler_builds"] - before["sampler_builds"] <= 1  # none if an earlier test built it
+    # noise is structure: eta > 0 takes another file, which then serves every eta > 0 at this S
     noisy = [dd.SamplingPlan.build(SCHED, 4, eta=0.5), dd.SamplingPlan.build(SCHED, 4, eta=1.0, spacing="quad")]
-    before = dict(dox.stats)
-    for plan in noisy:
-        eng = dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu")
-        got = _check(eng, dd.Engine(onnx_tiny, plan, backend="reference", device="cpu"), onnx_tiny, plan)
-        assert (eng.sample(3, seed=4) - got).abs().max() > 1e-2  # the seed drives the fed noise
-    assert dox.stats["sampler_builds"] - before["sampler_builds"] <= 1
-    # a new S builds a graph around the cached network: no torch export
-    before = dict(dox.stats)
-    plan = dd.SamplingPlan.build(SCHED, 7, spacing="quad")
-    _check(dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu"),
-           dd.Engine(onnx_tiny, plan, backend="reference", device="cpu"), onnx_tiny, plan)
+    paths = {_run_table(onnx_tiny, plan, True)[0] for plan in noisy}
+    assert len(paths) == 1 and paths.isdisjoint({_run_table(onnx_tiny, plans[0], True)[0]})
+    a, b = (_run_table(onnx_tiny, noisy[0], True, seed=s)[1] for s in (3, 4))
+    assert (a - b).abs().max() > 1e-2  # the seed drives the fed noise
+    before = dict(dox.stats)  # a new S builds a graph around the cached network: no torch export
+    _run_table(onnx_tiny, dd.SamplingPlan.build(SCHED, 7, spacing="quad"), True)
     assert dox.stats["torch_exports"] == before["torch_exports"]
 
 
 def test_one_table_loop_serves_every_number_of_steps(onnx_tiny):
-    before = dict(dox.stats)
-    for plan in (dd.SamplingPlan.build(SCHED, 3), dd.SamplingPlan.build(SCHED, 6, spacing="quad")):
-        eng = dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu", onnx_options={"unroll": False})
-        _check(eng, dd.Engine(onnx_tiny, plan, backend="reference", device="cpu"), onnx_tiny, plan)
-    assert dox.stats["sampler_builds"] - before["sampler_builds"] <= 1
+    paths = {_run_table(onnx_tiny, plan, False)[0]
+             for plan in (dd.SamplingPlan.build(SCHED, 3), dd.SamplingPlan.build(SCHED, 6, spacing="quad"))}
+    assert len(paths) == 1
 
 
 @pytest.mark.parametrize("unroll", [True, False])
 def test_table_graph_equals_the_baked_graph(onnx_tiny, unroll):
     """The same operations on the same float32 numbers: fed or baked, the table gives the same result."""
     plan = dd.SamplingPlan.build(SCHED, 5, eta=0.3, clip_x0=1.0)
-    table = dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu", onnx_options={"unroll": unroll})
-    baked = dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu",
-                      onnx_options={"unroll": unroll, "table_inputs": False})
-    assert table._backend.table_inputs and not baked._backend.table_inputs
-    a, b = table.sample(4, seed=11), baked.sample(4, seed=11)
-    assert (a - b).abs().max().item() <= 1e-6
+    _, table = _run_table(onnx_tiny, plan, unroll, seed=11, batch=4)
+    x_T = dd.rng.initial_noise(11, (4, 3, 16, 16))
+    baked = OrtRunner(dox.export_cached(onnx_tiny, plan, unroll=unroll))(x_T=x_T, noise=host_noise(plan, 11, x_T.shape))
+    assert (table - baked).abs().max().item() <= 1e-6
 
 
 def test_inversion_through_the_table_graph(onnx_tiny):
-    plan = dd.SamplingPlan.build(SCHED, 4)
-    eng = dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu")
-    x0 = dd.rng.initial_noise(5, (2, *eng.shape)).clamp(-1, 1)
-    got = eng.invert(x0)
-    want = dd.Engine(onnx_tiny, plan, backend="reference", device="cpu").invert(x0)
-    truth = dd.invert(copy.deepcopy(onnx_tiny).double().eval(), x0.double(), plan.inverse())
-    assert_close_to_reference(got, want, truth, torch.float32)
+    _run_table(onnx_tiny, dd.SamplingPlan.build(SCHED, 4).inverse(), True, seed=5, batch=2)
 
 
 def test_structure_keys_what_the_graph_depends_on():
@@ -130,8 +120,7 @@ def test_table_inputs_refusals(onnx_tiny, tmp_path):
     with pytest.raises(ValueError, match="needs a plan"):
         dd.export_onnx(onnx_tiny, tmp_path / "a.onnx", table_inputs=True)
     with pytest.raises(ValueError, match="table_inputs must be"):
-        dd.Engine(onnx_tiny, dd.SamplingPlan.build(SCHED, 3), backend="onnxruntime", device="cpu",
-                  onnx_options={"table_inputs": "yes"})
+        dd.export_onnx(onnx_tiny, tmp_path / "a.onnx", plan=dd.SamplingPlan.build(SCHED, 3), table_inputs="yes")
 
 
 # -- the cache: size limit, least recently used first, unwritable ---------------------------------------
@@ -176,7 +165,9 @@ def test_export_keeps_the_cache_under_its_limit(onnx_tiny, tmp_path, monkeypatch
     path = ex.export_cached(onnx_tiny)
     assert path.parent == tmp_path / "onnx" and path.is_file()
     assert not any(p.exists() for p in old)  # the two old entries made room, the new one stays
-    assert json.loads((tmp_path / "onnx" / "timings.json").read_text())["torch_export_s"] > 0
+    record = json.loads((tmp_path / "onnx" / "timings.json").read_text())["exports"][-1]
+    assert record["seconds"] > 0 and record["exporter"] == "torchscript"
+    assert record["params"] == sum(p.numel() for p in onnx_tiny.parameters())
     assert ex.export_estimate_s() > 0 and ex.network_cached(onnx_tiny)
 
 
@@ -190,53 +181,41 @@ def test_unwritable_cache_falls_back_with_one_warning(onnx_tiny, tmp_path, monke
         eng = dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu")
     assert len([w for w in record if "cannot be written" in str(w.message)]) == 1
     fallback = oc._fallback["dir"]
-    assert eng._backend.paths["sample"].parent == fallback
-    _check(eng, dd.Engine(onnx_tiny, plan, backend="reference", device="cpu"), onnx_tiny, plan)
+    assert eng._backend.paths[0].parent == fallback
+    x_T = dd.rng.initial_noise(3, (2, 3, 16, 16))
+    assert_close_to_reference(eng(x_T), dd.sample(onnx_tiny, x_T, plan).clamp(-1, 1),
+                              _truth(onnx_tiny, x_T, plan, 3).clamp(-1, 1), torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning in this process; the export is found again
         hits = dox.stats["cache_hits"]
-        dd.Engine(onnx_tiny, dd.SamplingPlan.build(SCHED, 6), backend="onnxruntime", device="cpu")
+        dox.export_cached(onnx_tiny, dd.SamplingPlan.build(SCHED, 6))
         assert dox.stats["cache_hits"] > hits
-    assert ex.export_estimate_s() == ex.DEFAULT_EXPORT_S  # nothing recorded where nothing can be written
+    # nothing recorded where nothing can be written: the estimate is the default model's
+    assert ex.export_estimate_s(10**6) == oc.default_export_s(10**6)
 
 
-# -- the CLI's auto on a CPU -------------------------------------------------------------------------------
-def _args(**kw):
-    return argparse.Namespace(**{"backend": "auto", "device": "cpu", "dtype": "fp32", "batch_size": 4,
-                                 "progress": False, **kw})
+def test_export_estimate_scales_with_parameters_and_this_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDIM_FAST_CACHE", str(tmp_path))
+    assert oc.export_estimate_s(36e6) > oc.export_estimate_s(1e6) == oc.default_export_s(1e6)
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "timings.json").write_text('{"torch_export_s": 12.5}')  # an older file: ignored
+    assert oc.export_estimate_s(1e6) == oc.default_export_s(1e6)
+    for seconds in (3.0, 2.0, 1.0):  # this machine is twice as fast as the default model (the median)
+        oc.record_export_time(seconds * oc.default_export_s(5e6), 5_000_000)
+    oc.record_export_time(100.0, 5_000_000, "dynamo")  # a fallback export is not the TorchScript estimate
+    assert oc.export_estimate_s(36e6) == pytest.approx(2.0 * oc.default_export_s(36e6))
+    for _ in range(oc.TIMINGS_KEPT + 3):
+        oc.record_export_time(1.0, 1000)
+    assert len(json.loads((tmp_path / "onnx" / "timings.json").read_text())["exports"]) == oc.TIMINGS_KEPT
 
 
-def test_cli_auto_takes_the_reference_backend_when_exporting_would_cost_more(onnx_tiny, tmp_path, monkeypatch):
-    monkeypatch.setenv("DDIM_FAST_CACHE", str(tmp_path))  # nothing cached
-    plan = dd.SamplingPlan.build(SCHED, 3)
-    monkeypatch.setattr(ex, "export_estimate_s", lambda: 1e6)
-    eng, _ = common.engine(_args(), model=onnx_tiny, plan=plan, images=2)
-    assert eng.backend == "reference" and "shorter than the one-off ONNX export" in eng.backend_reason
-    assert not ex.network_cached(onnx_tiny)  # nothing was exported
-    monkeypatch.setattr(ex, "export_estimate_s", lambda: 0.0)  # an export that costs nothing pays off
-    eng, _ = common.engine(_args(), model=onnx_tiny, plan=plan, images=2)
-    assert eng.backend == "onnxruntime" and "more than exporting" in eng.backend_reason
-    assert ex.network_cached(onnx_tiny)
-    monkeypatch.setattr(ex, "export_estimate_s", lambda: 1e6)  # cached now: no estimate is needed
-    eng, _ = common.engine(_args(), model=onnx_tiny, plan=dd.SamplingPlan.build(SCHED, 5), images=1)
-    assert eng.backend == "onnxruntime"
-
-
-def test_cli_probe_times_one_network_call(onnx_tiny):
-    t0 = time.perf_counter()
-    s = common._probe_s(onnx_tiny, 2, torch.float32)
-    assert 0 < s <= time.perf_counter() - t0
-
-
-@pytest.mark.parametrize("unroll", [None, False])
+@pytest.mark.parametrize("unroll", [True, False])
 def test_table_graphs_run_multistep_plans(onnx_tiny, unroll):
     """The history samplers through table-input graphs: the wider table, the pushes (built into an
     unrolled graph, so part of its key), and a Loop that serves any S."""
-    opts = {"unroll": unroll}
     for plan in (dd.SamplingPlan.build(SCHED, 5, sampler="dpmpp_2m", spacing="trailing"),
                  dd.SamplingPlan.build(SCHED, 5, sampler="unipc", spacing="quad"),
                  dd.SamplingPlan.build(SCHED, 4, sampler="plms")):
-        eng = dd.Engine(onnx_tiny, plan, backend="onnxruntime", device="cpu", onnx_options=opts)
-        _check(eng, dd.Engine(onnx_tiny, plan, backend="reference", device="cpu"), onnx_tiny, plan)
+        _run_table(onnx_tiny, plan, unroll)
     a, b = dd.SamplingPlan.build(SCHED, 5, sampler="dpmpp_2m"), dd.SamplingPlan.build(SCHED, 7, sampler="dpmpp_2m")
     assert structure(a) == structure(b) and structure(a) != structure(dd.SamplingPlan.build(SCHED, 5))

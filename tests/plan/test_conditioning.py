@@ -196,10 +196,12 @@ def test_new_labels_and_scale_do_not_recapture(label_eps, monkeypatch):
 # -- ONNX -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("unroll", [True, False])
 def test_onnx_engine_guided_and_metadata(cond_unet, unroll, tmp_path, monkeypatch):
+    """The CPU Engine (the network in ONNX Runtime, the reference loop: guidance is its doubled batch) and the
+    guided whole-sampler export, unrolled and as a Loop."""
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("DDIM_FAST_CACHE", str(tmp_path))
     plan = _plan(3, eta=0.5)
-    eng = dd.Engine(cond_unet, plan, backend="onnxruntime", device="cpu", onnx_options={"unroll": unroll})
+    eng = dd.Engine(cond_unet, plan, backend="onnxruntime", device="cpu")
     x = _x(cond_unet)
     for kw in ({"cond": {"class_labels": Y}, "guidance": 2.0}, {"cond": {"class_labels": Y}}, {}):
         got = eng(x, seed=3, **kw)
