@@ -330,7 +330,8 @@ def test_every_argument_is_checked_before_the_model_loads(name, f, tmp_path, mon
     for module in (checkpoint, common, cli_sample):
         monkeypatch.setattr(module, "load_model", _loud("loaded the model"))
     monkeypatch.setattr(engine.Engine, "__init__", _loud("built an Engine"))
-    monkeypatch.setattr(common, "_probe_s", _loud("ran the backend's probe"))
+    monkeypatch.setattr(engine, "choose_backend", _loud("chose a backend"))
+    monkeypatch.setattr(engine, "probe_per_sample_s", _loud("ran the backend's probe"))
     monkeypatch.setattr(cli_export, "export_onnx", _loud("exported"))
     monkeypatch.setattr(cli_train, "train", _loud("trained"))
     monkeypatch.setattr(cli_convert, "convert", _loud("converted"))
