@@ -29,6 +29,10 @@ _EXPORTS = {
     "Workload": "engine",
     "export_onnx": "onnx",
     "tune_plan": "tune",
+    "Batcher": "batcher",
+    "QueueFull": "batcher",
+    "DeadlineExceeded": "batcher",
+    "BatcherClosed": "batcher",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -211,6 +211,25 @@ class Engine:
             first_index=first_index + lo, **_cut(cc, lo, hi)))
         return _finite(out, self.backend).clamp_(-1.0, 1.0)  # checked first: clamp would turn inf into +-1
 
+    def sample_rows(self, seeds, indices, *, cond: dict | None = None, uncond: dict | None = None,
+                    guidance: float | None = None, plan: SamplingPlan | None = None) -> torch.Tensor:
+        """One batch whose rows come from different requests: row b is sample indices[b] of seeds[b], the
+        image `sample(1, seeds[b], first_index=indices[b], ...)` gives it alone (bitwise where the backend is
+        batch-invariant bitwise, else to the tolerance rule), on every backend: x_T and, for eta > 0 plans,
+        every step's noise are drawn on the host per row (rng.row_normal, the same keyed numbers) and the
+        batch runs from them (`noise=`). cond (B, ...) per row; guidance one scale for the batch (the
+        fused step takes a scalar: requests with different scales go in different batches)."""
+        seeds, indices = list(seeds), list(indices)
+        for i in indices:
+            _check_first_index(i, 1)
+        plan = self._plan(plan)
+        x_T = rng.row_normal(seeds, indices, self.shape, step=0, purpose=rng.PURPOSE_XT)
+        noise = None
+        if plan.needs_noise:
+            noise = torch.stack([rng.row_normal(seeds, indices, self.shape, step=i, purpose=rng.PURPOSE_STEP)
+                                 for i in range(plan.steps)])
+        return self(x_T, noise=noise, cond=cond, uncond=uncond, guidance=guidance, plan=plan)
+
     def invert(self, x0: torch.Tensor, *, eps_at: str = "current", cond: dict | None = None,
                uncond: dict | None = None, guidance: float | None = None, plan: SamplingPlan | None = None
                ) -> torch.Tensor:

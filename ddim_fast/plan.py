@@ -581,8 +581,9 @@ def _check_sampler(sampler, order, steps, eta, variance, clip_x0, threshold, plm
     if sampler == "plms" and plms_start not in PLMS_STARTS:
         raise ValueError(f"plms_start must be one of {PLMS_STARTS}, got {plms_start!r}")
     if sampler != "ddim" and (eta != 0.0 or variance != "ddim"):
-        raise ValueError(f"eta and variance='large' are DDIM options; sampler {sampler!r} is deterministic "
-                         "(use sampler='dpmpp_2m_sde' for a stochastic multistep sampler)")
+        what = ("draws its own noise: drop eta and variance" if sampler == "dpmpp_2m_sde" else
+                "is deterministic (use sampler='dpmpp_2m_sde' for a stochastic multistep sampler)")
+        raise ValueError(f"eta and variance='large' are DDIM options; sampler {sampler!r} {what}")
     if sampler == "plms" and (clip_x0 is not None or threshold is not None):
         raise ValueError("plms combines model outputs, not x0 estimates, so clip_x0/threshold cannot be honoured; "
                          "use sampler='dpmpp_2m' or 'unipc' (which clip/threshold x0) or drop the option")

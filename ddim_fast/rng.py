@@ -147,6 +147,24 @@ def step_noise(seed: int, step: int, shape, *, first_index: int = 0, device=None
     return normal(seed, shape, step=step, purpose=PURPOSE_STEP, first_index=first_index, device=device)
 
 
+def row_normal(seeds, indices, sample_shape, *, step: int, purpose: int, device=None) -> torch.Tensor:
+    """Gaussian noise for rows of different seeds: row b is sample indices[b] of seeds[b], the very numbers
+    normal(seeds[b], ..., first_index=indices[b]) gives it alone (the keys are per row either way).
+    seeds, indices: sequences of B ints; returns (B, *sample_shape) float32."""
+    seeds = [check_seed(s) for s in seeds]
+    if len(seeds) != len(indices) or not seeds:
+        raise ValueError(f"seeds and indices must be two non-empty sequences of one length, got {len(seeds)} "
+                         f"and {len(indices)}")
+    s = torch.tensor(seeds, dtype=torch.int64, device=device)
+    idx = torch.as_tensor(indices, dtype=torch.int64, device=device)
+    k0, k1, _, _ = philox(s & _MASK32, s >> 32, idx & _MASK32, torch.full_like(idx, step & _MASK32),
+                          torch.full_like(idx, purpose), torch.zeros_like(idx))
+    numel = 1
+    for d in sample_shape:
+        numel *= d
+    return normals_from_keys(k0, k1, numel).reshape(len(seeds), *sample_shape)
+
+
 def derived_seed(seed: int, counter: int, purpose: int, index: int = 0) -> int:
     """A 63-bit seed (for a torch.Generator) from (seed, counter, purpose, index) through the same
     Philox keys: how the trainer keys every draw of step `counter`."""
