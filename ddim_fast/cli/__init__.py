@@ -4,7 +4,7 @@ A sub-command is a class with two static methods,
     add_arguments(parser)   fill in its argparse sub-parser
     run(args) -> int        run it (returns the exit code)
 in the file of its family (sample.py: sample, encode, decode, interpolate; export.py; tune.py; train.py;
-convert.py; bench.py; metrics.py: eval-digits, train-digits-classifier; aot.py), listed in COMMANDS.
+convert.py; bench.py; metrics.py: eval-digits, train-digits-classifier; aot.py; serve.py), listed in COMMANDS.
 Options several commands share (the model, the plan from arguments, device and dtype) are in
 common.py, the torchrun setup in ddim_fast.distributed. Errors a user can fix (ValueError,
 FileNotFoundError, ...; an OSError from the file system, e.g. a full disk; a mistyped or unknown
@@ -37,6 +37,8 @@ COMMANDS = {
     "eval-digits": ("metrics", "EvalDigits", "judge a digits model's DDIM samples with the digits classifier "
                     "(FD-digits)"),
     "train-digits-classifier": ("metrics", "TrainDigitsClassifier", "train and save the classifier behind FD-digits"),
+    "serve": ("serve", "Serve", "an HTTP server (POST /v1/images/generations) that merges requests into batches, "
+              "each image exactly its solo result"),
     "aot": ("aot", "Aot", "compile every shipped Triton kernel for sm_80/sm_90 without a GPU: registers, spills"),
 }
 
@@ -59,6 +61,7 @@ EPILOG = """examples:
   ddim-fast train --dataset digits --config digits --out runs/digits --steps 2000
   ddim-fast convert ckpt.pth my-model/
   ddim-fast bench speedup_vs_ddpm --quick
+  ddim-fast serve --model digits --steps 10 --port 8000     # POST /v1/images/generations (the serve extra)
 """
 
 
