@@ -13,6 +13,7 @@ import torch
 import ddim_fast as dd
 from ddim_fast.models.analytic import GaussianEps
 from ddim_fast.plan import COL
+from ddim_fast.precision import atol
 from ddim_fast.sampling import sample
 from tests.helpers import ToyNet, assert_close_to_reference
 from tests.helpers import toy_x as _x
@@ -133,7 +134,10 @@ def test_equals_diffusers(case, monkeypatch):
     scale = theirs64.abs().max()
     assert (ours64 - theirs64).abs().max() <= 1e-12 * scale, f"float64: {(ours64 - theirs64).abs().max() / scale:.3g}"
     ours32 = sample(model, x.float(), plan, noise=noise)
-    assert_close_to_reference(ours32, theirs32, theirs64, torch.float32, f"{case} float32")
+    # float32 against another implementation, not a fast path against the reference: within 4x diffusers'
+    # own float32 error (measured up to 3.2x on trailing spacing; docs/DESIGN.md, the tolerance rule)
+    err, theirs = ((y.double() - theirs64).abs().max().item() for y in (ours32, theirs32))
+    assert err <= 4 * theirs + atol(torch.float32), f"{case} float32: {err:.3g} > 4 x diffusers' {theirs:.3g} + atol"
 
 
 def test_float64_check_catches_a_wrong_coefficient():
