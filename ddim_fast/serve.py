@@ -14,7 +14,8 @@ Endpoints (docs/serving.md has examples):
 
 Errors are JSON {"error": {"message", "type"}}: 400 for a bad field (one message), 413 for n > max_n, 503 with
 Retry-After at once when the queue is full, the server is warming up or draining, 504 when a request has not
-started within its deadline. A client that disconnects has its request cancelled, so its rows leave the queue.
+started within its deadline, 500 when sampling itself failed. A client that disconnects has its request
+cancelled, so its rows leave the queue.
 On shutdown (uvicorn's SIGTERM handling: stop accepting, finish open requests) the lifespan closes the batcher
 with drain=True, so every accepted request completes. Each app has its own prometheus CollectorRegistry.
 """
@@ -44,7 +45,7 @@ log = logging.getLogger("ddim_fast.serve")
 
 FIELDS = ("n", "seed", "steps", "sampler", "eta", "plan", "class_label", "guidance", "response_format", "user")
 FORMATS = ("b64_json", "npy")
-REJECTIONS = ("queue_full", "deadline", "bad_request", "too_large", "disconnect", "not_ready")
+REJECTIONS = ("queue_full", "deadline", "bad_request", "too_large", "disconnect", "not_ready", "server_error")
 PLAN_CACHE = 32  # plans built from steps / sampler / eta, kept (LRU): equal requests share one plan object
 RETRY_AFTER_S = 1
 DISCONNECT = 499  # the status recorded (never sent) for a request whose client went away
@@ -140,6 +141,8 @@ def parse_request(raw: bytes, *, max_n: int, plans: Plans, num_classes: int | No
     if eta is not None:
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
             raise BadRequest(f"eta must be a finite number >= 0, got {json.dumps(eta)}")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise BadRequest(f"user must be a string, got {json.dumps(body['user'])}")
     name = body.get("plan")
     if name is not None and not isinstance(name, str):
         raise BadRequest(f"plan must be the name of a plan loaded here, got {json.dumps(name)}")
@@ -302,6 +305,10 @@ def make_app(batcher, *, model=None, max_n: int = 16, default_timeout_s: float =
             return Response(status_code=DISCONNECT)
         except BatcherClosed:
             return busy("the server is shutting down; retry on another replica", "not_ready")
+        except Exception as e:  # noqa: BLE001 - the engine failed (e.g. NonFiniteError): a JSON 500, logged
+            log.exception("sampling failed")
+            return error(500, f"sampling failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                         "server_error", "server_error")
         data = await asyncio.get_running_loop().run_in_executor(None, encode_images, images, req["format"])
         metrics["images"].inc(len(data))
         return JSONResponse({"created": int(time.time()), "seed": req["seed"], "data": data})

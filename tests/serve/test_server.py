@@ -238,6 +238,7 @@ BAD = [
     ({"response_format": "url"}, 400, "response_format must be one of"),
     ({"class_label": 3}, 400, "class_label applies to a class-conditional model"),
     ({"guidance": 2.0}, 400, "guidance needs class_label"),
+    ({"user": 5}, 400, "user must be a string"),
 ]
 
 
@@ -341,6 +342,22 @@ def test_a_client_that_disconnects_has_its_rows_dropped(model, plan):
         time.sleep(0.1)
         assert gate.calls == 1  # the dropped rows never ran
         assert metric(app, "ddim_fast_batch_rows_sum") == 1
+
+
+def test_a_failed_batch_is_a_json_500_and_the_server_goes_on(model, plan):
+    with running(model, plan, warmup=False) as (port, batcher, app, gate):
+        run = batcher.engine.sample_rows
+
+        def fail_once(*a, **k):
+            batcher.engine.sample_rows = run
+            raise RuntimeError("the network broke\nsecond line")
+
+        batcher.engine.sample_rows = fail_once
+        status, _, reply = generate(port, {"seed": 1})
+        assert status == 500 and reply["error"] == {"message": "sampling failed: RuntimeError: the network broke",
+                                                    "type": "server_error"}
+        assert generate(port, {"seed": 1})[0] == 200
+        assert metric(app, "ddim_fast_rejections_total", reason="server_error") == 1
 
 
 def test_ready_only_after_warm_up_and_metrics_series(model, plan):
