@@ -457,9 +457,9 @@ def _network(job: _Job, say, validate: bool = True):
             return proto
         except DamagedOnnxFile as e:
             discard_damaged(e)
-    proto, _ = export_network(job, say, validate)
+    proto, _, data = export_network(job, say, validate)
     if validate:  # only a checked network enters the cache: the CPU backend runs it as it is
-        store(job.path, _serialized(proto))
+        store(job.path, data)
     return proto
 
 
@@ -473,11 +473,12 @@ EXPORTER_NAMES = {"torchscript": "TorchScript", "dynamo": "dynamo (torch.export)
 
 
 def export_network(job: _Job, say=None, validate: bool = True, threads: int | None = None):
-    """(proto, runner): the network of `job` traced by torch.onnx, its exporters tried in order
+    """(proto, runner, data): the network of `job` traced by torch.onnx, its exporters tried in order
     (network.exporters_for: TorchScript, then dynamo when TorchScript raises or its graph fails the check),
     with its metadata (which exporter made it). validate: check it in ONNX Runtime against the float64
     reference (validate.validate_export) in a CPU session of `threads`, returned as `runner` for reuse (None
-    without validation). Records the seconds of a TorchScript export and its check in timings.json."""
+    without validation), and `data`, the proto serialized once (a 143 MB graph takes 0.3 s to serialize: the
+    session and the cache share it). Records the seconds of a TorchScript export and its check in timings.json."""
     say = say or _sayer()
     errors = []
     exporters = exporters_for(job.opset)
@@ -499,10 +500,10 @@ def export_network(job: _Job, say=None, validate: bool = True, threads: int | No
         stats["torch_exports"] += 1
         _set_metadata(proto, _metadata(job.model, None, job.dtype, job.shape, job.key, None, opset_of(proto), False,
                                        job.example, exporter=exporter))
-        runner = None
+        runner, data = None, _serialized(proto)
         if validate:
             say("checking the network in ONNX Runtime against the float64 reference")
-            runner = OrtRunner(proto, device="cpu", threads=threads)
+            runner = OrtRunner(data, device="cpu", threads=threads)
             try:
                 with one_torch_thread_when_busy():  # the float32 and float64 references
                     validate_export(proto, job.model, None, job.dtype, job.shape, cond=job.example, runner=runner,
@@ -515,7 +516,7 @@ def export_network(job: _Job, say=None, validate: bool = True, threads: int | No
         if validate:
             record_export_time(seconds, job.params, exporter)
         say(f"exported the network with the {EXPORTER_NAMES[exporter]} exporter in {seconds:.1f} s")
-        return proto, runner
+        return proto, runner, data
     if len(errors) == 1:
         raise errors[0]
     detail = "; ".join(f"{EXPORTER_NAMES[x]}: {first_line(e)}" for x, e in zip(exporters, errors))
@@ -537,8 +538,8 @@ def network_file(job: _Job, threads: int | None = None):
     if path is not None:
         stats["cache_hits"] += 1
         return path, None
-    proto, runner = export_network(job, None, True, threads)
-    return store(job.path, _serialized(proto)), runner
+    _, runner, data = export_network(job, None, True, threads)
+    return store(job.path, data), runner
 
 
 def network_fingerprint(model) -> str:
@@ -558,12 +559,27 @@ def network_cached(model, dtype=torch.float32, opset: int | None = None, *, shap
     return lookup(network_job(model, dtype, opset, shape=shape, model_fp=model_fp).path) is not None
 
 
+PROTOBUF_LIMIT = 2**31 - 1  # bytes in one serialized protobuf message
+
+
 def _serialized(proto) -> bytes:
-    size = proto.ByteSize()
-    if size >= 2**31 - 1:
-        raise ValueError(f"the graph is {size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for one file; "
-                         "export the eps-model, or use fewer steps with unroll=False")
-    return proto.SerializeToString()
+    from google.protobuf.message import EncodeError
+
+    try:
+        return proto.SerializeToString()
+    except EncodeError:  # protobuf says only "Failed to serialize proto"; its ByteSize() fails the same way
+        size = _tensor_bytes(proto.graph)
+        if size < PROTOBUF_LIMIT:
+            raise
+    raise ValueError(f"the graph holds {size / 2**30:.1f} GiB of tensors, over protobuf's 2 GiB limit for one file; "
+                     "export the eps-model, or use fewer steps with unroll=False")
+
+
+def _tensor_bytes(g) -> int:
+    """The bytes of the initializers of graph g and of its subgraphs (a Loop's body)."""
+    own = sum(len(t.raw_data) for t in g.initializer)
+    return own + sum(_tensor_bytes(sub) for node in g.node for a in node.attribute
+                     for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs))
 
 
 def _write(path, proto) -> Path:

@@ -335,6 +335,16 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inpu
                               producer_version=__version__)
     model.ir_version = net_proto.ir_version
     model.functions.extend(net_proto.functions)
-    if model.ByteSize() < 2**31 - 1:  # the checker needs one in-memory message
+    if _serializable(model):  # the checker needs one in-memory message
         onnx.checker.check_model(model)
     return model
+
+
+def _serializable(model) -> bool:
+    """Whether `model` fits one protobuf message (over 2 GiB, ByteSize() itself raises; export says why)."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        return model.ByteSize() < 2**31 - 1
+    except EncodeError:
+        return False

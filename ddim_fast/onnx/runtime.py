@@ -187,9 +187,9 @@ class OrtRunner:
         if isinstance(path_or_proto, (str, Path)):
             self.path = existing(path_or_proto)
             source = str(self.path)
-        else:
+        else:  # a ModelProto, or one already serialized (bytes)
             self.path = None
-            source = path_or_proto.SerializeToString()
+            source = path_or_proto if isinstance(path_or_proto, bytes) else path_or_proto.SerializeToString()
         try:
             self.session = ort.InferenceSession(source, options or session_options(threads), providers=providers)
         except Exception as e:

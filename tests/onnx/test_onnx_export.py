@@ -10,6 +10,7 @@ folder); GaussianEps exports are cheap.
 import copy
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -208,6 +209,31 @@ def test_validate_export_rejects_another_model(tmp_path):
         dox.validate_export(path, GaussianEps(SCHED, mu=0.35), None, shape=GSHAPE)
 
 
+def test_a_graph_over_protobufs_2_gib_limit_is_refused_with_the_way_out(monkeypatch):
+    import onnx
+    from google.protobuf.message import EncodeError
+
+    small = onnx.ModelProto(producer_name="ddim-fast")
+    assert export._serialized(small) == small.SerializeToString()
+
+    class Oversized:  # what protobuf does with a message over its limit, without allocating 2 GiB
+        def __init__(self, tensor_bytes):
+            body = onnx.helper.make_graph([], "body", [], [], [onnx.numpy_helper.from_array(
+                np.zeros(tensor_bytes // 8, np.float32), "w")])  # half the tensors in a Loop's body
+            loop = onnx.helper.make_node("Loop", ["n", "c"], ["y"], body=body)
+            self.graph = onnx.helper.make_graph([loop], "g", [], [], [onnx.numpy_helper.from_array(
+                np.zeros(tensor_bytes // 8, np.float32), "v")])
+
+        def SerializeToString(self):
+            raise EncodeError("Failed to serialize proto")
+
+    monkeypatch.setattr(export, "PROTOBUF_LIMIT", 4000)
+    with pytest.raises(ValueError, match=r"over protobuf's 2 GiB limit.*eps-model.*unroll=False"):
+        export._serialized(Oversized(4000))
+    with pytest.raises(EncodeError):  # a failure with small tensors is protobuf's own: passed on as it is
+        export._serialized(Oversized(400))
+
+
 def test_bad_export_arguments(onnx_tiny, tmp_path):
     with pytest.raises(ValueError, match="float16"):
         dd.export_onnx(onnx_tiny, tmp_path / "b.onnx", dtype=torch.bfloat16)
@@ -276,8 +302,6 @@ def test_the_table_graph_runs_without_ddim_fast(gauss, tmp_path):
     import json
     import subprocess
     import sys
-
-    import numpy as np
 
     exported = dd.SamplingPlan.build(SCHED, 10, eta=0.3)
     path = dd.export_onnx(gauss, tmp_path / "ddim-any.onnx", plan=exported, shape=GSHAPE, unroll=False,
