@@ -82,11 +82,14 @@ def exporters_for(opset) -> tuple:
     return EXPORTERS if opset is None or opset <= TORCHSCRIPT_MAX_OPSET else ("dynamo",)
 
 
+TRACE_BATCH = 3
+
+
 def torch_export(model, dtype, opset, shape, cond=None, exporter: str = "torchscript", copy=None):
     """The eps-model as an onnx.ModelProto: inputs x (B, C, H, W) float32, t (B,) int64, and one input
-    per conditioning tensor of `cond` (an example dict, {name: (2, ...) tensor}: its dtypes and its
-    shapes after the batch are fixed in the graph; float ones are float32 inputs); output
-    `prediction` (B, C', H, W) float32. The batch dimension is dynamic. exporter: "torchscript"
+    per conditioning tensor of `cond` (an example dict, {name: (n, ...) tensor}, its rows repeated to the
+    traced batch: its dtypes and its shapes after the batch are fixed in the graph; float ones are float32
+    inputs); output `prediction` (B, C', H, W) float32. The batch dimension is dynamic. exporter: "torchscript"
     (torch.onnx.export(dynamo=False): a trace) or "dynamo" (torch.export); ValueError when it fails.
     copy: eval_copy(model, dtype) when the caller has one (tracing leaves it as it is)."""
     onnx = import_onnx()
@@ -100,9 +103,11 @@ def torch_export(model, dtype, opset, shape, cond=None, exporter: str = "torchsc
     cond = dict(cond or {})
     names = list(cond)
     net = _Positional(Network(copy if copy is not None else eval_copy(model, dtype), dtype), names).eval()
-    x = torch.randn(2, *shape)  # batch 2: torch.export specialises a traced batch of 1
-    t = torch.tensor([1, 2], dtype=torch.int64)
-    conds = tuple(v.float() if v.is_floating_point() else v.long() for v in cond.values())
+    # traced at TRACE_BATCH; torch.export specialises a batch of 1, and the check runs another batch (2)
+    x = torch.randn(TRACE_BATCH, *shape)
+    t = torch.arange(1, TRACE_BATCH + 1, dtype=torch.int64)
+    rows = torch.arange(TRACE_BATCH)
+    conds = tuple((v.float() if v.is_floating_point() else v.long())[rows % v.shape[0]] for v in cond.values())
     inputs = ["x", "t", *names]
     with quiet_exporter(), torch.no_grad():
         try:
