@@ -79,6 +79,31 @@ def poisoned_like(t, **kw):
     return torch.full_like(t, float("nan"), **kw)
 
 
+def truth_and_low(model, plan, x_T, seed, dtype):
+    """(the float64 truth, the reference Engine in `dtype`) of sampling x_T with `plan`, both on x_T's
+    device (the model may be on the CPU): the two sides of a fast path's tolerance check."""
+    import copy
+
+    import ddim_fast as dd
+
+    truth = dd.sample(copy.deepcopy(model).double().to(x_T.device), x_T.double(), plan, seed=seed).clamp(-1, 1)
+    low = dd.Engine(model, plan, backend="reference", dtype=dtype, device=x_T.device)(x_T, seed=seed)
+    return truth, low
+
+
+def train_config(out, **kw):
+    """A TrainConfig of the tiny UNet on synthetic data, 4 steps, that a test changes by keyword."""
+    from ddim_fast import train
+
+    base = dict(out=str(out), dataset="synthetic:32", config="tiny", steps=4, batch_size=8, lr=1e-3, warmup=2,
+                save_every=2, log_every=1, grid_size=0, progress=False, ema_decay=0.99)
+    return train.TrainConfig(**{**base, **kw})
+
+
+def quiet(*a, **k):
+    """A log function that says nothing."""
+
+
 class MarkerPayload:
     """Unpickling this creates the file `marker`: a harmless stand-in for arbitrary code, so a
     test can prove that a loader never executed a pickle."""

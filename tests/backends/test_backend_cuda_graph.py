@@ -10,7 +10,7 @@ import torch
 import ddim_fast as dd
 from benchmarks import fake_cuda
 from ddim_fast.models.analytic import GaussianEps
-from tests.helpers import assert_close_to_reference
+from tests.helpers import assert_close_to_reference, truth_and_low
 
 SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
 SHAPE = (3, 8, 8)
@@ -18,13 +18,6 @@ SHAPE = (3, 8, 8)
 
 def _plan(S=10, **kw):
     return dd.SamplingPlan.build(SCHED, S, **kw)
-
-
-def _truth_and_low(model, plan, x_T, seed, dtype):
-    """The float64 truth and the reference in `dtype`, both on x_T's device (the model may be on the CPU)."""
-    truth = dd.sample(copy.deepcopy(model).double().to(x_T.device), x_T.double(), plan, seed=seed).clamp(-1, 1)
-    low = dd.Engine(model, plan, backend="reference", dtype=dtype, device=x_T.device)(x_T, seed=seed)
-    return truth, low
 
 
 # -- cuDNN / TF32 settings are the caller's ----------------------------------------------------------------
@@ -73,7 +66,7 @@ def test_graph_replay_matches_eager_triton_and_reference(tiny, dtype, exact_cuda
     graph = dd.Engine(tiny, plan, backend="cuda_graph", device="cuda", dtype=dtype)
     eager = dd.Engine(tiny, plan, backend="triton", device="cuda", dtype=dtype)
     g, e = graph(x_T, seed=1), eager(x_T, seed=1)
-    truth, low = _truth_and_low(tiny, plan, x_T, 1, dtype)
+    truth, low = truth_and_low(tiny, plan, x_T, 1, dtype)
     assert_close_to_reference(g, low, truth, dtype, "cuda_graph")
     assert_close_to_reference(e, low, truth, dtype, "triton eager")
     assert (g - e).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-2)  # same kernels, same algorithms
@@ -92,7 +85,7 @@ def test_graph_captures_multistep_history(tiny, sampler, kw, exact_cuda):
     graph = dd.Engine(tiny, plan, backend="cuda_graph", device="cuda")
     eager = dd.Engine(tiny, plan, backend="triton", device="cuda")
     g, e = graph(x_T, seed=3), eager(x_T, seed=3)
-    truth, low = _truth_and_low(tiny, plan, x_T, 3, torch.float32)
+    truth, low = truth_and_low(tiny, plan, x_T, 3, torch.float32)
     assert_close_to_reference(g, low, truth, torch.float32, f"cuda_graph {sampler}")
     assert (g - e).abs().max() <= 1e-5
     assert torch.equal(graph(x_T, seed=3), g)  # the replay starts from a zeroed history again
@@ -112,7 +105,7 @@ def test_graph_captures_dynamic_thresholding(tiny, dtype, exact_cuda):
     graph = dd.Engine(tiny, plan, backend="cuda_graph", device="cuda", dtype=dtype)
     eager = dd.Engine(tiny, plan, backend="triton", device="cuda", dtype=dtype)
     g, e = graph(x_T, seed=2), eager(x_T, seed=2)
-    truth, low = _truth_and_low(tiny, plan, x_T, 2, dtype)
+    truth, low = truth_and_low(tiny, plan, x_T, 2, dtype)
     assert_close_to_reference(g, low, truth, dtype, "cuda_graph threshold")
     assert_close_to_reference(e, low, truth, dtype, "triton threshold")
     assert (g - e).abs().max() <= (1e-5 if dtype == torch.float32 else 1e-2)

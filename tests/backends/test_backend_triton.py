@@ -1,13 +1,12 @@
 """backend="triton" (backends/triton.py): fused ops and the fused step kernel (the interpreter on a
 CPU) against the reference sampler, under docs/DESIGN.md's tolerance rule."""
 
-import copy
 
 import pytest
 import torch
 
 import ddim_fast as dd
-from tests.helpers import assert_close_to_reference
+from tests.helpers import assert_close_to_reference, truth_and_low
 
 SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
 SHAPE = (3, 8, 8)
@@ -15,13 +14,6 @@ SHAPE = (3, 8, 8)
 
 def _plan(S=10, **kw):
     return dd.SamplingPlan.build(SCHED, S, **kw)
-
-
-def _truth_and_low(model, plan, x_T, seed, dtype):
-    """The float64 truth and the reference in `dtype`, both on x_T's device (the model may be on the CPU)."""
-    truth = dd.sample(copy.deepcopy(model).double().to(x_T.device), x_T.double(), plan, seed=seed).clamp(-1, 1)
-    low = dd.Engine(model, plan, backend="reference", dtype=dtype, device=x_T.device)(x_T, seed=seed)
-    return truth, low
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.8])
@@ -32,7 +24,7 @@ def test_triton_backend_matches_reference(tiny, eta):
     x_T = dd.rng.initial_noise(4, (2, 3, 16, 16))
     eng = dd.Engine(tiny, plan, backend="triton", device="cpu")
     got = eng.sample(2, seed=4) if eta else eng(x_T, seed=4)  # sample(): x_T drawn in-kernel
-    truth, low = _truth_and_low(tiny, plan, x_T, 4, torch.float32)
+    truth, low = truth_and_low(tiny, plan, x_T, 4, torch.float32)
     assert_close_to_reference(got, low, truth, torch.float32, f"triton eta={eta}")
 
 

@@ -14,18 +14,7 @@ import ddim_fast as dd
 from ddim_fast import train as T
 from ddim_fast.cli import main as cli_main
 from ddim_fast.sample_grid import sample_images
-from tests.helpers import ROOT
-
-
-def _cfg(out, **kw):
-    base = dict(out=str(out), dataset="synthetic:32", config="tiny", steps=4, batch_size=8, lr=1e-3, warmup=2,
-                save_every=2, log_every=1, grid_size=0, progress=False, ema_decay=0.99)
-    base.update(kw)
-    return T.TrainConfig(**base)
-
-
-def _quiet(*a, **k):
-    pass
+from tests.helpers import ROOT, quiet, train_config
 
 
 # -- pieces ----------------------------------------------------------------------------------------
@@ -55,15 +44,15 @@ def test_targets_match_the_forward_process():
 
 
 def test_lr_warmup_and_ema_decay():
-    c = _cfg("x", lr=1e-3, warmup=4, steps=12, lr_schedule="cosine", ema_decay=0.999)
+    c = train_config("x", lr=1e-3, warmup=4, steps=12, lr_schedule="cosine", ema_decay=0.999)
     assert [T.lr_at(c, s) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert T.lr_at(c, 8) == pytest.approx(0.5e-3) and T.lr_at(c, 12) == pytest.approx(0.0, abs=1e-12)
-    assert T.lr_at(_cfg("x", warmup=4), 100) == 1e-3  # constant after warm-up
+    assert T.lr_at(train_config("x", warmup=4), 100) == 1e-3  # constant after warm-up
     assert T.ema_decay_at(c, 0) == pytest.approx(0.1) and T.ema_decay_at(c, 10**6) == 0.999
 
 
 def test_global_batch_draws_and_flips(tmp_path):
-    tr = T.Trainer(_cfg(tmp_path, dataset="synthetic:16"), log=_quiet)
+    tr = T.Trainer(train_config(tmp_path, dataset="synthetic:16"), log=quiet)
     tr._batches = tr._loader()
     tr.step = 3
     x0, eps, t, y = tr._global_batch()
@@ -76,13 +65,13 @@ def test_global_batch_draws_and_flips(tmp_path):
     raw = tr.data.images[idx]
     assert torch.equal(x0, torch.where(flip.view(-1, 1, 1, 1), raw.flip(-1), raw))
     assert y is None  # unconditional: no labels drawn
-    digits = T.Trainer(_cfg(tmp_path / "d", dataset="digits", config="digits"), log=_quiet)
+    digits = T.Trainer(train_config(tmp_path / "d", dataset="digits", config="digits"), log=quiet)
     assert digits.flip is False  # flipped digits are not digits
 
 
 # -- runs ------------------------------------------------------------------------------------------
 def test_loss_falls_on_a_short_run(tmp_path):
-    res = T.train(_cfg(tmp_path, steps=24, save_every=24, warmup=4), log=_quiet)
+    res = T.train(train_config(tmp_path, steps=24, save_every=24, warmup=4), log=quiet)
     losses = [res.losses[s] for s in range(1, 25)]
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     # NOTE measured: ~1.05 over steps 1-4, ~0.2 over steps 21-24
@@ -95,10 +84,10 @@ def test_loss_falls_on_a_short_run(tmp_path):
 @pytest.mark.parametrize("accum", [1, 2])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, accum):
     kw = dict(dropout=0.1, accum=accum, save_every=3, steps=6)  # dropout: the global RNG matters too
-    full = T.train(_cfg(tmp_path / "full", **kw), log=_quiet)
-    T.train(_cfg(tmp_path / "split", **{**kw, "steps": 3}), log=_quiet)
+    full = T.train(train_config(tmp_path / "full", **kw), log=quiet)
+    T.train(train_config(tmp_path / "split", **{**kw, "steps": 3}), log=quiet)
     msgs = []
-    resumed = T.train(_cfg(tmp_path / "split", **{**kw, "resume": True}), log=msgs.append)
+    resumed = T.train(train_config(tmp_path / "split", **{**kw, "resume": True}), log=msgs.append)
     assert resumed.resumed_from == 3 and any("resuming from step 3" in m for m in msgs)
     assert [resumed.losses[s] for s in (4, 5, 6)] == [full.losses[s] for s in (4, 5, 6)]  # bit-exact
     a = T.find_latest_checkpoint(tmp_path / "full")
@@ -113,11 +102,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, accum):
 
 
 def test_bf16_autocast_on_cpu_and_fp16_needs_a_gpu(tmp_path):
-    res = T.train(_cfg(tmp_path, steps=2, precision="bf16"), log=_quiet)
+    res = T.train(train_config(tmp_path, steps=2, precision="bf16"), log=quiet)
     assert all(math.isfinite(v) for v in res.losses.values())
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
-            T.train(_cfg(tmp_path / "h", steps=1, precision="fp16"), log=_quiet)
+            T.train(train_config(tmp_path / "h", steps=1, precision="fp16"), log=quiet)
 
 
 def test_folder_dataset_through_the_loader(tmp_path):
@@ -128,14 +117,14 @@ def test_folder_dataset_through_the_loader(tmp_path):
     pics.mkdir()
     for i in range(5):
         Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(pics / f"{i}.png")
-    res = T.train(_cfg(tmp_path / "run", dataset=f"folder:{pics}", steps=2, batch_size=4, workers=0), log=_quiet)
+    res = T.train(train_config(tmp_path / "run", dataset=f"folder:{pics}", steps=2, batch_size=4, workers=0), log=quiet)
     assert res.step == 2 and all(math.isfinite(v) for v in res.losses.values())
 
 
 # -- class-conditional runs ----------------------------------------------------------------------------
 def _ccfg(out, **kw):
     """A conditional run: digits' labels 0..9 on the tiny network (grey repeated to RGB)."""
-    return _cfg(out, **{"dataset": "digits", "num_classes": 10, **kw})
+    return train_config(out, **{"dataset": "digits", "num_classes": 10, **kw})
 
 
 def test_class_dropout_masks_have_the_asked_rate():
@@ -151,7 +140,7 @@ def test_class_dropout_masks_have_the_asked_rate():
 
 
 def test_conditional_batch_carries_labels_and_null_labels(tmp_path):
-    tr = T.Trainer(_ccfg(tmp_path, class_dropout=0.25, batch_size=64), log=_quiet)
+    tr = T.Trainer(_ccfg(tmp_path, class_dropout=0.25, batch_size=64), log=quiet)
     assert tr.class_dropout == 0.25 and tr.model.config.num_classes == 10
     tr._batches = tr._loader()
     dropped = 0
@@ -165,12 +154,12 @@ def test_conditional_batch_carries_labels_and_null_labels(tmp_path):
         dropped += int((y == 10).sum())
     assert 0.15 < dropped / (6 * 64) < 0.35  # ~0.25 of 384 labels
     # the default: 0.1 for a conditional model; unconditional runs draw no labels at all
-    assert T.Trainer(_ccfg(tmp_path / "d"), log=_quiet).class_dropout == T.DEFAULT_CLASS_DROPOUT == 0.1
-    assert T.Trainer(_cfg(tmp_path / "u", dataset="digits"), log=_quiet).class_dropout is None
+    assert T.Trainer(_ccfg(tmp_path / "d"), log=quiet).class_dropout == T.DEFAULT_CLASS_DROPOUT == 0.1
+    assert T.Trainer(train_config(tmp_path / "u", dataset="digits"), log=quiet).class_dropout is None
 
 
 def test_conditional_loss_falls_and_checkpoint_records_the_labels(tmp_path):
-    res = T.train(_ccfg(tmp_path, steps=24, save_every=24, warmup=4, grid_size=4), log=_quiet)
+    res = T.train(_ccfg(tmp_path, steps=24, save_every=24, warmup=4, grid_size=4), log=quiet)
     losses = [res.losses[s] for s in range(1, 25)]
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     # NOTE measured: 0.97 over steps 1-4, 0.21 over steps 21-24 (unconditional on the same data: 0.95, 0.19)
@@ -183,7 +172,7 @@ def test_conditional_loss_falls_and_checkpoint_records_the_labels(tmp_path):
     model = dd.load_model(res.checkpoint)
     assert model.config.num_classes == 10 and model.label_emb.weight.shape == (11, 128)
     # an unconditional run records exactly what it did before class conditioning existed
-    T.train(_cfg(tmp_path / "u", steps=1, save_every=1), log=_quiet)
+    T.train(train_config(tmp_path / "u", steps=1, save_every=1), log=quiet)
     ck = T.find_latest_checkpoint(tmp_path / "u")
     rec = json.loads((ck / "config.json").read_text())
     assert "num_classes" not in rec["model"] and not {"num_classes", "class_dropout"} & set(rec["training"])
@@ -192,9 +181,9 @@ def test_conditional_loss_falls_and_checkpoint_records_the_labels(tmp_path):
 
 def test_conditional_resume_reproduces_the_uninterrupted_run(tmp_path):
     kw = dict(dropout=0.1, class_dropout=0.5, save_every=3, steps=6)
-    full = T.train(_ccfg(tmp_path / "full", **kw), log=_quiet)
-    T.train(_ccfg(tmp_path / "split", **{**kw, "steps": 3}), log=_quiet)
-    resumed = T.train(_ccfg(tmp_path / "split", **{**kw, "resume": True}), log=_quiet)
+    full = T.train(_ccfg(tmp_path / "full", **kw), log=quiet)
+    T.train(_ccfg(tmp_path / "split", **{**kw, "steps": 3}), log=quiet)
+    resumed = T.train(_ccfg(tmp_path / "split", **{**kw, "resume": True}), log=quiet)
     assert resumed.resumed_from == 3
     assert [resumed.losses[s] for s in (4, 5, 6)] == [full.losses[s] for s in (4, 5, 6)]  # bit-exact
     from safetensors.torch import load_file
@@ -205,20 +194,20 @@ def test_conditional_resume_reproduces_the_uninterrupted_run(tmp_path):
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert "label_emb.weight" in load_file(str(a / "model.safetensors"))
     with pytest.raises(ValueError, match="class_dropout: checkpoint 0.5 vs now 0.2"):
-        T.train(_ccfg(tmp_path / "split", **{**kw, "steps": 8, "class_dropout": 0.2, "resume": True}), log=_quiet)
+        T.train(_ccfg(tmp_path / "split", **{**kw, "steps": 8, "class_dropout": 0.2, "resume": True}), log=quiet)
     with pytest.raises(ValueError, match="num_classes: checkpoint 10 vs now None"):
-        T.train(_cfg(tmp_path / "split", **{**kw, "dataset": "digits", "class_dropout": None, "steps": 8,
-                                           "resume": True}), log=_quiet)
+        T.train(train_config(tmp_path / "split", **{**kw, "dataset": "digits", "class_dropout": None, "steps": 8,
+                                           "resume": True}), log=quiet)
 
 
 def test_conditional_options_are_checked_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"digits has labels 0..9, outside 0..4 of num_classes=5; "
                                          "use --num-classes 10"):
-        T.Trainer(_ccfg(tmp_path, num_classes=5), log=_quiet)
+        T.Trainer(_ccfg(tmp_path, num_classes=5), log=quiet)
     with pytest.raises(ValueError, match="needs labels, and synthetic:32 has none.*one sub-folder per class"):
-        T.Trainer(_cfg(tmp_path, num_classes=3), log=_quiet)
+        T.Trainer(train_config(tmp_path, num_classes=3), log=quiet)
     with pytest.raises(ValueError, match="--class-dropout needs a class-conditional model"):
-        T.Trainer(_cfg(tmp_path, class_dropout=0.1), log=_quiet)
+        T.Trainer(train_config(tmp_path, class_dropout=0.1), log=quiet)
     for kw, match in ((dict(class_dropout=1.5), r"class-dropout must be in \[0, 1\]"),
                       (dict(num_classes=0), "num-classes must be a positive int")):
         with pytest.raises(ValueError, match=match):
@@ -235,8 +224,8 @@ def test_conditional_folder_dataset_through_the_loader(tmp_path):
         for i in range(3):
             Image.fromarray(np.full((8, 8, 3), 40 * i + (100 if cls == "b" else 0), np.uint8)).save(
                 tmp_path / "pics" / cls / f"{i}.png")
-    res = T.train(_cfg(tmp_path / "run", dataset=f"folder:{tmp_path / 'pics'}", num_classes=2, steps=2,
-                       batch_size=4, workers=0), log=_quiet)
+    res = T.train(train_config(tmp_path / "run", dataset=f"folder:{tmp_path / 'pics'}", num_classes=2, steps=2,
+                       batch_size=4, workers=0), log=quiet)
     assert res.step == 2 and all(math.isfinite(v) for v in res.losses.values())
     assert json.loads((res.checkpoint / "config.json").read_text())["training"]["classes"] == ["a", "b"]
 
@@ -291,7 +280,7 @@ def test_torchrun_two_processes_gloo(tmp_path, conditional):
     assert [r["step"] for r in log] == [1, 2, 3] and all(r["world_size"] == 2 for r in log)  # one writer
     assert json.loads((ddp / "checkpoints/step-0000003/trainer.json").read_text())["world_size"] == 2
 
-    single = T.train(_cfg(tmp_path / "one", steps=3, save_every=3, warmup=1, dropout=0.0, **cond), log=_quiet)
+    single = T.train(train_config(tmp_path / "one", steps=3, save_every=3, warmup=1, dropout=0.0, **cond), log=quiet)
     for r in log:  # same global batches and noise: equal up to float summation order
         assert r["loss"] == pytest.approx(single.losses[r["step"]], rel=1e-4)
 
@@ -301,10 +290,10 @@ def test_torchrun_two_processes_gloo(tmp_path, conditional):
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_autocast_on_gpu_and_resume(tmp_path, precision):
     kw = dict(precision=precision, device="cuda", steps=4, save_every=2, dropout=0.1)
-    full = T.train(_cfg(tmp_path / "full", **kw), log=_quiet)
+    full = T.train(train_config(tmp_path / "full", **kw), log=quiet)
     assert all(math.isfinite(v) for v in full.losses.values())
-    T.train(_cfg(tmp_path / "split", **{**kw, "steps": 2}), log=_quiet)
-    resumed = T.train(_cfg(tmp_path / "split", **{**kw, "resume": True}), log=_quiet)
+    T.train(train_config(tmp_path / "split", **{**kw, "steps": 2}), log=quiet)
+    resumed = T.train(train_config(tmp_path / "split", **{**kw, "resume": True}), log=quiet)
     state = json.loads((T.find_latest_checkpoint(tmp_path / "split") / "trainer.json").read_text())
     assert (state["scaler"] is not None) == (precision == "fp16")
     # same device, same keyed draws: resume matches (cuDNN may pick other algorithms: allow rounding)

@@ -10,21 +10,11 @@ import torch
 import ddim_fast as dd
 from ddim_fast import train as T
 from ddim_fast import train_state
-
-
-def _cfg(out, **kw):
-    base = dict(out=str(out), dataset="synthetic:32", config="tiny", steps=4, batch_size=8, lr=1e-3, warmup=2,
-                save_every=2, log_every=1, grid_size=0, progress=False, ema_decay=0.99)
-    base.update(kw)
-    return T.TrainConfig(**base)
-
-
-def _quiet(*a, **k):
-    pass
+from tests.helpers import quiet, train_config
 
 
 def test_checkpoint_layout_and_load_model(tmp_path):
-    res = T.train(_cfg(tmp_path, prediction="v", grid_size=4, steps=2, dropout=0.1), log=_quiet)
+    res = T.train(train_config(tmp_path, prediction="v", grid_size=4, steps=2, dropout=0.1), log=quiet)
     ck = tmp_path / "checkpoints" / "step-0000002"
     assert res.checkpoint == ck and (tmp_path / "latest").read_text().strip() == ck.name
     names = {p.name for p in ck.iterdir()}
@@ -52,12 +42,12 @@ def test_checkpoint_layout_and_load_model(tmp_path):
 
 
 def test_keep_prunes_old_checkpoints(tmp_path):
-    T.train(_cfg(tmp_path, steps=6, save_every=1, keep=2), log=_quiet)
+    T.train(train_config(tmp_path, steps=6, save_every=1, keep=2), log=quiet)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000005", "step-0000006"]
 
 
 def test_interrupted_checkpoint_never_replaces_the_last_good_one(tmp_path, monkeypatch):
-    T.train(_cfg(tmp_path, steps=2), log=_quiet)
+    T.train(train_config(tmp_path, steps=2), log=quiet)
     good = tmp_path / "checkpoints" / "step-0000002"
     before = {p.name: p.read_bytes() for p in good.iterdir()}
 
@@ -71,7 +61,7 @@ def test_interrupted_checkpoint_never_replaces_the_last_good_one(tmp_path, monke
 
     monkeypatch.setattr(train_state, "atomic_save_safetensors", crash)
     with pytest.raises(OSError, match="simulated"):
-        T.train(_cfg(tmp_path, steps=4, resume=True), log=_quiet)
+        T.train(train_config(tmp_path, steps=4, resume=True), log=quiet)
     assert (tmp_path / "latest").read_text().strip() == "step-0000002"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000002"]  # no debris
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
@@ -80,13 +70,13 @@ def test_interrupted_checkpoint_never_replaces_the_last_good_one(tmp_path, monke
     debris = tmp_path / "checkpoints" / ".step-0000004.tmp-dead"  # what a SIGKILL mid-write leaves
     debris.mkdir()
     (debris / "model.safetensors").write_bytes(b"half")
-    res = T.train(_cfg(tmp_path, steps=4, resume=True), log=_quiet)
+    res = T.train(train_config(tmp_path, steps=4, resume=True), log=quiet)
     assert res.resumed_from == 2 and res.step == 4
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
 
 
 def test_latest_falls_back_to_the_newest_complete_folder(tmp_path):
-    T.train(_cfg(tmp_path, steps=4), log=_quiet)
+    T.train(train_config(tmp_path, steps=4), log=quiet)
     (tmp_path / "latest").write_text("step-0000099\n")  # points at nothing
     assert T.find_latest_checkpoint(tmp_path).name == "step-0000004"
     (tmp_path / "checkpoints" / "step-0000006").mkdir()  # incomplete: no trainer.json
@@ -94,11 +84,11 @@ def test_latest_falls_back_to_the_newest_complete_folder(tmp_path):
 
 
 def test_resume_refuses_other_options_and_fresh_runs_refuse_old_folders(tmp_path):
-    T.train(_cfg(tmp_path, steps=2), log=_quiet)
+    T.train(train_config(tmp_path, steps=2), log=quiet)
     with pytest.raises(FileExistsError, match="--resume"):
-        T.train(_cfg(tmp_path, steps=4), log=_quiet)
+        T.train(train_config(tmp_path, steps=4), log=quiet)
     with pytest.raises(ValueError, match="lr: checkpoint 0.001 vs now 0.002"):
-        T.train(_cfg(tmp_path, steps=4, lr=2e-3, resume=True), log=_quiet)
+        T.train(train_config(tmp_path, steps=4, lr=2e-3, resume=True), log=quiet)
     msgs = []
-    T.train(_cfg(tmp_path / "new", steps=1, resume=True), log=msgs.append)
+    T.train(train_config(tmp_path / "new", steps=1, resume=True), log=msgs.append)
     assert any("no checkpoint" in m for m in msgs)
