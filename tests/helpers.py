@@ -104,6 +104,31 @@ def quiet(*a, **k):
     """A log function that says nothing."""
 
 
+def class_unet(num_classes: int, seed: int):
+    """The tiny UNet with `num_classes` labels (seeded weights, labels scaled up so that they matter at this
+    size) and the linear schedule: the class-conditional model of the conditioning and ONNX tests."""
+    import ddim_fast as dd
+
+    torch.manual_seed(seed)
+    m = dd.UNet(dd.UNetConfig(**{**dd.UNetConfig.tiny().to_dict(), "num_classes": num_classes})).eval()
+    with torch.no_grad():
+        m.label_emb.weight.mul_(3.0)
+    m.schedule = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
+    return m
+
+
+def text_unet():
+    """A small diffusers UNet2DConditionModel (cross-attention on a 32-wide text embedding), seeded."""
+    import pytest
+
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32).eval()
+
+
 class MarkerPayload:
     """Unpickling this creates the file `marker`: a harmless stand-in for arbitrary code, so a
     test can prove that a loader never executed a pickle."""

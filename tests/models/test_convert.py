@@ -19,7 +19,7 @@ from ddim_fast.cli.convert import Convert
 from ddim_fast.models import convert as cv
 from ddim_fast.models.unet import UNet, UNetConfig
 from ddim_fast.schedule import NoiseSchedule
-from tests.helpers import MarkerPayload, assert_close_to_reference
+from tests.helpers import MarkerPayload, assert_close_to_reference, text_unet
 
 # Loading an official file without its YAML guesses the image size and says so (tested below).
 pytestmark = pytest.mark.filterwarnings("ignore:.*the weights do not determine the image size")
@@ -718,12 +718,7 @@ def test_an_as_is_folder_without_diffusers_names_the_extra(as_is_pipeline, tmp_p
 
 
 def test_a_unet2dconditionmodel_folder_loads_as_it_is(tmp_path, capsys):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    text = diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32).eval()
+    text = text_unet()
     text.save_pretrained(tmp_path / "unet")
     m = dd.load_model(tmp_path / "unet")
     assert type(m).__name__ == "UNet2DConditionModel" and same_weights(m.state_dict(), text.state_dict())

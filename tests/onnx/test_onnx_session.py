@@ -16,6 +16,7 @@ from ddim_fast.onnx import session as se
 from ddim_fast.onnx.network import exporters_for
 from ddim_fast.onnx.runtime import DamagedOnnxFile, OrtRunner, read_proto
 from ddim_fast.precision import tolerance_ok
+from tests.helpers import class_unet
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -63,12 +64,7 @@ def test_a_conditional_network_takes_its_null_label(cond_tiny):
 
 @pytest.fixture(scope="module")
 def cond_tiny():
-    torch.manual_seed(1)
-    m = dd.UNet(dd.UNetConfig(**{**dd.UNetConfig.tiny().to_dict(), "num_classes": 3})).eval()
-    with torch.no_grad():
-        m.label_emb.weight.mul_(3.0)  # labels that matter at this size
-    m.schedule = SCHED
-    return m
+    return class_unet(3, seed=1)
 
 
 def test_sessions_are_kept_per_file_device_and_threads(onnx_tiny):

@@ -12,19 +12,14 @@ import torch
 import ddim_fast as dd
 from benchmarks import fake_cuda
 from ddim_fast.conditioning import combine
-from tests.helpers import assert_close_to_reference
+from tests.helpers import assert_close_to_reference, class_unet, text_unet
 
 SCHED = dd.NoiseSchedule.linear(1000, 1e-4, 0.02)
 
 
 @pytest.fixture(scope="module")
 def cond_unet():
-    torch.manual_seed(0)
-    m = dd.UNet(dd.UNetConfig(**{**dd.UNetConfig.tiny().to_dict(), "num_classes": 5})).eval()
-    with torch.no_grad():
-        m.label_emb.weight.mul_(3.0)  # labels that matter at this size
-    m.schedule = SCHED
-    return m
+    return class_unet(5, seed=0)
 
 
 class LabelEps(torch.nn.Module):
@@ -306,12 +301,7 @@ def test_guidance_without_an_unconditional_branch():
 
 
 def test_text_unet_without_encoder_hidden_states():
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32).eval()
+    unet = text_unet()
     eng = dd.Engine(unet, _plan(2), backend="reference", device="cpu")
     assert eng.shape == (4, 8, 8)
     with pytest.raises(ValueError, match="this model needs encoder_hidden_states in cond"):
