@@ -403,6 +403,35 @@ def test_cli_checks_arguments_before_the_model_loads(capsys):
         assert fragment in err and err.count("\n") == 1, err
 
 
+def test_cli_serves_a_plan_file_by_its_name_and_tuned_plans(model, plan, solo, tmp_path, monkeypatch):
+    """`--plan FILE` serves the file's plan as "default" and by the file's stem, `--plan tuned` as "tuned";
+    a request naming it gets Engine.sample with that plan, bitwise."""
+    from ddim_fast.cli import main
+
+    served = []
+    monkeypatch.setattr(sv, "serve", lambda batcher, **kw: served.append((batcher, kw)))  # no uvicorn, no port
+    fast = dd.SamplingPlan.for_model(model, 4, sampler="unipc", spacing="trailing")
+    fast.save(tmp_path / "fast4.json")
+    common = ["serve", "--model", "digits", "--port", "0", "--backend", "onnxruntime", "--device", "cpu"]
+    assert main([*common, "--plan", str(tmp_path / "fast4.json")]) == 0
+    assert main([*common, "--plan", "tuned", "--steps", "5"]) == 0
+    (file_batcher, file_kw), (tuned_batcher, tuned_kw) = served
+    assert sorted(file_kw["plans"]) == ["default", "fast4"] and sorted(tuned_kw["plans"]) == ["default", "tuned"]
+    loaded = file_kw["plans"]["fast4"]
+    assert loaded is file_kw["plans"]["default"] and torch.equal(loaded.coef, fast.coef)
+    tuned = dd.SamplingPlan.for_model(model, 5, tuned=True)
+    assert torch.equal(tuned_kw["plans"]["tuned"].coef, tuned.coef)
+    for b in (file_batcher, tuned_batcher):
+        b.close()
+    plans = {**file_kw["plans"], "tuned": tuned_kw["plans"]["tuned"]}
+    with running(model, plan, backend="onnxruntime", plans={**plans, "default": plan}) as (port, *_):
+        wait_ready(port)
+        for name, want_plan in (("fast4", fast), ("tuned", tuned)):
+            status, _, reply = generate(port, {"n": 2, "seed": 11, "plan": name, "response_format": "npy"})
+            assert status == 200, reply
+            assert torch.equal(npy_images(reply), solo.sample(2, seed=11, plan=want_plan)), name
+
+
 def test_cli_serves_and_sigterm_finishes_the_request_in_flight(model, plan):
     solo = dd.Engine(model, plan, backend="reference", device="cpu")  # the server's backend, the request's size
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
