@@ -1,11 +1,13 @@
-"""ddim_fast/serve.py and `ddim-fast serve` (issue 24): every image equals Engine.sample of its request alone
-(bitwise on the reference backend, also when requests from several threads are merged), every bad request
-gets 400 (413 for n > max_n) with one message, overload 503 with Retry-After at once, a request past its
-deadline 504, a client that disconnects has its rows dropped, /ready follows the warm-up, /metrics has its
-series, and SIGTERM on the command finishes the request in flight and exits 0.
+"""ddim_fast/serve.py and `ddim-fast serve`: every image equals Engine.sample of its request alone (bitwise on
+onnxruntime, where a sample does not depend on its batch, also when requests from several threads are merged;
+plan files and tuned plans served by name included), every bad request gets 400 (413 for n > max_n) with
+one message, overload 503 with Retry-After at once, a request past its deadline 504, a client that
+disconnects has its rows dropped, /ready follows the warm-up, /metrics has its series, and SIGTERM on the
+command finishes the request in flight and exits 0.
 
 The server runs in-process (uvicorn in a thread, 127.0.0.1, a free port) around the bundled digits model
-with a 3-step plan on the reference backend; the engine is slowed by a gate where a test needs a busy server."""
+with a 3-step plan (onnxruntime where images are compared, else the reference backend); the engine is
+slowed by a gate where a test needs a busy server."""
 
 from __future__ import annotations
 
