@@ -39,7 +39,7 @@ import torch
 
 from . import rng
 from .backends.base import plan_key
-from .checks import check, positive_int
+from .checks import check, is_number, positive_int
 
 log = logging.getLogger("ddim_fast")
 
@@ -82,8 +82,7 @@ class Batcher:
 
         positive_int("max_batch", max_batch)
         positive_int("max_queue", max_queue)
-        check(isinstance(max_wait_ms, (int, float)) and not isinstance(max_wait_ms, bool)
-              and math.isfinite(max_wait_ms) and max_wait_ms >= 0,
+        check(is_number(max_wait_ms) and math.isfinite(max_wait_ms) and max_wait_ms >= 0,
               f"max_wait_ms must be a finite number >= 0, got {max_wait_ms!r}")
         check(max_queue >= max_batch, f"max_queue ({max_queue}) must be >= max_batch ({max_batch}): "
                                       "a full batch must fit in the queue")
@@ -126,8 +125,8 @@ class Batcher:
         seed = rng.check_seed(seed)
         first_index = _check_first_index(first_index, n)
         if timeout_s is not None:
-            check(isinstance(timeout_s, (int, float)) and not isinstance(timeout_s, bool)
-                  and timeout_s > 0 and not math.isnan(timeout_s), f"timeout_s must be > 0 or None, got {timeout_s!r}")
+            check(is_number(timeout_s) and timeout_s > 0 and not math.isnan(timeout_s),
+                  f"timeout_s must be > 0 or None, got {timeout_s!r}")
         plan = self.engine._plan(plan if plan is not None else self.plan)
         cc = self.engine._conditioning(n, cond, None, guidance)  # every conditioning error, now
         w = None if cc is None else cc.guidance

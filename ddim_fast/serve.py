@@ -38,7 +38,7 @@ from contextlib import asynccontextmanager
 
 import numpy as np
 
-from .checks import is_int
+from .checks import is_int, is_number
 from .rng import SEED_MAX
 
 log = logging.getLogger("ddim_fast.serve")
@@ -139,7 +139,7 @@ def parse_request(raw: bytes, *, max_n: int, plans: Plans, num_classes: int | No
             raise BadRequest(f"unknown sampler {json.dumps(sampler)}; use one of {', '.join(SAMPLERS)}")
     eta = body.get("eta")
     if eta is not None:
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        if not (is_number(eta) and math.isfinite(eta) and eta >= 0):
             raise BadRequest(f"eta must be a finite number >= 0, got {json.dumps(eta)}")
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise BadRequest(f"user must be a string, got {json.dumps(body['user'])}")
@@ -165,7 +165,7 @@ def parse_request(raw: bytes, *, max_n: int, plans: Plans, num_classes: int | No
 
         cond = {"class_labels": torch.tensor([int(y) for y in many] * (n if len(many) == 1 else 1), dtype=torch.long)}
     if guidance is not None:
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        if not (is_number(guidance) and math.isfinite(guidance)):
             raise BadRequest(f"guidance must be a finite number (e.g. 2), got {json.dumps(guidance)}")
         if cond is None:
             raise BadRequest("guidance needs class_label (the class to guide towards)")
@@ -260,6 +260,9 @@ def make_app(batcher, *, model=None, max_n: int = 16, default_timeout_s: float =
     def busy(message, reason):
         return error(503, message, "server_busy", reason, {"Retry-After": str(int(retry_after_s))})
 
+    def shutting_down():
+        return busy("the server is shutting down; retry on another replica", "not_ready")
+
     async def generate(request):
         t0 = time.perf_counter()
         response = await _generate(request)
@@ -268,7 +271,7 @@ def make_app(batcher, *, model=None, max_n: int = 16, default_timeout_s: float =
 
     async def _generate(request):
         if state["draining"]:
-            return busy("the server is shutting down; retry on another replica", "not_ready")
+            return shutting_down()
         if not state["ready"]:
             return busy("the server is warming up; retry shortly", "not_ready")
         raw = await request.body()
@@ -281,7 +284,7 @@ def make_app(batcher, *, model=None, max_n: int = 16, default_timeout_s: float =
         except QueueFull as e:
             return busy(f"the queue is full ({e}); retry after {retry_after_s} s", "queue_full")
         except BatcherClosed:
-            return busy("the server is shutting down; retry on another replica", "not_ready")
+            return shutting_down()
         except ValueError as e:  # the batcher's own argument checks
             return error(400, str(e).splitlines()[0], "invalid_request_error", "bad_request")
         done = asyncio.wrap_future(fut)
@@ -304,7 +307,7 @@ def make_app(batcher, *, model=None, max_n: int = 16, default_timeout_s: float =
             metrics["rejected"].labels("disconnect").inc()
             return Response(status_code=DISCONNECT)
         except BatcherClosed:
-            return busy("the server is shutting down; retry on another replica", "not_ready")
+            return shutting_down()
         except Exception as e:  # noqa: BLE001 - the engine failed (e.g. NonFiniteError): a JSON 500, logged
             log.exception("sampling failed")
             return error(500, f"sampling failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",

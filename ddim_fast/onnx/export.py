@@ -43,7 +43,7 @@ from .cache import (  # noqa: F401  (cache_dir, the fingerprints and the limit a
     record_export_time,
     store,
 )
-from .graph import layout_key, sampler_proto, structure, table_feeds
+from .graph import PROTOBUF_LIMIT, layout_key, sampler_proto, structure, table_feeds
 from .network import eval_copy, exporters_for, opset_of, torch_export
 from .runtime import (
     DamagedOnnxFile,
@@ -557,9 +557,6 @@ def network_cached(model, dtype=torch.float32, opset: int | None = None, *, shap
     onnxruntime Engine opens a session on it (a second or less); if not, the export costs export_estimate_s()."""
     model_fp = model_fp or network_fingerprint(model)
     return lookup(network_job(model, dtype, opset, shape=shape, model_fp=model_fp).path) is not None
-
-
-PROTOBUF_LIMIT = 2**31 - 1  # bytes in one serialized protobuf message
 
 
 def _serialized(proto) -> bytes:

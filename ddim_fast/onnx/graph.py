@@ -340,11 +340,14 @@ def sampler_proto(net_proto, plan: SamplingPlan, unroll: bool, shape, table_inpu
     return model
 
 
+PROTOBUF_LIMIT = 2**31 - 1  # bytes in one serialized protobuf message
+
+
 def _serializable(model) -> bool:
     """Whether `model` fits one protobuf message (over 2 GiB, ByteSize() itself raises; export says why)."""
     from google.protobuf.message import EncodeError
 
     try:
-        return model.ByteSize() < 2**31 - 1
+        return model.ByteSize() < PROTOBUF_LIMIT
     except EncodeError:
         return False
